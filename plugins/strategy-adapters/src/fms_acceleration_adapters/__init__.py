@@ -1,0 +1,38 @@
+"""Strategy adapters: per-distributed-strategy naming, schedule checks and checkpoint keys."""
+
+from .base import AdapterOption, StrategyAdapter
+from .ddp import DDPStrategyAdapter
+from .errors import StrategyAdapterError
+from .fsdp import FSDPStrategyAdapter
+from .peft import PeftStrategyAdapter
+from .peft_names import peft_logical_name
+from .registry import (
+    BUILTIN_ADAPTERS,
+    ENTRY_POINT_GROUP,
+    StrategyAdapterWarning,
+    adapter_name_for,
+    discover_strategy_adapters,
+    distributed_type_of,
+    resolve_strategy_adapter,
+    select_strategy_adapter,
+    strategy_adapter_entry_points,
+)
+
+__all__ = [
+    "BUILTIN_ADAPTERS",
+    "ENTRY_POINT_GROUP",
+    "AdapterOption",
+    "DDPStrategyAdapter",
+    "FSDPStrategyAdapter",
+    "PeftStrategyAdapter",
+    "StrategyAdapter",
+    "StrategyAdapterError",
+    "StrategyAdapterWarning",
+    "adapter_name_for",
+    "discover_strategy_adapters",
+    "distributed_type_of",
+    "peft_logical_name",
+    "resolve_strategy_adapter",
+    "select_strategy_adapter",
+    "strategy_adapter_entry_points",
+]

@@ -1,0 +1,80 @@
+"""FSDP adapter: FSDP2 ``fully_shard`` and accelerate's FSDP (FSDP1, use_orig_params)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .base import AdapterOption, StrategyAdapter
+from .errors import StrategyAdapterError
+
+
+def _fsdp2_states(model: torch.nn.Module) -> list[Any]:
+    """FSDP2 param groups of every ``fully_shard``-ed module in ``model``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    groups = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                groups.append(group)
+    return groups
+
+
+def _fsdp1_modules(model: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+class FSDPStrategyAdapter(StrategyAdapter):
+    """Adapter for FSDP.
+
+    Logical names drop the wrapper segments FSDP1 and activation checkpointing insert
+    (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``) and a leading ``module.``;
+    FSDP2 keeps the original names. When parameters thaw mid-training:
+
+    - FSDP2 fixes a param group's original/reduce dtypes from the parameters that were trainable
+      at lazy init; a group that was entirely frozen then has none, so they are re-derived for
+      the groups that hold thawed parameters. FSDP2 copies ``requires_grad`` from the sharded to
+      the unsharded parameter at every all-gather, so nothing else is needed.
+    - FSDP1 flattens parameters; only with ``use_orig_params=True`` (accelerate:
+      ``fsdp_use_orig_params: true``) can a subset thaw. The flat parameter must then require
+      grad for autograd to reach the original parameters.
+    """
+
+    strategy_name: ClassVar[str] = "fsdp"
+    wrapper_prefixes: ClassVar[tuple[str, ...]] = ("module.",)
+    wrapper_segments: ClassVar[tuple[str, ...]] = (
+        "_fsdp_wrapped_module.",
+        "_checkpoint_wrapped_module.",
+        "_orig_mod.",
+    )
+    options: ClassVar[Mapping[str, AdapterOption]] = {}
+
+    def validate_schedule(self, schedule: Mapping[int, Mapping], model: torch.nn.Module) -> None:
+        """FSDP1 without ``use_orig_params`` cannot thaw part of a flat parameter."""
+        for module in _fsdp1_modules(model):
+            if not getattr(module, "_use_orig_params", True) and len(schedule) > 1:
+                raise StrategyAdapterError(
+                    "FSDP (version 1) without use_orig_params cannot thaw parameters phase by "
+                    "phase: set fsdp_use_orig_params: true (accelerate FSDP plugin) or use FSDP2 "
+                    "(fsdp_version: 2)"
+                )
+
+    def on_params_thawed(self, model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+        """Make FSDP2/FSDP1 bookkeeping follow the new ``requires_grad`` flags."""
+        thawed = {id(p) for p in params}
+        for group in _fsdp2_states(model):
+            if any(id(fp.sharded_param) in thawed for fp in group.fsdp_params):
+                group._init_mp_dtypes()
+        for module in _fsdp1_modules(model):
+            for flat in module.params:
+                views = getattr(flat, "_params", None) or []
+                if any(id(p) in thawed for p in views) and not flat.requires_grad:
+                    flat.requires_grad_(True)

@@ -1,0 +1,217 @@
+"""Find strategy adapters: built-ins, entry points, and ``module:Class`` references."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+from .base import StrategyAdapter
+from .errors import StrategyAdapterError
+
+ENTRY_POINT_GROUP = "fms_acceleration.strategy_adapters"
+
+# The one place built-in adapters are registered (name -> "module:Class", imported on demand).
+BUILTIN_ADAPTERS: Mapping[str, str] = {
+    "single_device": "fms_acceleration_adapters.base:StrategyAdapter",
+    "ddp": "fms_acceleration_adapters.ddp:DDPStrategyAdapter",
+    "fsdp": "fms_acceleration_adapters.fsdp:FSDPStrategyAdapter",
+    "peft": "fms_acceleration_adapters.peft:PeftStrategyAdapter",
+}
+
+# accelerate's DistributedType values (lowercased) whose adapter name differs from the value.
+_DISTRIBUTED_TYPE_ALIASES: Mapping[str, str] = {"no": "single_device"}
+
+
+class StrategyAdapterWarning(UserWarning):
+    """A strategy-adapter entry point was skipped (broken, duplicate, or shadowing a built-in)."""
+
+
+def strategy_adapter_entry_points() -> dict[str, metadata.EntryPoint]:
+    """Entry points of group ``fms_acceleration.strategy_adapters`` by lowercased name, unloaded.
+
+    Duplicates keep the first distribution (sorted by name) and warn naming both.
+    """
+    found: dict[str, metadata.EntryPoint] = {}
+    eps = sorted(
+        metadata.entry_points(group=ENTRY_POINT_GROUP),
+        key=lambda ep: (_dist_name(ep), ep.name),
+    )
+    for ep in eps:
+        name = ep.name.lower()
+        if name in BUILTIN_ADAPTERS:
+            warnings.warn(
+                f"strategy adapter entry point {ep.name!r} = {ep.value!r} from "
+                f"{_dist_name(ep)!r} shadows the built-in adapter of that name and is ignored; "
+                f"select it with custom_strategy_adapters instead",
+                StrategyAdapterWarning,
+                stacklevel=2,
+            )
+        elif name in found and found[name].value != ep.value:
+            warnings.warn(
+                f"strategy adapter entry point {ep.name!r} is declared twice: {found[name].value!r}"
+                f" from {_dist_name(found[name])!r} (kept) and {ep.value!r} from "
+                f"{_dist_name(ep)!r} (ignored)",
+                StrategyAdapterWarning,
+                stacklevel=2,
+            )
+        else:
+            found.setdefault(name, ep)
+    return found
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else "<unknown distribution>"
+
+
+def discover_strategy_adapters() -> dict[str, type[StrategyAdapter]]:
+    """All adapters by name: built-ins plus loadable entry points (a broken one only warns)."""
+    adapters: dict[str, type[StrategyAdapter]] = {
+        name: _load_reference(ref, name) for name, ref in BUILTIN_ADAPTERS.items()
+    }
+    for name, ep in strategy_adapter_entry_points().items():
+        try:
+            adapters[name] = _check_adapter_class(ep.load(), name)
+        except Exception as exc:
+            warnings.warn(
+                f"strategy adapter entry point {ep.name!r} = {ep.value!r} from "
+                f"{_dist_name(ep)!r} could not be loaded and is skipped: "
+                f"{type(exc).__name__}: {exc}",
+                StrategyAdapterWarning,
+                stacklevel=2,
+            )
+    return adapters
+
+
+def resolve_strategy_adapter(ref: str | type[StrategyAdapter]) -> type[StrategyAdapter]:
+    """Adapter class for an adapter name, ``module:Class`` or ``module.Class`` reference."""
+    if isinstance(ref, type):
+        return _check_adapter_class(ref, repr(ref))
+    if not isinstance(ref, str) or not ref.strip():
+        raise StrategyAdapterError(
+            f"strategy adapter reference {ref!r}: expected an adapter name, 'module:Class' "
+            f"or 'module.Class'"
+        )
+    ref = ref.strip()
+    name = ref.lower()
+    if name in BUILTIN_ADAPTERS:
+        return _load_reference(BUILTIN_ADAPTERS[name], ref)
+    eps = strategy_adapter_entry_points()
+    if name in eps:
+        try:
+            obj = eps[name].load()
+        except Exception as exc:
+            raise StrategyAdapterError(
+                f"strategy adapter {ref!r}: entry point {eps[name].value!r} failed to load: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return _check_adapter_class(obj, ref)
+    if ":" in ref or "." in ref:
+        return _load_reference(ref, ref)
+    known = sorted({*BUILTIN_ADAPTERS, *eps})
+    raise StrategyAdapterError(
+        f"strategy adapter {ref!r} is neither a registered adapter name ({known}) nor a "
+        f"'module:Class' / 'module.Class' reference"
+    )
+
+
+def _load_reference(ref: str, label: str) -> type[StrategyAdapter]:
+    if ":" in ref:
+        module_name, _, attr_path = ref.partition(":")
+    else:
+        module_name, _, attr_path = ref.rpartition(".")
+    if not module_name or not attr_path:
+        raise StrategyAdapterError(
+            f"strategy adapter {label!r}: {ref!r} is not of the form 'module:Class' or "
+            f"'module.Class'"
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise StrategyAdapterError(
+            f"strategy adapter {label!r}: cannot import module {module_name!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise StrategyAdapterError(
+                f"strategy adapter {label!r}: module {module_name!r} has no attribute {attr_path!r}"
+            )
+        obj = getattr(obj, attr)
+    return _check_adapter_class(obj, label)
+
+
+def _check_adapter_class(obj: Any, label: str) -> type[StrategyAdapter]:
+    if not (isinstance(obj, type) and issubclass(obj, StrategyAdapter)):
+        raise StrategyAdapterError(
+            f"strategy adapter {label!r} resolves to {obj!r}, which is not a subclass of "
+            f"fms_acceleration_adapters.StrategyAdapter"
+        )
+    return obj
+
+
+def adapter_name_for(distributed_type: Any) -> str:
+    """Adapter name for an accelerate ``DistributedType`` (enum or string) or an adapter name."""
+    value = getattr(distributed_type, "value", distributed_type)
+    if not isinstance(value, str) or not value:
+        raise StrategyAdapterError(
+            f"distributed_type={distributed_type!r}: expected an accelerate DistributedType or "
+            f"its string value (e.g. 'NO', 'MULTI_GPU', 'FSDP')"
+        )
+    name = value.lower()
+    if name in _DISTRIBUTED_TYPE_ALIASES:
+        return _DISTRIBUTED_TYPE_ALIASES[name]
+    if name.startswith("multi_"):
+        # MULTI_CPU / MULTI_GPU / MULTI_XPU ...: accelerate wraps the model in DDP
+        return "ddp"
+    return name
+
+
+def distributed_type_of(accelerator_or_none: Any) -> str:
+    """Adapter name for an Accelerator (or AcceleratorState); ``None`` means single device."""
+    if accelerator_or_none is None:
+        return "single_device"
+    dtype = getattr(accelerator_or_none, "distributed_type", None)
+    if dtype is None:
+        raise StrategyAdapterError(
+            f"distributed_type_of({type(accelerator_or_none).__name__}): object has no "
+            f"'distributed_type' (expected an accelerate Accelerator or state)"
+        )
+    return adapter_name_for(dtype)
+
+
+def select_strategy_adapter(
+    distributed_type: Any,
+    custom_strategy_adapters: Mapping[str, str] | None = None,
+    **adapter_cfg: Any,
+) -> StrategyAdapter:
+    """Instantiate the adapter for ``distributed_type``; ``custom_strategy_adapters`` wins."""
+    name = adapter_name_for(distributed_type)
+    custom: dict[str, Any] = {}
+    for key, ref in (custom_strategy_adapters or {}).items():
+        if not isinstance(key, str):
+            raise StrategyAdapterError(
+                f"custom_strategy_adapters: key {key!r} must be a strategy name string"
+            )
+        custom[adapter_name_for(key)] = ref
+    if name in custom:
+        try:
+            cls = resolve_strategy_adapter(custom[name])
+        except StrategyAdapterError as exc:
+            raise StrategyAdapterError(f"custom_strategy_adapters.{name}: {exc}") from exc
+    elif name in BUILTIN_ADAPTERS:
+        cls = resolve_strategy_adapter(name)
+    else:
+        eps = strategy_adapter_entry_points()
+        if name not in eps:
+            known = sorted({*BUILTIN_ADAPTERS, *eps})
+            raise StrategyAdapterError(
+                f"no strategy adapter for distributed type {name!r} (available: {known}); "
+                f"write one and map it with custom_strategy_adapters: "
+                f"{{{name}: 'package.module:MyAdapter'}}"
+            )
+        cls = resolve_strategy_adapter(name)
+    return cls(**adapter_cfg)

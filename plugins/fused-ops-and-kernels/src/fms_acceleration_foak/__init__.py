@@ -1,0 +1,1 @@
+"""Fused operations and kernels for fms-acceleration."""

@@ -1,0 +1,107 @@
+"""Frozen base layers seen by the fused LoRA functions: plain nn.Linear, bitsandbytes 4-bit
+(`Linear4bit`, nf4/fp4, with or without double quantization) and GPTQ (gptqmodel's torch-dequant
+`TorchLinear` family).
+
+Layers are recognised by their class hierarchy's module path, so neither bitsandbytes nor
+gptqmodel is imported unless a layer of theirs is actually present.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused_lora import FrozenBase
+
+PLAIN = "plain"
+BITSANDBYTES = "bitsandbytes"
+GPTQ = "auto_gptq"  # the YAML key stays auto_gptq; layers come from gptqmodel
+BASE_LAYER_KINDS = (PLAIN, BITSANDBYTES, GPTQ)
+
+
+def _mro_names(layer: torch.nn.Module) -> set[str]:
+    return {f"{c.__module__}.{c.__qualname__}" for c in type(layer).__mro__}
+
+
+def _is_bnb_4bit(layer: torch.nn.Module) -> bool:
+    return "bitsandbytes.nn.modules.Linear4bit" in _mro_names(layer)
+
+
+def _is_gptq_torch(layer: torch.nn.Module) -> bool:
+    return "gptqmodel.nn_modules.qlinear.torch.TorchLinear" in _mro_names(layer)
+
+
+def base_layer_kind(layer: torch.nn.Module) -> str:
+    """'plain', 'bitsandbytes' or 'auto_gptq' for what the layer is; its class name otherwise."""
+    module = type(layer).__module__
+    if module.startswith("bitsandbytes"):
+        return BITSANDBYTES if _is_bnb_4bit(layer) else f"bitsandbytes:{type(layer).__name__}"
+    if module.startswith("gptqmodel"):
+        return GPTQ
+    if isinstance(layer, torch.nn.Linear):
+        return PLAIN
+    return f"{module}.{type(layer).__name__}"
+
+
+def unsupported_reason(layer: torch.nn.Module) -> str | None:
+    """Why this base layer cannot be dequantized by the fused path, or None when it can."""
+    if _is_bnb_4bit(layer) or (
+        isinstance(layer, torch.nn.Linear) and not type(layer).__module__.startswith("bitsandbytes")
+    ):
+        bias = layer.bias
+        if bias is not None and bias.requires_grad:
+            return "the base layer's bias is trainable"
+        return None
+    if _is_gptq_torch(layer):
+        if getattr(layer, "adapter", None) is not None:
+            return "the GPTQ layer carries its own gptqmodel adapter"
+        if getattr(layer, "online_full_had", False) or getattr(layer, "online_partial_had", False):
+            return "the GPTQ layer applies an online Hadamard rotation"
+        return None
+    if type(layer).__module__.startswith("gptqmodel"):
+        return (
+            f"GPTQ kernel {type(layer).__name__} stores weights in its own layout; "
+            "load the model with gptqmodel's torch backend (BACKEND.TORCH) to fuse"
+        )
+    return f"{type(layer).__name__} is not a plain, bitsandbytes-4bit or GPTQ linear layer"
+
+
+def _bnb_dequantizer(layer: torch.nn.Module):
+    import bitsandbytes.functional as bnbF
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    # bitsandbytes on AVX512-BF16 CPUs repacks the weight on the first no-grad eval forward
+    # into a layout dequantize_4bit does not read; keep the standard layout instead.
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
+
+    def dequantize() -> torch.Tensor:
+        fix_4bit_weight_quant_state_from_module(layer)
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+        return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+
+    return dequantize
+
+
+def _gptq_dequantizer(layer: torch.nn.Module):
+    def dequantize() -> torch.Tensor:
+        # gptqmodel stores (in, out); g_idx repeats once per `num_itr` shard, as in its forward.
+        num_itr = max(1, layer.g_idx.shape[0] // layer.in_features)
+        return layer.dequantize_weight(num_itr=num_itr).t()
+
+    return dequantize
+
+
+def frozen_base(layer: torch.nn.Module) -> FrozenBase:
+    """Wrap a supported base layer as a FrozenBase; ValueError naming the reason otherwise."""
+    reason = unsupported_reason(layer)
+    if reason is not None:
+        raise ValueError(f"cannot fuse LoRA over {type(layer).__name__}: {reason}")
+    if _is_bnb_4bit(layer):
+        return FrozenBase(_bnb_dequantizer(layer), layer.bias, layer.out_features)
+    if _is_gptq_torch(layer):
+        return FrozenBase(_gptq_dequantizer(layer), layer.bias, layer.out_features)
+    return FrozenBase(lambda: layer.weight, layer.bias, layer.out_features)

@@ -68,7 +68,9 @@ def plugin_entry_points() -> Iterable[metadata.EntryPoint]:
     return metadata.entry_points(group=PLUGIN_GROUP)
 
 
-def described(plugin_class: type[AccelerationPlugin], package: str, version: str) -> DiscoveredPlugin:
+def described(
+    plugin_class: type[AccelerationPlugin], package: str, version: str
+) -> DiscoveredPlugin:
     registration = registration_of(plugin_class)
     if registration is None:
         raise TypeError(f"{plugin_class.__name__} was never passed to register_plugin")

@@ -126,9 +126,7 @@ class AccelerationFramework:
         self.model_patcher.patch(model)
         return model, modifiable_args
 
-    def get_callbacks_and_ready_for_train(
-        self, model: Any = None, accelerator: Any = None
-    ) -> list:
+    def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list:
         """Collect every plugin's callbacks, install accelerator patches, log the summary."""
         callbacks: list = []
         for plugin in self._ordered:
@@ -185,7 +183,7 @@ class AccelerationFramework:
             )
 
 
-def _abbreviate(targets: list[str], limit: int = 3) -> str:
+def _abbreviate(targets: list[str], limit: int = 2) -> str:
     if not targets:
         return "(at accelerator.prepare)"
     shown = ", ".join(targets[:limit])

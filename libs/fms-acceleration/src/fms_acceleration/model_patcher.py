@@ -176,7 +176,9 @@ class ModelPatcher:
             importlib.reload(importlib.import_module(reload_name))
         return PatchRecord(rule.rule_id, "attribute", target, owner, name, previous, reload_name)
 
-    def _replace_forwards(self, rule: ModelPatcherRule, model: torch.nn.Module) -> list[PatchRecord]:
+    def _replace_forwards(
+        self, rule: ModelPatcherRule, model: torch.nn.Module
+    ) -> list[PatchRecord]:
         records = []
         assert rule.trigger is not None  # guaranteed by ModelPatcherRule.__post_init__
         for name, module in model.named_modules():
@@ -188,5 +190,7 @@ class ModelPatcher:
             else:
                 module.forward = types.MethodType(rule.forward, module)
             qualified = f"{name or '<root>'} ({type(module).__name__})"
-            records.append(PatchRecord(rule.rule_id, "forward", qualified, module, "forward", previous))
+            records.append(
+                PatchRecord(rule.rule_id, "forward", qualified, module, "forward", previous)
+            )
         return records

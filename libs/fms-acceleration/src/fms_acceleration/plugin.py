@@ -95,7 +95,9 @@ class AccelerationPlugin:
     ) -> PluginRegistration:
         """Record on `plugin` which stanza paths activate it and how each is validated."""
         if not (isinstance(plugin, type) and issubclass(plugin, AccelerationPlugin)):
-            raise TypeError(f"register_plugin expects an AccelerationPlugin subclass, got {plugin!r}")
+            raise TypeError(
+                f"register_plugin expects an AccelerationPlugin subclass, got {plugin!r}"
+            )
         and_paths = _normalise_paths(configuration_and_paths, "configuration_and_paths")
         or_paths = _normalise_paths(configuration_or_paths, "configuration_or_paths")
         if not and_paths and not or_paths:

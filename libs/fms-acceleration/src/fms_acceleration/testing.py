@@ -12,8 +12,11 @@ import torch
 from .framework import AccelerationFramework
 from .plugin import AccelerationPlugin, registration_of
 
+# Special token ids shared by every tiny config and by `tiny_tokenizer`.
+_SPECIAL_IDS = dict(pad_token_id=1, bos_token_id=2, eos_token_id=3)
 # Per architecture: config overrides that keep the model tiny but structurally faithful.
 _DECODER = dict(
+    **_SPECIAL_IDS,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -31,7 +34,9 @@ TINY_ARCHS: Mapping[str, dict[str, Any]] = {
     "granite": _DECODER,
     "mixtral": {**_DECODER, **_MOE},
     "granitemoe": {**_DECODER, **_MOE},
-    "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256),
+    "gpt_bigcode": dict(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256, **_SPECIAL_IDS
+    ),
 }
 
 
@@ -46,7 +51,9 @@ def build_framework(
     """
     for cls in plugins:
         if registration_of(cls) is None:
-            raise TypeError(f"{cls.__name__} was never passed to AccelerationPlugin.register_plugin")
+            raise TypeError(
+                f"{cls.__name__} was never passed to AccelerationPlugin.register_plugin"
+            )
     return AccelerationFramework(
         dict(config), require_packages_check=require_packages_check, plugin_classes=list(plugins)
     )
@@ -95,7 +102,11 @@ def save_tiny_model(
     seed: int = 0,
     **overrides: Any,
 ) -> Path:
-    """Save a random-init tiny causal LM and a matching tokenizer under `path`."""
+    """Save a random-init tiny causal LM and a matching tokenizer under `path`.
+
+    AutoTokenizer loads the tokenizer for every arch but qwen2, which transformers 5 maps to a
+    BPE tokenizer class; load that one with PreTrainedTokenizerFast.from_pretrained.
+    """
     from transformers import AutoModelForCausalLM
 
     config = tiny_model_config(arch, **overrides)

@@ -1,0 +1,139 @@
+"""The CLI's listing commands and plugin subcommands; schema details; the testing helpers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from importlib import metadata
+
+import pytest
+import torch
+
+from fms_acceleration import AccelerationPluginConfigError, Option, Stanza
+from fms_acceleration import cli as cli_module
+from fms_acceleration.cli import main
+from fms_acceleration.testing import TINY_ARCHS, save_tiny_model, tiny_dataset, tiny_model_config
+
+
+def test_plugins_lists_installed_plugins(installed_fakes, capsys):
+    assert main(["plugins"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].split() == ["plugin", "package", "version", "stanzas", "declared", "slots"]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert len(rows) == 7
+    assert "training.fake_kernels (or); peft.quantization.fake_kernels (or)" in rows["fake_kernels"]
+    assert rows["fake_kernels"].rstrip().endswith("loss")
+    assert "training.part_a (and); training.part_b (and)" in rows["and_plugin"]
+    assert "plugin 'broken' (no_such_module_xyz)" in captured.err
+
+
+def test_configs_lists_contents(tmp_path, capsys):
+    (tmp_path / "CONTENTS.yaml").write_text(
+        "framework_configs:\n"
+        "  - shortname: accelerated-peft-bnb\n"
+        "    plugins: [accelerated-peft]\n"
+        "    filename: accelerated-peft-bnb-sample-configuration.yaml\n"
+    )
+    assert main(["configs", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split()[:2] == ["accelerated-peft-bnb", "accelerated-peft"]
+    assert out[2].endswith(str(tmp_path / "accelerated-peft-bnb-sample-configuration.yaml"))
+
+
+def test_configs_without_contents_is_an_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli_module, "find_sample_configurations", lambda explicit: None)
+    assert main(["configs"]) == 1
+    assert "no sample-configurations/CONTENTS.yaml found" in capsys.readouterr().err
+
+
+def test_plugin_subcommands_from_entry_points(monkeypatch, capsys):
+    module = types.ModuleType("fms_fake_cli_plugin")
+
+    def register(subparsers: argparse._SubParsersAction) -> None:
+        parser = subparsers.add_parser("hello", help="say hello")
+        parser.add_argument("name")
+        parser.set_defaults(func=lambda args: print(f"hello {args.name}") or 3)
+
+    module.register = register
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    group = cli_module.CLI_GROUP
+    fake_eps = [
+        metadata.EntryPoint("hello", "fms_fake_cli_plugin:register", group),
+        metadata.EntryPoint("broken-cmd", "no_such_cli_module:register", group),
+        metadata.EntryPoint("check", "fms_fake_cli_plugin:register", group),
+    ]
+    monkeypatch.setattr(cli_module.metadata, "entry_points", lambda group: fake_eps)
+    assert main(["hello", "world"]) == 3
+    captured = capsys.readouterr()
+    assert captured.out == "hello world\n"
+    assert "CLI plugin 'broken-cmd' (no_such_cli_module:register) failed to load" in captured.err
+    assert "CLI plugin 'check' (fms_fake_cli_plugin:register) would shadow" in captured.err
+
+
+def test_option_coercion_nullable_check_and_nested_stanza():
+    schema = Stanza(
+        lr=Option(float, default=1e-5),
+        name=Option(str, nullable=True, default=None),
+        depth=Option(int, default=-1, check=lambda v: None if v >= -1 else "must be >= -1"),
+        early_stopping=Stanza(monitor=Option(str, default="eval_loss"), patience=Option(int)),
+    )
+    out = schema.validate({"lr": 3, "name": None, "early_stopping": {"patience": 2}}, "plugins.x")
+    assert out == {
+        "lr": 3.0,
+        "name": None,
+        "depth": -1,
+        "early_stopping": {"monitor": "eval_loss", "patience": 2},
+    }
+    assert isinstance(out["lr"], float)
+    assert schema.validate(None, "plugins.x")["early_stopping"] is None
+    with pytest.raises(AccelerationPluginConfigError, match=r"plugins.x.depth: -3 must be >= -1"):
+        schema.validate({"depth": -3}, "plugins.x")
+    with pytest.raises(
+        AccelerationPluginConfigError, match=r"plugins.x.early_stopping.patience: required key"
+    ):
+        schema.validate({"early_stopping": {}}, "plugins.x")
+    with pytest.raises(
+        AccelerationPluginConfigError, match=r"plugins.x: expected a mapping of options, got list"
+    ):
+        schema.validate([1], "plugins.x")
+    with pytest.raises(TypeError, match="must be an Option or a Stanza"):
+        Stanza(bad=3)
+
+
+def test_choice_of_true_is_not_satisfied_by_one():
+    spec = Option((bool, str), default=False, choices=(True, False, "fused_ce_liger"))
+    assert spec.validate(True, "p") is True
+    with pytest.raises(AccelerationPluginConfigError, match="expected a boolean"):
+        spec.validate(1, "p")
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_tiny_model_configs_build_every_arch(arch):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_model_config(arch)
+    model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 10_000 < n_params < 2_000_000
+    ids = torch.randint(0, 128, (2, 9))
+    assert model(input_ids=ids).logits.shape == (2, 9, 128)
+
+
+def test_save_tiny_model_roundtrip_and_dataset(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_tiny_model(tmp_path / "m", arch="mistral", seed=5)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert type(model).__name__ == "MistralForCausalLM"
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (1, 3)
+    assert (model.config.pad_token_id, model.config.eos_token_id) == (1, 3)
+    assert tokenizer("tok1 tok2 tok9")["input_ids"] == [5, 6, 13]
+    rows = tiny_dataset(n=5, seq_len=6, seed=1)
+    assert len(rows) == 5 and all(len(r["input_ids"]) == 6 for r in rows)
+    assert rows == tiny_dataset(n=5, seq_len=6, seed=1)
+    assert all(min(r["input_ids"]) >= 4 and max(r["input_ids"]) < 128 for r in rows)
+    with pytest.raises(ValueError, match="unknown tiny arch 'gpt9'"):
+        tiny_model_config("gpt9")

@@ -1,0 +1,199 @@
+"""Every bad configuration is reported by `fms-acceleration check` by path, without a trace."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from fms_acceleration import AccelerationFramework, AccelerationPluginConfigError
+from fms_acceleration.cli import main
+
+BAD_CONFIGS = {
+    "missing plugins body": ("plugins:\n", "'plugins:' has no body"),
+    "empty file": ("", "the file is empty; expected a top-level 'plugins:' mapping"),
+    "yaml syntax error": (
+        "plugins:\n  training: [unclosed\n",
+        "YAML syntax error at line 3",
+    ),
+    "duplicate yaml key": (
+        """
+        plugins:
+          training:
+            fake_kernels: {}
+          training:
+            other_loss: {}
+        """,
+        "duplicate key 'training' at line 5 (first defined at line 3)",
+    ),
+    "unknown stanza": (
+        """
+        plugins:
+          training:
+            fake_kernel: {}
+        """,
+        "plugins.training.fake_kernel: unknown stanza 'fake_kernel' (did you mean 'fake_kernels'?)",
+    ),
+    "unknown key with suggestion": (
+        """
+        plugins:
+          training:
+            fake_kernels:
+              fast_rsm_layernorm: true
+        """,
+        "plugins.training.fake_kernels.fast_rsm_layernorm: unknown key 'fast_rsm_layernorm' "
+        "(did you mean 'fast_rms_layernorm'?); allowed keys: chunk_size, fast_loss, "
+        "fast_rms_layernorm, fused_lora.",
+    ),
+    "wrong type": (
+        """
+        plugins:
+          training:
+            fake_kernels:
+              fast_rms_layernorm: "yes please"
+        """,
+        "plugins.training.fake_kernels.fast_rms_layernorm: expected a boolean (true/false), "
+        "got str 'yes please'.",
+    ),
+    "bool is not an int": (
+        """
+        plugins:
+          training:
+            fake_kernels:
+              chunk_size: true
+        """,
+        "plugins.training.fake_kernels.chunk_size: expected an integer, got bool true.",
+    ),
+    "value outside its set": (
+        """
+        plugins:
+          peft:
+            quantization:
+              fake_loader:
+                quant_type: nf5
+        """,
+        "plugins.peft.quantization.fake_loader.quant_type: 'nf5' is not an allowed value "
+        "(did you mean 'nf4'?); allowed: 'nf4', 'fp4'.",
+    ),
+    "two model loaders": (
+        """
+        plugins:
+          peft:
+            quantization:
+              fake_loader: {}
+              other_loader: {}
+        """,
+        "plugins 'fake_loader' and 'other_loader' both load the model (slot 'model_loader')",
+    ),
+    "two plugins on one slot": (
+        """
+        plugins:
+          training:
+            fake_kernels: {}
+            other_loss: {}
+        """,
+        "plugins 'fake_kernels' and 'other_loss' both take (slot 'loss')",
+    ),
+    "unmet requirement": (
+        """
+        plugins:
+          training:
+            fake_kernels:
+              fused_lora: true
+        """,
+        "plugin 'fake_kernels' requires slot 'model_loader' taken by one of fake_loader "
+        "(fused_lora), but no active plugin takes the slot 'model_loader'.",
+    ),
+    "missing package": (
+        """
+        plugins:
+          training:
+            needs_missing: {}
+        """,
+        "plugin 'needs_missing' needs the package 'a_package_that_is_not_installed_anywhere', "
+        "which is not installed; install it with: pip install fms-acceleration-fake[extra]",
+    ),
+    "unknown top-level key": (
+        "plugin:\n  training: {}\n",
+        "unknown top-level key 'plugin' (did you mean 'plugins'?)",
+    ),
+}
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "accel.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_check_reports_bad_config_without_traceback(case, tmp_path, installed_fakes, capsys):
+    text, expected = BAD_CONFIGS[case]
+    path = _write(tmp_path, text)
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, err
+    assert error_lines[0].startswith(f"error: {path}: ")
+    assert expected in error_lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_framework_raises_config_error(case, tmp_path, installed_fakes):
+    text, expected = BAD_CONFIGS[case]
+    with pytest.raises(AccelerationPluginConfigError) as info:
+        AccelerationFramework(_write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+def test_known_but_uninstalled_stanza_warns_and_passes_through(tmp_path, installed_fakes, capsys):
+    path = _write(
+        tmp_path,
+        """
+        plugins:
+          training:
+            odm:
+              update_interval: 3
+            fake_kernels: {}
+        """,
+    )
+    assert main(["check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert (
+        "warning: plugins.training.odm: this stanza belongs to the package "
+        "'fms-acceleration-odm', which is not installed" in captured.err
+    )
+    assert "1. fake_kernels (FakeKernels); slots: loss" in captured.out
+    with pytest.warns(UserWarning, match="pip install fms-acceleration-odm"):
+        framework = AccelerationFramework(path)
+    # nothing the user wrote is lost: the uninstalled stanza is kept verbatim
+    assert framework.configurations["training"]["odm"] == {"update_interval": 3}
+    assert framework.passed_through == {"training.odm": "fms-acceleration-odm"}
+
+
+def test_missing_file_and_missing_env(tmp_path, monkeypatch, installed_fakes):
+    monkeypatch.delenv("ACCELERATION_FRAMEWORK_CONFIG_FILE", raising=False)
+    with pytest.raises(AccelerationPluginConfigError, match="ACCELERATION_FRAMEWORK_CONFIG_FILE"):
+        AccelerationFramework()
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(AccelerationPluginConfigError, match="nope.yaml: configuration file does"):
+        AccelerationFramework(missing)
+
+
+def test_check_prints_active_plugins_in_declared_order(tmp_path, installed_fakes, capsys):
+    path = _write(
+        tmp_path,
+        """
+        plugins:
+          peft:
+            quantization:
+              fake_kernels: {fused_lora: true}
+              fake_loader: {quant_type: fp4}
+        """,
+    )
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: OK"
+    assert out[1] == "  1. fake_loader (FakeLoader); slots: model_loader"
+    assert out[2] == "  2. fake_kernels (FakeKernels); slots: loss"

@@ -1,0 +1,37 @@
+"""Fine-Tuning Scheduler for transformers.Trainer: phased thawing of a model during training."""
+
+from .callback import FinetuningScheduleCallback, FTSConfig, decay_parameter_names
+from .param_groups import FTSTransitionError
+from .schedule import (
+    ClassInit,
+    FTSScheduleError,
+    Phase,
+    default_schedule,
+    load_schedule_yaml,
+    read_schedule,
+    validate_schedule,
+    write_schedule,
+)
+
+__all__ = [
+    "ClassInit",
+    "FTSConfig",
+    "FTSScheduleError",
+    "FTSTransitionError",
+    "FinetuningScheduleCallback",
+    "Phase",
+    "decay_parameter_names",
+    "default_schedule",
+    "load_schedule_yaml",
+    "read_schedule",
+    "validate_schedule",
+    "write_schedule",
+]
+
+try:  # the plugin registers itself when the framework is installed
+    from .framework_plugin_fts import FinetuningSchedulePlugin  # noqa: F401
+
+    __all__.append("FinetuningSchedulePlugin")
+except ImportError as _err:  # pragma: no cover - framework not installed: pure modules still work
+    if "fms_acceleration" not in str(_err):
+        raise

@@ -1,0 +1,148 @@
+"""Shared fixtures: a tiny llama, a 3-phase schedule for it, and a Trainer runner."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+# A one-layer llama keeps the runs quick: 12 tensors.
+TINY = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+
+# Names of the tiny model, in model order.
+NAMES = [
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.k_proj.weight",
+    "model.layers.0.self_attn.v_proj.weight",
+    "model.layers.0.self_attn.o_proj.weight",
+    "model.layers.0.mlp.gate_proj.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.0.post_attention_layernorm.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+]
+
+PHASE0 = ["lm_head.weight", "model.norm.weight"]
+PHASE1 = [n for n in NAMES if n.startswith("model.layers.0.mlp") or "post_attention" in n]
+PHASE2 = [n for n in NAMES if n.startswith("model.layers.0.self_attn") or "input_layernorm" in n]
+# embed_tokens is in no phase: it must stay frozen and out of the optimizer.
+
+SCHEDULE = {
+    0: {"params": PHASE0, "max_transition_epoch": 1},
+    1: {
+        "params": [r"model\.layers\.0\.mlp\..*", "model.layers.0.post_attention_layernorm.weight"],
+        "max_transition_epoch": 2,
+        "lr": 2.0e-3,
+    },
+    2: {"params": [r"model\.layers\.0\.(self_attn|input_layernorm)"]},
+}
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    """A fresh seeded one-layer llama (fp32, CPU)."""
+    from fms_acceleration.testing import tiny_model_config
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_model_config("llama", **TINY))
+
+
+def train_args(out: str, **overrides: Any) -> TrainingArguments:
+    """Deterministic CPU TrainingArguments: 4 steps per epoch on 16 rows."""
+    kwargs = dict(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        num_train_epochs=4,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        lr_scheduler_type="linear",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+class Recorder(TrainerCallback):
+    """Records depth, thawed tensors and param groups at the start of every epoch."""
+
+    def __init__(self, fts) -> None:
+        self.fts = fts
+        self.rows: list[dict[str, Any]] = []
+
+    def on_epoch_begin(self, args, state, control, optimizer=None, **kw):
+        self.rows.append(
+            {
+                "epoch": round(state.epoch or 0.0),
+                "depth": self.fts.depth,
+                "thawed": set(self.fts.thawed_names()),
+                "groups": [
+                    (g["fts_phase"], len(g["params"]), g["weight_decay"])
+                    for g in optimizer.param_groups
+                ],
+                "initial_lrs": [g["initial_lr"] for g in optimizer.param_groups],
+                "lrs": [g["lr"] for g in optimizer.param_groups],
+            }
+        )
+
+
+def run_fts(
+    tmp: str,
+    stanza: dict[str, Any],
+    model: torch.nn.Module | None = None,
+    args: TrainingArguments | None = None,
+    n_train: int = 16,
+    resume: str | bool | None = None,
+    extra_callbacks: list[TrainerCallback] | None = None,
+    before_train: Callable[[Trainer], None] | None = None,
+):
+    """Build framework + Trainer for the FTS stanza, train, return (trainer, plugin, recorder)."""
+    from fms_acceleration.testing import build_framework, tiny_dataset
+    from fms_acceleration_fts import FinetuningSchedulePlugin
+
+    model = tiny_model() if model is None else model
+    args = train_args(tmp) if args is None else args
+    framework = build_framework(
+        {"plugins": {"training": {"finetuning_schedule": stanza}}}, [FinetuningSchedulePlugin]
+    )
+    model, _ = framework.augmentation(model, args, modifiable_args=())
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(n=n_train, seq_len=8, vocab=128, seed=0),
+        eval_dataset=tiny_dataset(n=8, seq_len=8, vocab=128, seed=1),
+    )
+    plugin = framework.plugins["finetuning_schedule"]
+    for cb in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+        trainer.add_callback(cb)
+    recorder = Recorder(plugin.callback)
+    trainer.add_callback(recorder)
+    for cb in extra_callbacks or []:
+        trainer.add_callback(cb)
+    if before_train is not None:
+        before_train(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, plugin, recorder
+
+
+@pytest.fixture
+def schedule() -> dict:
+    """A fresh copy of the 3-phase schedule of the tiny model."""
+    return {k: dict(v) for k, v in SCHEDULE.items()}

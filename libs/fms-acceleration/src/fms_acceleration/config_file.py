@@ -44,7 +44,7 @@ _StrictLoader.add_constructor(
 def load_yaml(text: str, source: str) -> Any:
     """Parse YAML text, turning every parse problem into a config error naming `source`."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        return yaml.load(text, Loader=_StrictLoader)  # _StrictLoader is a SafeLoader
     except AccelerationPluginConfigError as err:
         raise AccelerationPluginConfigError(f"{source}: {err}") from None
     except yaml.YAMLError as err:

@@ -27,7 +27,7 @@ class ModelPatcherTrigger:
     def is_triggered(self, module: torch.nn.Module, name: str) -> bool:
         if self.module_name is not None and not re.search(self.module_name, name):
             return False
-        if isinstance(self.check, type) or isinstance(self.check, tuple):
+        if isinstance(self.check, (type, tuple)):
             return isinstance(module, self.check)
         return bool(self.check(module))
 

@@ -54,7 +54,7 @@ def row_block(n_cols: int, cap: int = 65536) -> int:
 
 
 def num_warps_for(block: int) -> int:
-    """Heuristic warp count for a row-wise kernel of this block size (ignored by the interpreter)."""
+    """Warp count for a row-wise kernel of this block size (the interpreter ignores it)."""
     if block >= 32768:
         return 32
     if block >= 8192:

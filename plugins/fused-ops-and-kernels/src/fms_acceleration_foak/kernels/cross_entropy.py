@@ -75,7 +75,7 @@ def vocab_block(n_cols: int) -> int:
 def ce_loss_rows(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss (0 where ignored) and log-sum-exp, both fp32, for 2-D logits with unit stride."""
+    """Per-row loss (0 where ignored) and log-sum-exp, fp32, of 2-D logits with unit stride."""
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -95,7 +95,7 @@ def ce_grad_rows(
     out: torch.Tensor,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write (softmax - onehot) * scale into out (which may be logits itself); ignored rows get 0."""
+    """Write (softmax - onehot) * scale into out (may alias logits); ignored rows get 0."""
     n_rows, n_cols = logits.shape
     block = vocab_block(n_cols)
     _ce_grad_kernel[(n_rows,)](
@@ -118,7 +118,7 @@ def loss_divisor(
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Scalar loss = sum of row losses / divisor; the backward recomputes softmax from the saved lse."""
+    """Loss = sum of row losses / divisor; the backward recomputes softmax from the saved lse."""
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index: int, divisor: torch.Tensor):

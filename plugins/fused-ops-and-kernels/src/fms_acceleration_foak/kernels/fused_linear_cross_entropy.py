@@ -17,7 +17,7 @@ from .cross_entropy import ce_grad_rows, ce_loss_rows, loss_divisor
 
 
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk so that a chunk's logits hold about as many elements as the hidden states."""
+    """Tokens per chunk so that a chunk of logits holds about as many elements as the hidden."""
     chunks = triton.cdiv(vocab, hidden)
     return max(1, triton.next_power_of_2(triton.cdiv(n_tokens, chunks)))
 
@@ -86,7 +86,7 @@ def chunked_loss_and_grads(
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """loss = sum_rows CE(hidden @ weight.T + bias, target) / divisor, gradients from the forward."""
+    """sum_rows CE(hidden @ weight.T + bias, target) / divisor; gradients made in the forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ignore_index, divisor, chunk_size, triton_ce):
@@ -125,7 +125,7 @@ def fused_linear_cross_entropy(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """CE(hidden @ weight.T + bias, target) without the full logits; hidden [..., H], target [...]."""
+    """CE(hidden @ weight.T + bias, target) without full logits; hidden [..., H], target [...]."""
     n_hidden = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != n_hidden:
         raise ValueError(

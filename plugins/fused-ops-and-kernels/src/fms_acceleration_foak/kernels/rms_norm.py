@@ -11,13 +11,11 @@ from .reference import rms_norm_reference
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(
-    X, Y, W, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr
-):
+def _rms_norm_fwd_kernel(X, Y, W, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    # Always compute in fp32: bf16/fp16 arithmetic loses precision (and is wrong in the interpreter).
+    # Compute in fp32: bf16/fp16 arithmetic loses precision (and is wrong in the interpreter).
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     tl.store(RSTD + row, rstd)

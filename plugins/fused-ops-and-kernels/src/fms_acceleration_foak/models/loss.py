@@ -1,0 +1,119 @@
+"""Loss hooks: a drop-in for transformers' fixed_cross_entropy, and the fused linear CE path.
+
+The fused path needs the hidden states that feed lm_head. Instead of copying each model's
+forward, the causal LM's own forward runs unchanged with lm_head switched to pass its input
+through (so the output "logits" are the final hidden states, including any scalar scaling such
+as Granite's 1 / logits_scaling, which commutes with the projection); the loss is then computed
+from those hidden states and lm_head's weight without materialising the logits.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import cross_entropy, fused_linear_cross_entropy
+
+_DEFER_LM_HEAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "foak_defer_lm_head", default=False
+)
+
+
+def fast_fixed_cross_entropy(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """transformers.loss.loss_utils.fixed_cross_entropy backed by the chunked-vocab CE kernel."""
+    return cross_entropy(source, target.to(source.device), ignore_index, num_items_in_batch)
+
+
+def build_deferrable_lm_head(lm_head: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """lm_head forward that returns its input unchanged while the fused loss path is running."""
+    original = lm_head.forward
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if _DEFER_LM_HEAD.get():
+            return hidden_states
+        return original(hidden_states, *args, **kwargs)
+
+    return forward
+
+
+def causal_lm_fused_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ForCausalLMLoss semantics (shift, ignore_index, num_items_in_batch) via fused linear CE."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    n_hidden = hidden.shape[-1]
+    return fused_linear_cross_entropy(
+        hidden.reshape(-1, n_hidden),
+        lm_head.weight,
+        shift_labels.reshape(-1).to(hidden.device),
+        bias=lm_head.bias,
+        ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def build_fused_ce_forward(model: torch.nn.Module) -> Callable[..., Any]:
+    """Causal-LM forward computing the training loss with fused linear CE (logits left None)."""
+    original = model.forward
+    params = list(inspect.signature(original).parameters)
+    labels_position = params.index("labels") if "labels" in params else None
+    lm_head = model.get_output_embeddings()
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        positional = labels_position is not None and len(args) > labels_position
+        labels = args[labels_position] if positional else kwargs.get("labels")
+        # Evaluation and generation need real logits: run the model untouched.
+        if labels is None or not model.training or not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        args_list = list(args)
+        if positional:
+            args_list[labels_position] = None
+        else:
+            del kwargs["labels"]
+        head = model.get_output_embeddings()
+        if head is not lm_head or not isinstance(head, torch.nn.Linear):
+            raise RuntimeError(
+                "fast_loss: fused_ce_liger needs lm_head to stay the torch.nn.Linear it was when "
+                f"patched, found {type(head).__name__}; do not put lm_head in LoRA target_modules"
+            )
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(model.config, "return_dict", True)
+        token = _DEFER_LM_HEAD.set(True)
+        try:
+            outputs = original(*args_list, return_dict=True, **kwargs)
+        finally:
+            _DEFER_LM_HEAD.reset(token)
+        loss = causal_lm_fused_loss(
+            outputs.logits,
+            head,
+            labels,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            ignore_index=kwargs.get("ignore_index", -100),
+            shift_labels=kwargs.get("shift_labels"),
+        )
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is not None:  # MoE: the model adds its router loss only when given labels
+            loss = loss + model.router_aux_loss_coef * aux_loss.to(loss.device)
+        fields = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}
+        result = type(outputs)(loss=loss, logits=None, **fields)
+        return result if return_dict else result.to_tuple()
+
+    return forward

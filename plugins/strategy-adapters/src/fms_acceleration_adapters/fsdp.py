@@ -40,9 +40,12 @@ class FSDPStrategyAdapter(StrategyAdapter):
     FSDP2 keeps the original names. When parameters thaw mid-training:
 
     - FSDP2 fixes a param group's original/reduce dtypes from the parameters that were trainable
-      at lazy init; a group that was entirely frozen then has none, so they are re-derived for
-      the groups that hold thawed parameters. FSDP2 copies ``requires_grad`` from the sharded to
-      the unsharded parameter at every all-gather, so nothing else is needed.
+      at lazy init; a group that was entirely frozen then has none, and with a
+      ``MixedPrecisionPolicy`` its thawed parameters' low-precision gradients are refused
+      ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype
+      Float"). The dtypes are re-derived for the groups that hold thawed parameters. FSDP2
+      copies ``requires_grad`` from the sharded to the unsharded parameter at every all-gather,
+      so nothing else is needed.
     - FSDP1 flattens parameters; only with ``use_orig_params=True`` (accelerate:
       ``fsdp_use_orig_params: true``) can a subset thaw. The flat parameter must then require
       grad for autograd to reach the original parameters.

@@ -146,3 +146,23 @@ def run_fts(
 def schedule() -> dict:
     """A fresh copy of the 3-phase schedule of the tiny model."""
     return {k: dict(v) for k, v in SCHEDULE.items()}
+
+
+class Helpers:
+    """Constants and runners of this conftest, for test modules (which cannot import it)."""
+
+    NAMES = NAMES
+    PHASE0 = PHASE0
+    PHASE1 = PHASE1
+    PHASE2 = PHASE2
+    SCHEDULE = SCHEDULE
+    Recorder = Recorder
+    run_fts = staticmethod(run_fts)
+    tiny_model = staticmethod(tiny_model)
+    train_args = staticmethod(train_args)
+
+
+@pytest.fixture(scope="session")
+def h() -> type[Helpers]:
+    """The helpers of this conftest."""
+    return Helpers

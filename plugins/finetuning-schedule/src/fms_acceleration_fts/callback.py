@@ -63,7 +63,7 @@ class FTSConfig:
 
 
 class FinetuningScheduleCallback(TrainerCallback):
-    """Runs a validated fine-tuning schedule: one phase thawed at a time, groups added as it goes."""
+    """Runs a validated schedule: one phase thawed at a time, param groups added as it goes."""
 
     def __init__(
         self,
@@ -243,16 +243,16 @@ class FinetuningScheduleCallback(TrainerCallback):
         """Thaw phases 1..depth and add their groups (before optimizer.pt is loaded)."""
         if depth > self.final_depth:
             raise FTSTransitionError(
-                f"the checkpoint is at phase {depth} but this run stops at phase {self.final_depth} "
-                "(max_depth): resume with the same schedule and max_depth"
+                f"the checkpoint is at phase {depth} but this run stops at phase "
+                f"{self.final_depth} (max_depth): resume with the same schedule and max_depth"
             )
         for d in range(self.depth + 1, depth + 1):
             phase = self.phases[d]
             if phase.new_lr_scheduler is not None:
                 raise FTSTransitionError(
                     f"cannot resume past phase {d}: it reinitializes the LR scheduler "
-                    f"({phase.new_lr_scheduler.class_path}) and the Trainer loads scheduler.pt into "
-                    "its own scheduler class first; resume from a checkpoint before that phase"
+                    f"({phase.new_lr_scheduler.class_path}) and the Trainer loads scheduler.pt "
+                    "into its own scheduler class first; resume from a checkpoint before that phase"
                 )
             self._thaw(d)
             if phase.new_optimizer is not None:
@@ -356,7 +356,7 @@ class FinetuningScheduleCallback(TrainerCallback):
         sync_scheduler_lists(scheduler, len(optimizer.param_groups))
 
     def _check_epoch_transition(self, state: TrainerState, optimizer: Any, scheduler: Any) -> None:
-        completed = int(math.floor((state.epoch or 0.0) + 1e-6))
+        completed = math.floor((state.epoch or 0.0) + 1e-6)
         if completed <= self.epochs_checked:
             return
         self.epochs_checked = completed

@@ -118,7 +118,7 @@ def _lambda_factor(scheduler: Any, step: int) -> float:
 
 
 def sync_scheduler_lists(scheduler: Any, n_groups: int) -> None:
-    """Pad lr_lambdas (and per-group lists) to n_groups after a state dict with more groups loaded."""
+    """Pad lr_lambdas (and min_lrs) to n_groups after a state dict with more groups loaded."""
     if scheduler is None:
         return
     if isinstance(scheduler, (LambdaLR, MultiplicativeLR)) or hasattr(scheduler, "lr_lambdas"):

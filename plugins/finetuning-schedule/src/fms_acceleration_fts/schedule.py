@@ -58,7 +58,7 @@ class Phase:
 
 # --------------------------------------------------------------------------------------- YAML
 class _ScheduleLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`)."""
+    """SafeLoader that rejects duplicate keys and reads `1e-5` as a float (YAML 1.1: `1.0e-5`)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -173,7 +173,8 @@ def _match_entry(entry: str, names: Sequence[str], depth: int) -> list[str]:
         pattern = re.compile(entry)
     except re.error as err:
         raise FTSScheduleError(
-            f"phase {depth}: params entry {entry!r} is neither a parameter name nor a valid regex ({err})"
+            f"phase {depth}: params entry {entry!r} is neither a parameter name nor a valid "
+            f"regex ({err})"
         ) from err
     return [n for n in names if pattern.match(n)]
 
@@ -199,7 +200,8 @@ def _parse_class_init(value: Any, key: str, depth: int) -> ClassInit:
     unknown = sorted(set(value) - {"class_path", "init_args"})
     if unknown:
         raise FTSScheduleError(
-            f"{where} has unknown key {unknown[0]!r}{_suggest(str(unknown[0]), ('class_path', 'init_args'))}"
+            f"{where} has unknown key {unknown[0]!r}"
+            f"{_suggest(str(unknown[0]), ('class_path', 'init_args'))}"
         )
     if "class_path" not in value:
         raise FTSScheduleError(
@@ -262,7 +264,8 @@ def validate_schedule(
         unknown = [k for k in spec if k not in PHASE_KEYS]
         if unknown:
             raise FTSScheduleError(
-                f"phase {depth}: unknown key {unknown[0]!r}{_suggest(str(unknown[0]), PHASE_KEYS)}; "
+                f"phase {depth}: unknown key {unknown[0]!r}"
+                f"{_suggest(str(unknown[0]), PHASE_KEYS)}; "
                 f"allowed: {', '.join(PHASE_KEYS)}"
             )
         entries = spec.get("params")
@@ -341,8 +344,8 @@ def validate_schedule(
             if key in spec and spec[key] is not None:
                 if depth == 0:
                     raise FTSScheduleError(
-                        f"phase 0: {key} is not allowed: the Trainer builds the initial optimizer and "
-                        "LR scheduler; reinitialization applies to phases >= 1 only"
+                        f"phase 0: {key} is not allowed: the Trainer builds the initial "
+                        "optimizer and LR scheduler; reinitialization applies to phases >= 1 only"
                     )
                 reinit[key] = _parse_class_init(spec[key], key, depth)
             else:

@@ -1,0 +1,292 @@
+"""End-to-end Trainer runs of the finetuning_schedule plugin on a one-layer llama (CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from fms_acceleration import AccelerationPluginConfigError
+from fms_acceleration.testing import build_framework
+from fms_acceleration_fts import FinetuningSchedulePlugin, FTSTransitionError
+
+LINEAR = [1.0, 0.75, 0.5, 0.25]  # linear decay factor at the start of epochs 0..3 (16 steps)
+
+
+def expected_table(h):
+    """Depth, thawed tensors, (phase, #tensors, wd) per group, initial lr per group, by epoch.
+
+    lm_head decays, the norms do not; phase 1 has lr 2e-3, phase 2 none: base_max_lr 1e-5.
+    """
+    g0, g1, g2 = [(0, 1, 0.1), (0, 1, 0.0)], [(1, 3, 0.1), (1, 1, 0.0)], [(2, 4, 0.1), (2, 1, 0.0)]
+    lr0, lr1, lr2 = [1e-3] * 2, [2e-3] * 2, [1e-5] * 2
+    return [
+        (0, h.PHASE0, g0, lr0),
+        (1, h.PHASE0 + h.PHASE1, g0 + g1, lr0 + lr1),
+        (2, h.NAMES[1:], g0 + g1 + g2, lr0 + lr1 + lr2),
+        (2, h.NAMES[1:], g0 + g1 + g2, lr0 + lr1 + lr2),
+    ]
+
+
+class Snapshots(TrainerCallback):
+    """Copies of every parameter at the start of each epoch."""
+
+    def __init__(self):
+        self.at_epoch: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_begin(self, args, state, control, model=None, **kw):
+        self.at_epoch.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, h):
+    """One uninterrupted 4-epoch run of the 3-phase schedule."""
+    out = str(tmp_path_factory.mktemp("ref"))
+    snaps = Snapshots()
+    trainer, plugin, recorder = h.run_fts(
+        out, {"ft_schedule": h.SCHEDULE, "early_stopping": {"patience": 5}}, extra_callbacks=[snaps]
+    )
+    final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return out, plugin, recorder, snaps, final
+
+
+def test_expected_state_epoch_by_epoch(reference, h):
+    _, plugin, recorder, _, _ = reference
+    assert len(recorder.rows) == 4
+    for row, (depth, thawed, groups, initial), factor in zip(
+        recorder.rows, expected_table(h), LINEAR
+    ):
+        assert row["depth"] == depth, row
+        assert row["thawed"] == set(thawed)
+        assert row["groups"] == groups
+        assert row["initial_lrs"] == pytest.approx(initial)
+        assert row["lrs"] == pytest.approx([lr * factor for lr in initial])
+    assert [(t["depth"], t["global_step"]) for t in plugin.callback.transitions] == [(1, 4), (2, 8)]
+
+
+def test_later_phases_never_change_before_their_phase(reference, h):
+    _, _, _, snaps, final = reference
+    init = snaps.at_epoch[0]
+    # embed_tokens is in no phase: never trained, never decayed
+    assert torch.equal(final["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
+    for name in h.PHASE1:  # thawed at the end of epoch 1
+        assert torch.equal(snaps.at_epoch[1][name], init[name]), name
+        assert not torch.equal(final[name], init[name]), name
+    for name in h.PHASE2:  # thawed at the end of epoch 2
+        assert torch.equal(snaps.at_epoch[2][name], init[name]), name
+        assert not torch.equal(final[name], init[name]), name
+    for name in h.PHASE0:
+        assert not torch.equal(snaps.at_epoch[1][name], init[name]), name
+
+
+def test_checkpoints_carry_schedule_state(reference, h):
+    out, _, _, _, _ = reference
+    with open(os.path.join(out, "checkpoint-8", "fts_state.json")) as fh:
+        state = json.load(fh)
+    assert state["depth"] == 2 and state["n_phases"] == 3 and state["epochs_checked"] == 2
+    assert [t["global_step"] for t in state["transitions"]] == [4, 8]
+    opt = torch.load(os.path.join(out, "checkpoint-8", "optimizer.pt"), weights_only=True)
+    assert [g["fts_phase"] for g in opt["param_groups"]] == [0, 0, 1, 1, 2, 2]
+
+
+def _resume_and_compare(h, tmp_path, reference, ckpt: str, dest_name: str | None = None, **kw):
+    out, _, _, _, final = reference
+    run_dir = tmp_path / "resumed"
+    dest = run_dir / (dest_name or ckpt)
+    shutil.copytree(os.path.join(out, ckpt), dest)
+    trainer, plugin, recorder = h.run_fts(
+        str(run_dir),
+        {"ft_schedule": h.SCHEDULE, "early_stopping": {"patience": 5}},
+        resume=str(dest),
+    )
+    diff = max(
+        (p.detach() - final[n]).abs().max().item() for n, p in trainer.model.named_parameters()
+    )
+    assert diff <= 1e-5, (ckpt, diff)
+    assert plugin.callback.depth == 2 and trainer.state.global_step == 16
+    return plugin, recorder
+
+
+@pytest.mark.parametrize("ckpt", ["checkpoint-4", "checkpoint-8", "checkpoint-12"])
+def test_resume_matches_uninterrupted_run(tmp_path, reference, ckpt, h):
+    plugin, recorder = _resume_and_compare(h, tmp_path, reference, ckpt)
+    assert [t["global_step"] for t in plugin.callback.transitions] == [4, 8]
+    first = recorder.rows[0]
+    assert first["groups"] == expected_table(h)[first["epoch"]][2]
+
+
+def test_resume_from_renamed_checkpoint_uses_state_in_optimizer(tmp_path, reference, h):
+    # no checkpoint-8/fts_state.json under output_dir: the copy kept in optimizer.pt is used
+    plugin, _ = _resume_and_compare(h, tmp_path, reference, "checkpoint-8", dest_name="snapshot")
+    assert plugin.callback.epochs_checked == 4
+
+
+def test_resume_mid_epoch_from_step_checkpoints(tmp_path, schedule, h):
+    stanza = {"ft_schedule": schedule, "early_stopping": {"patience": 5}}
+    ref_dir = tmp_path / "ref"
+    args = h.train_args(str(ref_dir), save_strategy="steps", save_steps=3)
+    trainer, _, _ = h.run_fts(str(ref_dir), stanza, args=args)
+    final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for ckpt in ("checkpoint-6", "checkpoint-9"):  # mid epoch 1 (depth 1), mid epoch 2 (depth 2)
+        run_dir = tmp_path / f"resume-{ckpt}"
+        shutil.copytree(ref_dir / ckpt, run_dir / ckpt)
+        args = h.train_args(str(run_dir), save_strategy="steps", save_steps=3)
+        trainer2, plugin2, _ = h.run_fts(
+            str(run_dir), stanza, args=args, resume=str(run_dir / ckpt)
+        )
+        diff = max((p - final[n]).abs().max().item() for n, p in trainer2.model.named_parameters())
+        assert diff <= 1e-5, (ckpt, diff)
+        assert [t["global_step"] for t in plugin2.callback.transitions] == [4, 8]
+
+
+def test_default_schedule_written_and_early_stopping_drives_transitions(tmp_path, h):
+    # patience 1 and an unreachable min_delta: every second evaluation of a phase ends it
+    stanza = {"early_stopping": {"patience": 1, "min_delta": 10.0}, "max_depth": 2}
+    args = h.train_args(str(tmp_path), eval_strategy="steps", eval_steps=2, save_strategy="no")
+    trainer, plugin, _ = h.run_fts(str(tmp_path), stanza, args=args)
+    path = tmp_path / "LlamaForCausalLM_ft_schedule.yaml"
+    written = yaml.safe_load(path.read_text())
+    assert written == {i: {"params": list(reversed(h.NAMES))[2 * i : 2 * i + 2]} for i in range(6)}
+    cb = plugin.callback
+    assert cb.final_depth == 2
+    assert [(t["depth"], t["global_step"], t["reason"]) for t in cb.transitions] == [
+        (1, 4, "early stopping"),
+        (2, 8, "early stopping"),
+    ]
+    # at the final phase early stopping ends training (evals at 10 and 12)
+    assert trainer.state.global_step == 12
+    assert set(cb.thawed_names()) == set(list(reversed(h.NAMES))[:6])
+
+
+def test_max_transition_step_and_early_stopping_whichever_first(tmp_path, schedule, h):
+    schedule[0] = {"params": h.PHASE0, "max_transition_step": 3}
+    schedule[1] = {"params": h.PHASE1, "max_transition_step": 100}
+    stanza = {"ft_schedule": schedule, "early_stopping": {"patience": 1, "min_delta": 10.0}}
+    args = h.train_args(str(tmp_path), eval_strategy="steps", eval_steps=4, save_strategy="no")
+    trainer, plugin, _ = h.run_fts(str(tmp_path), stanza, args=args)
+    # phase 0 ends by step (3) before its second eval; phase 1 by early stopping (evals 4, 8)
+    assert [(t["global_step"], t["reason"]) for t in plugin.callback.transitions] == [
+        (3, "max_transition_step 3 reached"),
+        (8, "early stopping"),
+    ]
+    assert trainer.state.global_step == 16  # final phase: evals at 12 and 16, stops at the end
+
+
+def test_epoch_transitions_only_ignores_early_stopping(tmp_path, schedule, h):
+    stanza = {
+        "ft_schedule": schedule,
+        "epoch_transitions_only": True,
+        "early_stopping": {"patience": 1, "min_delta": 10.0},
+    }
+    trainer, plugin, recorder = h.run_fts(str(tmp_path), stanza)
+    assert [t["global_step"] for t in plugin.callback.transitions] == [4, 8]
+    assert trainer.state.global_step == 16
+    assert [r["depth"] for r in recorder.rows] == [0, 1, 2, 2]
+
+
+def test_max_depth_stops_thawing(tmp_path, schedule, h):
+    trainer, _, recorder = h.run_fts(str(tmp_path), {"ft_schedule": schedule, "max_depth": 1})
+    assert [r["depth"] for r in recorder.rows] == [0, 1, 1, 1]
+    init = h.tiny_model().state_dict()
+    for name in h.PHASE2:
+        assert torch.equal(trainer.model.state_dict()[name], init[name]), name
+
+
+def test_restore_best_loads_best_checkpoint_at_transition(tmp_path, schedule, h):
+    snaps = Snapshots()
+    h.run_fts(
+        str(tmp_path), {"ft_schedule": schedule, "restore_best": True}, extra_callbacks=[snaps]
+    )
+    best = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    # transition at the end of epoch 2 restores checkpoint-4 (the only evaluation so far)
+    for name, value in snaps.at_epoch[2].items():
+        assert torch.equal(value, best[name]), name
+    # phase 1 trained during epoch 1, but checkpoint-4 predates that: back to initial values
+    for name in h.PHASE1:
+        assert torch.equal(snaps.at_epoch[2][name], snaps.at_epoch[0][name]), name
+        assert not torch.equal(snaps.at_epoch[3][name], snaps.at_epoch[0][name]), name
+
+
+def test_reinitialize_optimizer_and_scheduler(tmp_path, schedule, h):
+    schedule[1]["new_optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}
+    schedule[1]["new_lr_scheduler"] = {
+        "lr_scheduler_init": {
+            "class_path": "torch.optim.lr_scheduler.StepLR",
+            "init_args": {"step_size": 2, "gamma": 0.5},
+        }
+    }
+    schedule[1].pop("lr")
+    seen = []
+
+    class Peek(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            seen.append((type(optimizer.optimizer).__name__, type(lr_scheduler).__name__))
+
+    _, _, recorder = h.run_fts(str(tmp_path), {"ft_schedule": schedule}, extra_callbacks=[Peek()])
+    assert seen == [("AdamW", "LambdaLR"), ("SGD", "StepLR"), ("SGD", "StepLR"), ("SGD", "StepLR")]
+    # at epoch 1 start all groups (phases 0-1) restart at the new optimizer's lr
+    assert recorder.rows[1]["initial_lrs"] == pytest.approx([0.05] * 4)
+    assert recorder.rows[1]["lrs"] == pytest.approx([0.05] * 4)
+    # 4 more steps with StepLR(step_size=2, gamma=.5): 0.05 -> 0.0125 at epoch 2 start; phase 2
+    # joins StepLR at base_max_lr
+    assert recorder.rows[2]["lrs"] == pytest.approx([0.0125] * 4 + [1e-5] * 2)
+    # resuming past a scheduler reinitialization is refused with a clear message
+    run_dir = tmp_path / "resume"
+    shutil.copytree(tmp_path / "checkpoint-8", run_dir / "checkpoint-8")
+    with pytest.raises(FTSTransitionError, match=r"cannot resume past phase 1: it reinitializes"):
+        h.run_fts(str(run_dir), {"ft_schedule": schedule}, resume=str(run_dir / "checkpoint-8"))
+
+
+def test_resume_past_optimizer_reinitialization(tmp_path, schedule, h):
+    schedule[2]["new_optimizer"] = {
+        "class_path": "torch.optim.SGD",
+        "init_args": {"momentum": 0.9, "lr": 0.01},
+    }
+    stanza = {"ft_schedule": schedule, "early_stopping": {"patience": 5}}
+    trainer, _, _ = h.run_fts(str(tmp_path / "ref"), stanza)
+    final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    run_dir = tmp_path / "resume"
+    shutil.copytree(tmp_path / "ref" / "checkpoint-12", run_dir / "checkpoint-12")
+    trainer2, _, _ = h.run_fts(str(run_dir), stanza, resume=str(run_dir / "checkpoint-12"))
+    assert type(trainer2.optimizer.optimizer).__name__ == "SGD"
+    diff = max((p - final[n]).abs().max().item() for n, p in trainer2.model.named_parameters())
+    assert diff <= 1e-5
+
+
+def test_plugin_config_errors_name_the_path(tmp_path, schedule, h):
+    bad = {0: {"params": ["lm_head.wieght"]}}
+    framework = build_framework(
+        {"plugins": {"training": {"finetuning_schedule": {"ft_schedule": bad}}}},
+        [FinetuningSchedulePlugin],
+    )
+    with pytest.raises(
+        AccelerationPluginConfigError,
+        match=r"plugins\.training\.finetuning_schedule\.ft_schedule: phase 0: params entry "
+        r"'lm_head.wieght' matches no parameter",
+    ):
+        framework.augmentation(h.tiny_model(), h.train_args(str(tmp_path)), modifiable_args=())
+    with pytest.raises(AccelerationPluginConfigError, match=r"early_stopping\.patince"):
+        build_framework(
+            {"plugins": {"training": {"finetuning_schedule": {"early_stopping": {"patince": 2}}}}},
+            [FinetuningSchedulePlugin],
+        )
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(schedule))
+    framework = build_framework(
+        {"plugins": {"training": {"finetuning_schedule": {"ft_schedule": str(path)}}}},
+        [FinetuningSchedulePlugin],
+    )
+    model, _ = framework.augmentation(
+        h.tiny_model(), h.train_args(str(tmp_path)), modifiable_args=()
+    )
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
+    assert framework.plugins["finetuning_schedule"].taken_slots() == frozenset({"param_freezing"})

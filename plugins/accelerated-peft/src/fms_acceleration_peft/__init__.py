@@ -1,0 +1,28 @@
+"""4-bit quantized LoRA plugins for fms-acceleration: bitsandbytes QLoRA and GPTQ-LoRA.
+
+Importing this package registers both plugins (ids "bitsandbytes" and "auto_gptq"); gptqmodel is
+imported only when the GPTQ plugin loads a model.
+"""
+
+from .bnb_cpu_repack import disable_cpu_weight_repacking, is_repacked_for_cpu
+from .framework_plugin_autogptq import GPTQ_STANZA, AutoGPTQAccelerationPlugin
+from .framework_plugin_bnb import BNB_STANZA, BNBAccelerationPlugin
+from .kbit_training import prepare_for_kbit_training
+from .peft_wrapping import PEFT_WRAPPING_SLOT
+
+# Plugin ids other plugins (e.g. fused-ops-and-kernels' base_layer) may require as providers.
+BNB_PLUGIN_ID = "bitsandbytes"
+GPTQ_PLUGIN_ID = "auto_gptq"
+
+__all__ = [
+    "BNB_PLUGIN_ID",
+    "BNB_STANZA",
+    "GPTQ_PLUGIN_ID",
+    "GPTQ_STANZA",
+    "PEFT_WRAPPING_SLOT",
+    "AutoGPTQAccelerationPlugin",
+    "BNBAccelerationPlugin",
+    "disable_cpu_weight_repacking",
+    "is_repacked_for_cpu",
+    "prepare_for_kbit_training",
+]

@@ -1,0 +1,42 @@
+"""Guard against bitsandbytes' CPU weight repacking, which has no backward.
+
+bitsandbytes 0.50 `Linear4bit.forward` repacks its weight into an AVX512-BF16 inference layout
+the first time it runs on CPU in eval mode without grad (`support_avx512bf16_for_cpu` is set in
+`__init__` from the CPU flags). Once repacked, `matmul_4bit` takes the `gemv_4bit` inference path
+for every later call, training included, and that path has no autograd: everything upstream of
+the layer silently stops receiving gradients after the first evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# The instance attribute `Linear4bit.__init__` sets and `Linear4bit.forward` checks.
+REPACK_FLAG = "support_avx512bf16_for_cpu"
+
+
+def is_repacked_for_cpu(module: nn.Module) -> bool:
+    """True when the module's 4-bit weight is in the CPU inference (no backward) layout."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def disable_cpu_weight_repacking(model: nn.Module) -> int:
+    """Turn the repack off on every `Linear4bit` (undoing any repack done); return how many."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    guarded = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        setattr(module, REPACK_FLAG, False)
+        if is_repacked_for_cpu(module):
+            with torch.no_grad():
+                weight = module.weight
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    weight.data, weight.quant_state
+                )
+        guarded += 1
+    return guarded

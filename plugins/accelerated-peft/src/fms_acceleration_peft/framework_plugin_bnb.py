@@ -1,0 +1,94 @@
+"""The `bitsandbytes` plugin: QLoRA with 4-bit (nf4/fp4) bitsandbytes base weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fms_acceleration import (
+    AccelerationPlugin,
+    AccelerationPluginConfigError,
+    Option,
+    Stanza,
+)
+
+from .bnb_cpu_repack import disable_cpu_weight_repacking
+from .bnb_loading import QUANT_TYPES, load_4bit_model
+from .dtypes import pop_requested_dtype, resolve_dtype
+from .peft_wrapping import PEFT_WRAPPING_SLOT, wrap_with_lora
+
+BNB_STANZA = "peft.quantization.bitsandbytes"
+
+
+class BNBAccelerationPlugin(AccelerationPlugin):
+    """Loads the model in 4-bit through BitsAndBytesConfig and applies the LoRA config itself."""
+
+    require_packages = ("bitsandbytes", "peft")
+    slots = frozenset({PEFT_WRAPPING_SLOT})
+    order = 10
+
+    def __init__(self, configurations: dict[str, Any], require_packages_check: bool = True):
+        super().__init__(configurations, require_packages_check)
+        stanza = self.stanza(BNB_STANZA)
+        self.quant_type: str = stanza["quant_type"]
+        self.no_peft_model: bool = stanza["no_peft_model"]
+
+    @property
+    def requires_custom_loading(self) -> bool:
+        return True
+
+    @property
+    def requires_augmentation(self) -> bool:
+        return True
+
+    def taken_slots(self) -> frozenset[str]:
+        """model_loader always; peft_wrapping unless no_peft_model leaves PEFT to the trainer."""
+        slots = super().taken_slots()
+        return slots - {PEFT_WRAPPING_SLOT} if self.no_peft_model else slots
+
+    def model_loader(self, model_name: str, **kwargs: Any):
+        """Load `model_name` in 4-bit; `dtype` (default: the checkpoint's) is the compute dtype."""
+        kwargs = dict(kwargs)
+        requested = pop_requested_dtype(kwargs)
+        try:
+            dtype = resolve_dtype(requested, model_name, default=torch.float32)
+            return load_4bit_model(model_name, self.quant_type, dtype, **kwargs)
+        except ValueError as err:
+            raise AccelerationPluginConfigError(
+                f"plugins.{BNB_STANZA}: model_loader: {err}"
+            ) from None
+
+    def augmentation(self, model, train_args, modifiable_args: tuple):
+        """Prepare for k-bit training and apply modifiable_args[0] (a LoraConfig) -> (None,)."""
+        # Also guards a model that was loaded elsewhere or evaluated since loading.
+        disable_cpu_weight_repacking(model)
+        if self.no_peft_model:
+            return model, modifiable_args
+        return wrap_with_lora(
+            model,
+            train_args,
+            modifiable_args,
+            BNB_STANZA,
+            hint="; pass one, or set no_peft_model: true to leave PEFT to the trainer",
+        )
+
+
+AccelerationPlugin.register_plugin(
+    BNBAccelerationPlugin,
+    configuration_and_paths=[BNB_STANZA],
+    plugin_id="bitsandbytes",
+    package_name="fms-acceleration-peft",
+    schemas={
+        BNB_STANZA: Stanza(
+            quant_type=Option(
+                str, default="nf4", choices=QUANT_TYPES, doc="4-bit data type of the base weights"
+            ),
+            no_peft_model=Option(
+                bool,
+                default=False,
+                doc="true: only load in 4-bit; the trainer applies PEFT itself",
+            ),
+        )
+    },
+)

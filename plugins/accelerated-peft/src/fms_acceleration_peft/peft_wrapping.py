@@ -1,0 +1,36 @@
+"""The augmentation both quantized-LoRA plugins share: take the LoraConfig, wrap, return None.
+
+This module is the plugin-side glue (it raises the framework's config error); the computation
+it calls lives in kbit_training.py and lora.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fms_acceleration import AccelerationPluginConfigError
+
+from .kbit_training import checkpointing_from_train_args, prepare_for_kbit_training
+from .lora import apply_lora
+
+# A plugin on this slot applies PEFT itself and returns None in place of the peft config.
+PEFT_WRAPPING_SLOT = "peft_wrapping"
+
+
+def wrap_with_lora(
+    model: Any, train_args: Any, modifiable_args: tuple, stanza: str, hint: str = ""
+) -> tuple[Any, tuple]:
+    """Apply modifiable_args[0] to the prepared model; return (peft model, (None, *rest))."""
+    from peft import LoraConfig
+
+    peft_config = modifiable_args[0] if modifiable_args else None
+    if not isinstance(peft_config, LoraConfig):
+        got = "nothing" if peft_config is None else type(peft_config).__name__
+        raise AccelerationPluginConfigError(
+            f"plugins.{stanza}: augmentation needs a peft LoraConfig as modifiable_args[0], "
+            f"got {got}{hint}"
+        )
+    gradient_checkpointing, gc_kwargs = checkpointing_from_train_args(train_args)
+    model = prepare_for_kbit_training(model, gradient_checkpointing, gc_kwargs)
+    model = apply_lora(model, peft_config)
+    return model, (None, *modifiable_args[1:])

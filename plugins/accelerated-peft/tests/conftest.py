@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random-init checkpoints, LoRA configs and a short Trainer run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fms_acceleration.testing import save_tiny_model, tiny_dataset
+
+# Per decoder layer of the tiny llama: q, k, v, o, gate, up, down.
+LINEARS_PER_LAYER = 7
+TINY_LAYERS = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A saved random-init tiny llama (fp32) with its tokenizer."""
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama", seed=0))
+
+
+@pytest.fixture
+def lora_config():
+    """A LoRA config on the attention projections (r=8) for a causal LM."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
+
+
+@pytest.fixture
+def all_linear_lora_config():
+    """LoRA (r=8) on every linear layer of the blocks: learns the tiny task in a few steps."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        task_type="CAUSAL_LM",
+    )
+
+
+@pytest.fixture
+def train_args(tmp_path):
+    """A factory of CPU TrainingArguments for short seeded runs."""
+    from transformers import TrainingArguments
+
+    def make(**overrides):
+        defaults = dict(
+            output_dir=str(tmp_path / "out"),
+            max_steps=12,
+            per_device_train_batch_size=8,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        return TrainingArguments(**{**defaults, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def run_trainer():
+    """Train `model` with `args` on one repeated batch of 8 rows; return the per-step losses."""
+    from transformers import Trainer, default_data_collator
+
+    def run(model, args, framework=None, n=8):
+        torch.manual_seed(0)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=tiny_dataset(n=n, seq_len=16),
+            data_collator=default_data_collator,
+        )
+        if framework is not None:
+            for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+                trainer.add_callback(callback)
+        trainer.train()
+        return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+    return run

@@ -1,0 +1,126 @@
+"""The bitsandbytes CPU repack trap: an eval forward must not cost LoRA its gradients.
+
+bitsandbytes 0.50 decides per `Linear4bit` instance (`support_avx512bf16_for_cpu`, set from the
+CPU flags in `__init__`) whether an eval/no-grad CPU forward repacks the weight into an
+inference layout. This machine may lack AVX512-BF16, so the tests make bitsandbytes believe it
+has it (`bitsandbytes.nn.modules.has_avx512bf16`), which is exactly what such a CPU reports.
+After a repack, later training forwards take `gemv_4bit`, which has no autograd (and on a CPU
+without the AVX512 kernel also misreads the layout): the loss and the LoRA gradients change.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes.nn.modules as bnb_modules
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+from peft import LoraConfig
+
+from fms_acceleration.testing import build_framework
+from fms_acceleration_peft import (
+    BNBAccelerationPlugin,
+    disable_cpu_weight_repacking,
+    is_repacked_for_cpu,
+)
+from fms_acceleration_peft.bnb_loading import load_4bit_model
+
+CONFIG = {"plugins": {"peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}}}}
+
+
+@pytest.fixture
+def cpu_with_avx512bf16(monkeypatch):
+    """Linear4bit instances created from now on believe the CPU has AVX512-BF16."""
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+def _lora():
+    # init_lora_weights=False: B != 0, so lora_A gets a gradient from the first step on.
+    return LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+    )
+
+
+def _loss_and_grads(model, input_ids):
+    model.train()
+    model.zero_grad()
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _eval_forward(model, input_ids):
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=input_ids)
+
+
+def _linears(model):
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def _assert_same(before, after, rtol=0.0, atol=0.0):
+    (loss0, grads0), (loss1, grads1) = before, after
+    torch.testing.assert_close(loss1, loss0, rtol=rtol, atol=atol)
+    assert grads0.keys() == grads1.keys() and len(grads0) == 8  # 2 layers x q,v x A,B
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_trap_is_real_without_the_guard(cpu_with_avx512bf16, tiny_llama_dir):
+    """Shows what the guard prevents: a repack after eval changes loss and gradients."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, dtype=torch.bfloat16, quantization_config=quant
+    )
+    assert all(m.support_avx512bf16_for_cpu for m in _linears(model))
+    torch.manual_seed(0)
+    model = get_peft_model(model, _lora())
+    ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = _loss_and_grads(model, ids)
+    _eval_forward(model, ids)
+    assert all(is_repacked_for_cpu(m) for m in _linears(model))
+    with pytest.raises(AssertionError):
+        _assert_same(before, _loss_and_grads(model, ids))
+
+
+def test_plugin_guard_keeps_training_exact_after_eval(cpu_with_avx512bf16, tiny_llama_dir):
+    framework = build_framework(CONFIG, [BNBAccelerationPlugin])
+    model = framework.model_loader(tiny_llama_dir, dtype=torch.bfloat16)
+    assert len(_linears(model)) == 14
+    assert not any(m.support_avx512bf16_for_cpu for m in _linears(model))
+    torch.manual_seed(0)
+    model, (peft_config,) = framework.augmentation(model, None, modifiable_args=(_lora(),))
+    assert peft_config is None
+    ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = _loss_and_grads(model, ids)
+    _eval_forward(model, ids)
+    assert not any(is_repacked_for_cpu(m) for m in _linears(model))
+    _assert_same(before, _loss_and_grads(model, ids))
+
+
+def test_guard_undoes_a_repack_that_already_happened(cpu_with_avx512bf16, tiny_llama_dir):
+    model = load_4bit_model(tiny_llama_dir, "nf4", torch.bfloat16)
+    for module in _linears(model):  # as if loaded elsewhere, without the guard
+        module.support_avx512bf16_for_cpu = True
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(model, _lora())
+    ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = _loss_and_grads(model, ids)
+    _eval_forward(model, ids)
+    assert sum(is_repacked_for_cpu(m) for m in _linears(model)) == 14
+    assert disable_cpu_weight_repacking(model) == 14
+    assert not any(is_repacked_for_cpu(m) for m in _linears(model))
+    _eval_forward(model, ids)
+    # bitsandbytes' inverse re-quantizes the double-quantized absmax, so the weights come back
+    # within quantization error (the repacked path is off by ~1e-1 in loss, see above).
+    _assert_same(before, _loss_and_grads(model, ids), rtol=2e-2, atol=1e-3)

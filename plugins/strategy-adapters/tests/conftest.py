@@ -68,7 +68,7 @@ def fake_dists(tmp_path, monkeypatch):
         del sys.modules[mod]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def example_dir() -> Path:
     """Source folder of the worked third-party adapter package."""
     return Path(__file__).resolve().parents[1] / "examples" / "transformerlens-adapter"

@@ -184,3 +184,24 @@ def test_distributed_type_of_real_accelerator():
     from accelerate import Accelerator
 
     assert distributed_type_of(Accelerator(cpu=True)) == "single_device"
+
+
+def test_sample_config_is_valid_for_fts():
+    """configs/strategy_adapters.yaml passes the FTS schema and selects a working adapter."""
+    pytest.importorskip("fms_acceleration_fts")
+    from pathlib import Path
+
+    import yaml
+
+    from fms_acceleration.testing import build_framework
+    from fms_acceleration_fts.framework_plugin_fts import FinetuningSchedulePlugin
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "strategy_adapters.yaml"
+    config = yaml.safe_load(path.read_text())
+    framework = build_framework(config, [FinetuningSchedulePlugin])
+    stanza = config["plugins"]["training"]["finetuning_schedule"]
+    adapter = select_strategy_adapter(
+        "MULTI_GPU", stanza["custom_strategy_adapters"], **stanza["strategy_adapter_cfg"]
+    )
+    assert type(adapter) is DDPStrategyAdapter and adapter.cfg["phase_size"] == 2
+    assert "finetuning_schedule" in framework.plugins

@@ -278,3 +278,24 @@ def test_default_schedule_is_reverse_order_two_per_phase():
     assert [len(p.params) for p in phases] == [2, 2, 2, 2]
     assert unscheduled_params(phases, NAMES) == []
     assert re.match(r"model\.layers\.1", "model.layers.10")  # why exact names win over regexes
+
+
+def test_shipped_example_schedule_and_stanza_are_valid():
+    import os
+
+    import yaml
+
+    here = os.path.join(os.path.dirname(__file__), "..", "configs")
+    names = [
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "mlp.up_proj", "input_layernorm")
+    ] + ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    phases = validate_schedule(read_schedule(os.path.join(here, "example_ft_schedule.yaml")), names)
+    assert [len(p.params) for p in phases] == [2, 3, 4]
+    assert phases[1].lr == pytest.approx(1e-4)
+    with open(os.path.join(here, "finetuning_schedule.yaml")) as fh:
+        stanza = yaml.safe_load(fh)["plugins"]["training"]["finetuning_schedule"]
+    assert (
+        stanza["base_max_lr"] == pytest.approx(1e-5) and stanza["early_stopping"]["patience"] == 3
+    )

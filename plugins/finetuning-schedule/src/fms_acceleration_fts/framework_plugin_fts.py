@@ -163,6 +163,17 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
                 len(frozen),
                 frozen[:3],
             )
+        if _is_peft_model(model):
+            trainable = {n for n, p in adapter.named_parameters(model) if p.requires_grad}
+            base = [n for ph in phases for n in ph.params if n not in trainable]
+            if base:
+                logger.warning(
+                    "fine-tuning schedule: %d scheduled tensors are base weights of the peft model "
+                    "(e.g. %s); they train, but peft checkpoints save only adapter weights, so "
+                    "resume_from_checkpoint restores them to their base values",
+                    len(base),
+                    base[:2],
+                )
         adapter.on_before_init_client(model)
         callback = FinetuningScheduleCallback(model, phases, adapter, self.fts_config, generated)
         callback.freeze_to_phase(0)

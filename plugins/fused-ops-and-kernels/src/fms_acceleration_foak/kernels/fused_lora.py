@@ -22,11 +22,16 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class FrozenBase:
-    """A frozen base linear layer: a callable returning its (out, in) weight, and its bias."""
+    """A frozen base linear layer: callables returning its (out, in) weight and its bias."""
 
     dequantize: Callable[[], torch.Tensor]
-    bias: torch.Tensor | None
+    get_bias: Callable[[], torch.Tensor | None]
     out_features: int
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The frozen bias (read at call time, so a re-assigned layer bias is seen)."""
+        return self.get_bias()
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight as an (out_features, in_features) tensor of `dtype`."""
@@ -55,8 +60,9 @@ def _project(
     """Base matmul plus LoRA on a 2-D input; returns the output and x @ A^T (saved for backward)."""
     dtype = x2.dtype
     y = x2 @ base.weight(dtype).t()
-    if base.bias is not None:
-        y = y + base.bias.to(dtype)
+    bias = base.bias
+    if bias is not None:
+        y = y + bias.to(dtype)
     xa = x2 @ a.to(dtype).t()
     y.addmm_(xa, b.to(dtype).t(), alpha=scaling)
     return y, xa
@@ -156,15 +162,16 @@ class _FusedLoRASwiGLUMLP(torch.autograd.Function):
         dtype = x2.dtype
         with torch.autocast(x2.device.type, enabled=False):
             dout2 = dout.reshape(-1, d_base.out_features).to(dtype)
-            # SwiGLU derivative in fp32: silu'(g) = s(g) * (1 + g * (1 - s(g))), s = sigmoid.
-            gate32, up32 = gate.float(), up.float()
+            # SwiGLU derivative in (at least) fp32: silu'(g) = s(g) * (1 + g * (1 - s(g))).
+            wide = torch.promote_types(dtype, torch.float32)
+            gate32, up32 = gate.to(wide), up.to(wide)
             sig = torch.sigmoid(gate32)
             silu = gate32 * sig
             h = (silu * up32).to(dtype)
             dh, d_da, d_db = _project_backward(
                 dout2, h, ha, d_base, da, db, d_s, (True, need[7], need[8])
             )
-            dh32 = dh.float()
+            dh32 = dh.to(wide)
             dgate = (dh32 * up32 * sig * (1.0 + gate32 * (1.0 - sig))).to(dtype)
             dup = (dh32 * silu).to(dtype)
             dx_g, d_ga, d_gb = _project_backward(

@@ -100,8 +100,12 @@ def frozen_base(layer: torch.nn.Module) -> FrozenBase:
     reason = unsupported_reason(layer)
     if reason is not None:
         raise ValueError(f"cannot fuse LoRA over {type(layer).__name__}: {reason}")
+
+    def get_bias() -> torch.Tensor | None:
+        return layer.bias
+
     if _is_bnb_4bit(layer):
-        return FrozenBase(_bnb_dequantizer(layer), layer.bias, layer.out_features)
+        return FrozenBase(_bnb_dequantizer(layer), get_bias, layer.out_features)
     if _is_gptq_torch(layer):
-        return FrozenBase(_gptq_dequantizer(layer), layer.bias, layer.out_features)
-    return FrozenBase(lambda: layer.weight, layer.bias, layer.out_features)
+        return FrozenBase(_gptq_dequantizer(layer), get_bias, layer.out_features)
+    return FrozenBase(lambda: layer.weight, get_bias, layer.out_features)

@@ -1,0 +1,175 @@
+"""Fused LoRA functions against peft's own LoRA layers over plain, bnb-4bit and GPTQ bases.
+
+Shapes are odd on purpose (hidden 96, kv 32, intermediate 160, batch 3, seq 7, rank 8); lora_B
+is randomised (peft initialises it to zero, which would hide every LoRA term). Errors are
+measured relative to the largest reference value, with per-dtype tolerances.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HIDDEN, KV, INTER, RANK = 96, 32, 160, 8
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Relative tolerance per compute dtype: fp32 only sees summation-order differences; half types
+# see that peft computes LoRA in the fp32 adapter dtype while the fused path stays in x's dtype.
+REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# (base, dtype) pairs: bnb 4-bit on CPU computes in fp32/bf16; GPTQ's torch kernel in fp32/fp16.
+CASES = [
+    ("plain", torch.float32),
+    ("plain", torch.float16),
+    ("plain", torch.bfloat16),
+    ("bitsandbytes", torch.float32),
+    ("bitsandbytes", torch.bfloat16),
+    ("auto_gptq", torch.float32),
+    ("auto_gptq", torch.float16),
+]
+
+
+class Block(torch.nn.Module):
+    """The seven projections of a decoder layer, with Llama-like shapes (GQA: k/v narrower)."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(HIDDEN, HIDDEN, bias=bias)
+        self.k_proj = torch.nn.Linear(HIDDEN, KV, bias=bias)
+        self.v_proj = torch.nn.Linear(HIDDEN, KV, bias=bias)
+        self.o_proj = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.gate_proj = torch.nn.Linear(HIDDEN, INTER, bias=False)
+        self.up_proj = torch.nn.Linear(HIDDEN, INTER, bias=False)
+        self.down_proj = torch.nn.Linear(INTER, HIDDEN, bias=False)
+        # GPTQ layers hold only buffers; peft needs one parameter to find the model's device.
+        self.norm = torch.nn.LayerNorm(HIDDEN)
+
+
+def _lora_block(base: str, dtype: torch.dtype, bias: bool = True):
+    from peft import LoraConfig, get_peft_model
+
+    from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
+
+    block = Block(bias=bias)
+    if base == "plain":
+        block.to(dtype)
+    elif base == "bitsandbytes":
+        quantize_linears(block, base, quant_type="nf4", double_quant=True, compute_dtype=dtype)
+    else:
+        quantize_linears(block, base, bits=4, group_size=32)
+    config = LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0, target_modules=list(ROLES))
+    model = get_peft_model(block, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * (0.3 if "lora_B" in name else 0.1))
+    return model.base_model.model
+
+
+def _sources(block, roles):
+    from fms_acceleration_foak.lora.peft_layers import LoRAProjectionSource
+
+    return [LoRAProjectionSource(getattr(block, r), "default")() for r in roles]
+
+
+def _lora_params(block, roles):
+    return [
+        p
+        for r in roles
+        for p in (
+            getattr(block, r).lora_A["default"].weight,
+            getattr(block, r).lora_B["default"].weight,
+        )
+    ]
+
+
+def _compare(fused_fn, reference_fn, block, roles, x, dtype, record):
+    """Run both paths on the same input and upstream grads; assert outputs and grads agree."""
+    params = _lora_params(block, roles)
+    results = []
+    for fn in (reference_fn, fused_fn):
+        xi = x.detach().clone().requires_grad_(True)
+        outs = fn(xi)
+        torch.manual_seed(1)
+        upstream = [torch.randn_like(o) for o in outs]
+        grads = torch.autograd.grad(outs, [xi, *params], upstream)
+        results.append((outs, grads))
+    (ref_out, ref_grads), (fus_out, fus_grads) = results
+    names = [f"out:{i}" for i in range(len(ref_out))] + ["grad:x"]
+    names += [f"grad:{r}.{ab}" for r in roles for ab in ("A", "B")]
+    for name, got, want in zip(names, (*fus_out, *fus_grads), (*ref_out, *ref_grads)):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        err = (got.float() - want.float()).abs().max().item()
+        scale = want.float().abs().max().item()
+        record(name, err, scale)
+        assert scale > 0, f"{name}: reference is all zeros"
+        assert err <= REL_TOL[dtype] * scale, f"{name}: max abs diff {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.fixture
+def record(request):
+    worst: dict[str, float] = {}
+
+    def _record(name, err, scale):
+        worst["abs"] = max(worst.get("abs", 0.0), err)
+        worst["rel"] = max(worst.get("rel", 0.0), err / scale)
+
+    yield _record
+    if worst:
+        print(f"\n{request.node.name}: max abs diff {worst['abs']:.3g}, max rel {worst['rel']:.3g}")
+
+
+@pytest.mark.parametrize(("base", "dtype"), CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CASES])
+def test_fused_qkv_o_mlp_match_peft(base, dtype, seed, record):
+    from fms_acceleration_foak.kernels.fused_lora import (
+        fused_lora_linear,
+        fused_lora_projections,
+        fused_lora_swiglu_mlp,
+    )
+
+    block = _lora_block(base, dtype)
+    x = torch.randn(3, 7, HIDDEN, dtype=dtype)
+    qkv = ("q_proj", "k_proj", "v_proj")
+    _compare(
+        lambda xi: fused_lora_projections(xi, _sources(block, qkv)),
+        lambda xi: tuple(getattr(block, r)(xi) for r in qkv),
+        block, qkv, x, dtype, record,
+    )  # fmt: skip
+    _compare(
+        lambda xi: (fused_lora_linear(xi, _sources(block, ("o_proj",))[0]),),
+        lambda xi: (block.o_proj(xi),),
+        block, ("o_proj",), x, dtype, record,
+    )  # fmt: skip
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    _compare(
+        lambda xi: (fused_lora_swiglu_mlp(xi, *_sources(block, mlp)),),
+        lambda xi: (block.down_proj(F.silu(block.gate_proj(xi)) * block.up_proj(xi)),),
+        block, mlp, x, dtype, record,
+    )  # fmt: skip
+
+
+def test_base_weight_is_not_saved_for_backward(seed):
+    """Only x, the rank-r activations and the adapters are saved: never a dequantized weight."""
+    from fms_acceleration_foak.kernels.fused_lora import fused_lora_projections
+
+    block = _lora_block("bitsandbytes", torch.float32)
+    x = torch.randn(3, 7, HIDDEN, requires_grad=True)
+    saved_shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved_shapes.append(tuple(t.shape)) or t, lambda t: t
+    ):
+        fused_lora_projections(x, _sources(block, ("q_proj", "k_proj", "v_proj")))
+    weight_shapes = {(HIDDEN, HIDDEN), (KV, HIDDEN)}
+    assert not weight_shapes & set(saved_shapes), saved_shapes
+    assert (21, HIDDEN) in saved_shapes and saved_shapes.count((21, RANK)) == 3
+
+
+def test_frozen_base_rejects_unsupported_layers():
+    from fms_acceleration_foak.kernels.fused_lora_bases import base_layer_kind, frozen_base
+
+    trainable_bias = torch.nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="bias is trainable"):
+        frozen_base(trainable_bias)
+    conv = torch.nn.Conv1d(4, 4, 1)
+    assert base_layer_kind(conv) == "torch.nn.modules.conv.Conv1d"
+    with pytest.raises(ValueError, match="not a plain, bitsandbytes-4bit or GPTQ"):
+        frozen_base(conv)

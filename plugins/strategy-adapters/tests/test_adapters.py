@@ -68,6 +68,9 @@ def test_compiled_model_names(llama):
     logical = adapter.to_logical_state_dict(compiled.state_dict())
     assert list(logical) == list(llama.state_dict())
     assert list(adapter.from_logical_state_dict(logical, compiled)) == list(compiled.state_dict())
+    assert list(adapter.before_restore_model(compiled.state_dict())) == list(llama.state_dict())
+    with pytest.raises(StrategyAdapterError, match=r"both restore 'model\.norm\.weight'"):
+        adapter.before_restore_model({"_orig_mod.model.norm.weight": 1, "model.norm.weight": 2})
 
 
 # ------------------------------------------------------------------ DDP
@@ -108,6 +111,7 @@ def test_fsdp1_with_checkpointing_names(llama, process_group):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     plain = [n for n, _ in llama.named_parameters()]
+    llama_keys = list(llama.state_dict())
     apply_activation_checkpointing(llama, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
     with pytest.warns(UserWarning, match="NO_SHARD"):
         fsdp = FullyShardedDataParallel(
@@ -124,6 +128,19 @@ def test_fsdp1_with_checkpointing_names(llama, process_group):
         f"{actual}.self_attn.q_proj.weight"
     )
     adapter.validate_schedule({0: {"params": plain[:1]}, 1: {"params": plain[1:2]}}, fsdp)
+    # FSDP1 state dicts use clean keys both ways
+    logical = adapter.to_logical_state_dict(fsdp.state_dict())
+    assert set(logical) == set(llama_keys)
+    torch.manual_seed(2)
+    new = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in logical.items()}
+    result = fsdp.load_state_dict(adapter.from_logical_state_dict(new, fsdp))
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    with FullyShardedDataParallel.summon_full_params(fsdp):
+        q = fsdp.module.model.layers[0].self_attn.q_proj.weight
+        torch.testing.assert_close(q, new["model.layers.0.self_attn.q_proj.weight"])
+    # a checkpoint saved from the wrapped module (wrapper names) restores into the plain model
+    wrapped_ckpt = {f"{actual}.mlp.up_proj.weight": torch.ones(128, 64)}
+    assert list(adapter.before_restore_model(wrapped_ckpt)) == ["model.layers.0.mlp.up_proj.weight"]
 
 
 def test_fsdp1_without_orig_params_refuses_phases(llama, process_group):

@@ -216,8 +216,21 @@ class StrategyAdapter:
 
     # ---------------------------------------------------------------- checkpoint layer
     def before_restore_model(self, checkpoint: dict) -> dict:
-        """Adjust a loaded checkpoint before the model is restored from it."""
-        return checkpoint
+        """Checkpoint keys for the unwrapped model: wrapper prefixes/segments are stripped.
+
+        A state dict saved from a wrapped model (``module.``, ``_orig_mod.``, FSDP1 wrapper
+        segments) then loads into the plain model the client holds.
+        """
+        out: dict = {}
+        for key, value in checkpoint.items():
+            clean = self.strip_wrapper_segments(key) if isinstance(key, str) else key
+            if clean in out:
+                raise StrategyAdapterError(
+                    f"{type(self).__name__}: checkpoint keys {key!r} and another both restore "
+                    f"{clean!r}"
+                )
+            out[clean] = value
+        return out
 
     def to_logical_state_dict(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """State dict with logical keys, for saving."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -30,6 +31,12 @@ def _fsdp1_modules(model: torch.nn.Module) -> list[Any]:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+def _strip_segments(name: str, segments: tuple[str, ...]) -> str:
+    for seg in segments:
+        name = re.sub(rf"(^|(?<=\.)){re.escape(seg)}", "", name)
+    return name
 
 
 class FSDPStrategyAdapter(StrategyAdapter):
@@ -69,6 +76,17 @@ class FSDPStrategyAdapter(StrategyAdapter):
                     "phase: set fsdp_use_orig_params: true (accelerate FSDP plugin) or use FSDP2 "
                     "(fsdp_version: 2)"
                 )
+
+    def from_logical_state_dict(
+        self, state_dict: Mapping[str, Any], model: torch.nn.Module
+    ) -> dict[str, Any]:
+        """Keys FSDP's ``load_state_dict`` expects: FSDP1 wants them free of wrapper segments."""
+        out = super().from_logical_state_dict(state_dict, model)
+        if not _fsdp1_modules(model):
+            return out
+        # FSDP1's state-dict hooks strip its own and the checkpoint wrapper's segments
+        fsdp1 = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+        return {_strip_segments(k, fsdp1): v for k, v in out.items()}
 
     def on_params_thawed(self, model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
         """Make FSDP2/FSDP1 bookkeeping follow the new ``requires_grad`` flags."""

@@ -290,3 +290,27 @@ def test_plugin_config_errors_name_the_path(tmp_path, schedule, h):
         "lm_head.weight",
     ]
     assert framework.plugins["finetuning_schedule"].taken_slots() == frozenset({"param_freezing"})
+
+
+def test_resume_keeps_early_stopping_state(tmp_path, h):
+    stanza = {"early_stopping": {"patience": 2, "min_delta": 10.0}, "max_depth": 2}
+
+    def args(d):
+        return h.train_args(str(d), eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                            save_steps=2)  # fmt: skip
+
+    trainer, plugin, _ = h.run_fts(str(tmp_path / "ref"), stanza, args=args(tmp_path / "ref"))
+    # patience 2: each phase lasts three evaluations (6 steps); the final one stops training
+    assert [t["global_step"] for t in plugin.callback.transitions] == [6, 12]
+    assert trainer.state.global_step == 16
+    final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for ckpt in ("checkpoint-4", "checkpoint-10"):  # one evaluation without improvement pending
+        run_dir = tmp_path / ckpt
+        shutil.copytree(tmp_path / "ref" / ckpt, run_dir / ckpt)
+        trainer2, plugin2, _ = h.run_fts(
+            str(run_dir), stanza, args=args(run_dir), resume=str(run_dir / ckpt)
+        )
+        assert [t["global_step"] for t in plugin2.callback.transitions] == [6, 12]
+        assert trainer2.state.global_step == 16
+        diff = max((p - final[n]).abs().max().item() for n, p in trainer2.model.named_parameters())
+        assert diff <= 1e-5, (ckpt, diff)

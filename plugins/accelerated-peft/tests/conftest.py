@@ -7,10 +7,6 @@ import torch
 
 from fms_acceleration.testing import save_tiny_model, tiny_dataset
 
-# Per decoder layer of the tiny llama: q, k, v, o, gate, up, down.
-LINEARS_PER_LAYER = 7
-TINY_LAYERS = 2
-
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> str:

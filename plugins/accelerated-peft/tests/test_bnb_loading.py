@@ -12,7 +12,9 @@ from fms_acceleration_peft import BNBAccelerationPlugin
 from fms_acceleration_peft.bnb_loading import count_4bit_linears
 from fms_acceleration_peft.memory import model_bytes, module_group_bytes
 
-from .conftest import LINEARS_PER_LAYER, TINY_LAYERS
+# Per decoder layer of the tiny llama: q, k, v, o, gate, up, down; 2 layers.
+LINEARS_PER_LAYER = 7
+TINY_LAYERS = 2
 
 
 def _load(path, quant_type, dtype=torch.bfloat16):

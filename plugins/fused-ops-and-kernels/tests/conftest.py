@@ -48,3 +48,59 @@ def assert_close():
 def leaf():
     """Fresh leaf copies requiring grad."""
     return _leaf
+
+
+def _foak_plugin_classes() -> list:
+    from fms_acceleration_foak import FastKernelsAccelerationPlugin
+
+    return [FastKernelsAccelerationPlugin]
+
+
+def _tiny_batches(steps: int, micro: int, vocab: int = 128, seed: int = 0) -> list[list[dict]]:
+    """steps x micro-batches of 4 sequences; some label tails are -100 like padding."""
+    from fms_acceleration.testing import tiny_dataset
+
+    rows = tiny_dataset(n=steps * micro * 4, seq_len=16, vocab=vocab, seed=seed)
+    batches = []
+    for i in range(0, len(rows), 4):
+        chunk = rows[i : i + 4]
+        batch = {k: torch.tensor([r[k] for r in chunk]) for k in chunk[0]}
+        batch["labels"][1, -5:] = -100
+        batch["labels"][3, :3] = -100
+        batches.append(batch)
+    return [batches[s * micro : (s + 1) * micro] for s in range(steps)]
+
+
+def _train(model: torch.nn.Module, batches: list[list[dict]], lr: float = 3e-3) -> list[float]:
+    """AdamW steps with gradient accumulation normalised by num_items_in_batch, as the Trainer."""
+    torch.manual_seed(0)  # identical dropout masks (GPTBigCode has dropout) in both runs
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in batches:
+        num_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in step)
+        total = 0.0
+        for batch in step:
+            loss = model(**batch, num_items_in_batch=torch.tensor(num_items)).loss
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total)
+    return losses
+
+
+@pytest.fixture
+def foak_classes():
+    """The plugin classes to build frameworks from (no entry-point discovery)."""
+    return _foak_plugin_classes()
+
+
+@pytest.fixture
+def tiny_batches():
+    return _tiny_batches
+
+
+@pytest.fixture
+def train():
+    return _train

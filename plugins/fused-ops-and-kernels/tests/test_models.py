@@ -1,0 +1,146 @@
+"""Patched vs unpatched tiny models, trained 5 steps: losses and final weights must agree."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fms_acceleration.testing import build_framework, tiny_model_config
+from fms_acceleration_foak import kernels as K
+from fms_acceleration_foak.models import ARCHITECTURES
+
+ARCHS = list(ARCHITECTURES)
+NO_MIXED_PRECISION = SimpleNamespace(fp16=False, bf16=False)
+
+
+def _tiny_model(arch: str) -> torch.nn.Module:
+    overrides = {"output_router_logits": True} if arch in ("mixtral", "granitemoe") else {}
+    if arch == "granite":
+        overrides["logits_scaling"] = 4.0  # exercises the scaling applied to lm_head's output
+    torch.manual_seed(1234)
+    return AutoModelForCausalLM.from_config(tiny_model_config(arch, **overrides))
+
+
+def _stanza(fast_loss, rms=True, rope=True) -> dict:
+    body = {"fast_loss": fast_loss, "fast_rms_layernorm": rms, "fast_rope_embeddings": rope}
+    return {"plugins": {"training": {"fused_ops_and_kernels": body}}}
+
+
+def _grad_fn_names(tensor: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def _compare(arch, fast_loss, foak_classes, tiny_batches, train, steps=5, micro=2):
+    reference = _tiny_model(arch)
+    patched = copy.deepcopy(reference)
+    batches = tiny_batches(steps, micro=micro)
+    expected = train(reference, batches)
+
+    framework = build_framework(_stanza(fast_loss), foak_classes)
+    patched, _ = framework.augmentation(patched, NO_MIXED_PRECISION, ())
+    try:
+        got = train(patched, batches)
+        counts = framework.model_patcher.counts()
+    finally:
+        framework.undo_patches()
+    assert len(got) == steps and all(loss > 0.5 for loss in got)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    # AdamW divides by sqrt(v): near-zero gradients amplify rounding differences, hence 5e-4
+    # (one step moves a weight by up to lr = 3e-3, so a wrong gradient still shows).
+    for (name, p_ref), (_, p_got) in zip(reference.named_parameters(), patched.named_parameters()):
+        torch.testing.assert_close(
+            p_got, p_ref, atol=5e-4, rtol=1e-3, msg=lambda m, n=name: f"{arch} {n}: {m}"
+        )
+    return counts, patched
+
+
+@pytest.mark.parametrize("fast_loss", [True, "fused_ce_liger"], ids=["ce", "fused_ce"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patched_model_trains_like_unpatched(arch, fast_loss, foak_classes, tiny_batches, train):
+    spec = ARCHITECTURES[arch]
+    with K.backend("torch"):
+        counts, model = _compare(arch, fast_loss, foak_classes, tiny_batches, train)
+    if spec.rms_norm:
+        n_norms = sum(type(m).__name__ == spec.rms_norm for m in model.modules())
+        assert n_norms >= 5 and counts[f"foak.rms_norm.{spec.rms_norm}"] == n_norms
+    assert counts.get(f"foak.rope.{spec.causal_lm}") == (1 if spec.rope else None)
+    if fast_loss == "fused_ce_liger":
+        assert counts["foak.loss.fused_linear_ce.forward"] == 1
+        assert counts["foak.loss.fused_linear_ce.lm_head"] == 1
+    else:
+        assert counts["foak.loss.cross_entropy"] == 1
+    # undone: instance forwards removed, module attributes restored
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    if spec.rope:
+        assert spec.modeling_module().apply_rotary_pos_emb is not K.rope
+
+
+@pytest.mark.parametrize("fast_loss", [True, "fused_ce_liger"], ids=["ce", "fused_ce"])
+def test_llama_with_triton_kernels_in_interpreter(fast_loss, foak_classes, tiny_batches, train):
+    # The interpreter runs each Triton program in Python: 2 steps, 1 micro-batch keep this short.
+    with K.backend("triton"):
+        _compare("llama", fast_loss, foak_classes, tiny_batches, train, steps=2, micro=1)
+        # the kernels really ran: their autograd Functions are in the graph
+        model = _tiny_model("llama")
+        framework = build_framework(_stanza(fast_loss), foak_classes)
+        model, _ = framework.augmentation(model, NO_MIXED_PRECISION, ())
+        model.train()
+        try:
+            loss = model(**tiny_batches(1, micro=1)[0][0]).loss
+        finally:
+            framework.undo_patches()
+    names = _grad_fn_names(loss)
+    assert {"RMSNormFunctionBackward", "RoPEFunctionBackward"} <= names
+    loss_fn = (
+        "FusedLinearCrossEntropyFunctionBackward"
+        if fast_loss == "fused_ce_liger"
+        else "CrossEntropyFunctionBackward"
+    )
+    assert loss_fn in names
+
+
+def test_fused_ce_leaves_evaluation_untouched(foak_classes, tiny_batches):
+    model = _tiny_model("qwen2")
+    framework = build_framework(_stanza("fused_ce_liger"), foak_classes)
+    model, _ = framework.augmentation(model, NO_MIXED_PRECISION, ())
+    batch = tiny_batches(1, micro=1)[0][0]
+    try:
+        model.train()
+        train_out = model(**batch)
+        model.eval()
+        with torch.no_grad():
+            eval_out = model(**batch)
+            as_tuple = model(**batch, return_dict=False)
+    finally:
+        framework.undo_patches()
+    assert train_out.logits is None and train_out.loss.requires_grad
+    assert eval_out.logits.shape == (4, 16, 128)
+    torch.testing.assert_close(eval_out.loss, train_out.loss.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(as_tuple[0], eval_out.loss) and torch.equal(as_tuple[1], eval_out.logits)
+
+
+def test_fast_loss_patch_keeps_loss_mapping_for_the_trainer(foak_classes):
+    # Trainer compares LOSS_MAPPING[loss_type] with ForCausalLMLoss to count shifted labels
+    loss_utils = importlib.import_module("transformers.loss.loss_utils")
+    original = loss_utils.fixed_cross_entropy
+    framework = build_framework(_stanza(True, rms=False, rope=False), foak_classes)
+    framework.augmentation(_tiny_model("llama"), NO_MIXED_PRECISION, ())
+    try:
+        assert loss_utils.fixed_cross_entropy is not original
+        assert loss_utils.LOSS_MAPPING["ForCausalLM"] is loss_utils.ForCausalLMLoss
+    finally:
+        framework.undo_patches()
+    assert loss_utils.fixed_cross_entropy is original

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -152,6 +153,19 @@ def test_fsdp1_without_orig_params_refuses_phases(llama, process_group):
     adapter.validate_schedule({0: {"params": ["lm_head.weight"]}}, fsdp)
     with pytest.raises(StrategyAdapterError, match="fsdp_use_orig_params: true"):
         adapter.validate_schedule({0: {"params": []}, 1: {"params": []}}, fsdp)
+
+
+def test_fsdp_connect_checks_accelerate_plugin():
+    def accelerator(version, use_orig_params):
+        plugin = types.SimpleNamespace(fsdp_version=version, use_orig_params=use_orig_params)
+        return types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin))
+
+    adapter = FSDPStrategyAdapter()
+    adapter.connect("client", accelerator(2, False))
+    adapter.connect("client", accelerator(1, True))
+    assert adapter.parent == "client" and adapter.accelerator.state.fsdp_plugin.fsdp_version == 1
+    with pytest.raises(StrategyAdapterError, match="fsdp_use_orig_params: true"):
+        adapter.connect("client", accelerator(1, False))
 
 
 def test_fsdp_name_strings():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -54,8 +55,9 @@ class FSDPStrategyAdapter(StrategyAdapter):
       copies ``requires_grad`` from the sharded to the unsharded parameter at every all-gather,
       so nothing else is needed.
     - FSDP1 flattens parameters; only with ``use_orig_params=True`` (accelerate:
-      ``fsdp_use_orig_params: true``) can a subset thaw. The flat parameter must then require
-      grad for autograd to reach the original parameters.
+      ``fsdp_use_orig_params: true``) are the original parameters visible to thaw. FSDP1 then
+      follows their ``requires_grad`` by itself (checked on torch 2.13: a thawed parameter's
+      gradient equals the cross-rank average), so nothing is done at thaw time.
     """
 
     strategy_name: ClassVar[str] = "fsdp"
@@ -89,13 +91,32 @@ class FSDPStrategyAdapter(StrategyAdapter):
         return {_strip_segments(k, fsdp1): v for k, v in out.items()}
 
     def on_params_thawed(self, model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
-        """Make FSDP2/FSDP1 bookkeeping follow the new ``requires_grad`` flags."""
+        """Make FSDP2's per-group dtypes follow the new ``requires_grad`` flags."""
         thawed = {id(p) for p in params}
         for group in _fsdp2_states(model):
             if any(id(fp.sharded_param) in thawed for fp in group.fsdp_params):
-                group._init_mp_dtypes()
-        for module in _fsdp1_modules(model):
-            for flat in module.params:
-                views = getattr(flat, "_params", None) or []
-                if any(id(p) in thawed for p in views) and not flat.requires_grad:
-                    flat.requires_grad_(True)
+                reinit = getattr(group, "_init_mp_dtypes", None)
+                if reinit is None:  # a torch whose FSDP2 internals moved
+                    warnings.warn(
+                        f"FSDPStrategyAdapter: torch {torch.__version__} FSDP2 param groups have "
+                        "no _init_mp_dtypes; a shard group frozen at the first forward may not "
+                        "train in mixed precision after it thaws",
+                        stacklevel=2,
+                    )
+                    return
+                reinit()
+
+    def connect(self, parent: Any, accelerator: Any = None) -> None:
+        """Attach the client; refuse accelerate's FSDP1 without ``use_orig_params``."""
+        super().connect(parent, accelerator)
+        plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+        if (
+            plugin is not None
+            and getattr(plugin, "fsdp_version", 1) == 1
+            and not getattr(plugin, "use_orig_params", True)
+        ):
+            raise StrategyAdapterError(
+                "FSDP (version 1) with use_orig_params=false flattens parameters, so a schedule "
+                "cannot thaw them phase by phase: set fsdp_use_orig_params: true (accelerate "
+                "FSDP plugin) or use FSDP2 (fsdp_version: 2)"
+            )

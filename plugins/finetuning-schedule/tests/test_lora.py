@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
 
 Q = "model.layers.0.self_attn.q_proj"
 V = "model.layers.0.self_attn.v_proj"
@@ -91,3 +92,28 @@ def test_peft_names_in_schedule_point_to_base_names(tmp_path, h):
     )
     with pytest.raises(AccelerationPluginConfigError, match=r"lora_A\.default\.weight"):
         framework.augmentation(lora_model(h), h.train_args(str(tmp_path)), modifiable_args=())
+
+
+def test_lora_restore_best_loads_adapter_checkpoint(tmp_path, h):
+    from safetensors.torch import load_file
+
+    seen = []
+
+    class Snap(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, model=None, **kw):
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    h.run_fts(
+        str(tmp_path),
+        {"ft_schedule": SCHEDULE, "restore_best": True},
+        model=lora_model(h),
+        extra_callbacks=[Snap()],
+    )
+    saved = load_file(str(tmp_path / "checkpoint-4" / "adapter_model.safetensors"))
+    # the transition at the end of epoch 2 restored checkpoint-4's adapter weights
+    for key, value in saved.items():
+        actual = key.replace(".weight", ".default.weight")
+        assert torch.equal(seen[2][actual], value), key
+    assert not torch.equal(
+        seen[2][f"{PEFT}{V}.lora_B.default.weight"], seen[3][f"{PEFT}{V}.lora_B.default.weight"]
+    )

@@ -173,3 +173,54 @@ def test_frozen_base_rejects_unsupported_layers():
     assert base_layer_kind(conv) == "torch.nn.modules.conv.Conv1d"
     with pytest.raises(ValueError, match="not a plain, bitsandbytes-4bit or GPTQ"):
         frozen_base(conv)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_bnb_weight_repacked_for_cpu_is_restored(double_quant, seed):
+    """bitsandbytes on AVX512-BF16 CPUs repacks a weight on its first no-grad eval forward; the
+    fused path restores the standard layout (and turns the repacking off) before dequantizing."""
+    import bitsandbytes.functional as bnbF
+
+    from fms_acceleration_foak.kernels.fused_lora_bases import frozen_base
+    from fms_acceleration_foak.lora.quantized_stand_ins import bnb_4bit_from_linear
+
+    layer = bnb_4bit_from_linear(
+        torch.nn.Linear(128, 96, bias=False),
+        compute_dtype=torch.bfloat16,
+        double_quant=double_quant,
+    )
+    base = frozen_base(layer)
+    assert layer.support_avx512bf16_for_cpu is False
+    before = base.weight(torch.float32).clone()
+    weight = layer.weight
+    weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu(
+        weight.data, weight.quant_state
+    )
+    after = base.weight(torch.float32)
+    assert weight.quant_state.packing_format_for_cpu is False
+    # the packed layout keeps absmax in bf16: at most that rounding (2^-8 relative) is lost
+    assert (after - before).abs().max().item() <= before.abs().max().item() * 2**-8
+
+
+def test_autocast_computes_in_the_autocast_dtype(seed, record):
+    """Under autocast (how the Trainer runs fp16/bf16 mixed precision) over an fp32 model the
+    fused path computes in the autocast dtype, as peft's layers do there."""
+    from fms_acceleration_foak.kernels.fused_lora import fused_lora_projections
+
+    block = _lora_block("plain", torch.float32)
+    qkv = ("q_proj", "k_proj", "v_proj")
+
+    def autocast(fn):
+        def run(xi):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs = fn(xi)
+            assert all(o.dtype == torch.bfloat16 for o in outs)
+            return outs
+
+        return run
+
+    _compare(
+        autocast(lambda xi: fused_lora_projections(xi, _sources(block, qkv))),
+        autocast(lambda xi: tuple(getattr(block, r)(xi) for r in qkv)),
+        block, qkv, torch.randn(3, 7, HIDDEN), torch.bfloat16, record,
+    )  # fmt: skip

@@ -78,9 +78,13 @@ def _bnb_dequantizer(layer: torch.nn.Module):
         fix_4bit_weight_quant_state_from_module(layer)
         weight = layer.weight
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(
+            data, state = bnbF._convert_weight_packed_for_cpu_inverse(
                 weight.data, weight.quant_state
             )
+            if not state.nested and state.absmax.dim() == 2:
+                # bnb 0.50's inverse leaves a non-nested absmax in its packed (K/bs, N) layout.
+                state.absmax = state.absmax.t().reshape(-1).to(torch.float32)
+            weight.data, weight.quant_state = data, state
         return bnbF.dequantize_4bit(weight.data, weight.quant_state)
 
     return dequantize

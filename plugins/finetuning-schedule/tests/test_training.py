@@ -127,16 +127,26 @@ def test_resume_from_renamed_checkpoint_uses_state_in_optimizer(tmp_path, refere
     assert plugin.callback.epochs_checked == 4
 
 
-def test_resume_mid_epoch_from_step_checkpoints(tmp_path, schedule, h):
+@pytest.mark.parametrize(
+    "save_steps,ckpts,depths",
+    [
+        (3, ("checkpoint-6", "checkpoint-9"), (1, 2)),  # mid epochs 1 and 2
+        # saved at the last step of epochs 0 and 1, before on_epoch_end made the transition
+        (4, ("checkpoint-4", "checkpoint-8"), (0, 1)),
+    ],
+)
+def test_resume_from_step_checkpoints(tmp_path, schedule, h, save_steps, ckpts, depths):
     stanza = {"ft_schedule": schedule, "early_stopping": {"patience": 5}}
     ref_dir = tmp_path / "ref"
-    args = h.train_args(str(ref_dir), save_strategy="steps", save_steps=3)
+    args = h.train_args(str(ref_dir), save_strategy="steps", save_steps=save_steps)
     trainer, _, _ = h.run_fts(str(ref_dir), stanza, args=args)
     final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    for ckpt in ("checkpoint-6", "checkpoint-9"):  # mid epoch 1 (depth 1), mid epoch 2 (depth 2)
+    for ckpt, depth in zip(ckpts, depths):
+        saved = json.loads((ref_dir / ckpt / "fts_state.json").read_text())
+        assert saved["depth"] == depth
         run_dir = tmp_path / f"resume-{ckpt}"
         shutil.copytree(ref_dir / ckpt, run_dir / ckpt)
-        args = h.train_args(str(run_dir), save_strategy="steps", save_steps=3)
+        args = h.train_args(str(run_dir), save_strategy="steps", save_steps=save_steps)
         trainer2, plugin2, _ = h.run_fts(
             str(run_dir), stanza, args=args, resume=str(run_dir / ckpt)
         )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -12,6 +16,24 @@ from fms_acceleration.testing import save_tiny_model, tiny_dataset
 def tiny_llama_dir(tmp_path_factory) -> str:
     """A saved random-init tiny llama (fp32) with its tokenizer."""
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama", seed=0))
+
+
+@pytest.fixture(scope="session")
+def gptq_dir(tiny_llama_dir, tmp_path_factory) -> str:
+    """The tiny llama quantized to 4 bits (group 32) by the module's command line."""
+    output = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
+    calibration = tmp_path_factory.mktemp("calib") / "calib.txt"
+    # tiny tokenizer words, so calibration activations are not all <unk>
+    rows = [" ".join(f"tok{(s + i) % 120}" for i in range(24)) for s in range(0, 96, 6)]
+    calibration.write_text("\n".join(rows), encoding="utf-8")
+    command = [sys.executable, "-m", "fms_acceleration_peft.quantize", "--model", tiny_llama_dir]
+    command += ["--output", str(output), "--bits", "4", "--group-size", "32"]
+    command += ["--calibration", str(calibration)]
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"}  # inductor is slow on shared CPUs
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(output)
+    return str(output)
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,23 +27,6 @@ def eager_dequantization():
     takes ~8 s per shape and recompiles between eval and train. Tests run it eagerly."""
     with torch._dynamo.config.patch(disable=True):
         yield
-
-
-@pytest.fixture(scope="session")
-def gptq_dir(tiny_llama_dir, tmp_path_factory) -> str:
-    """The tiny llama quantized to 4 bits (group 32) by the module's command line."""
-    output = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
-    calibration = tmp_path_factory.mktemp("calib") / "calib.txt"
-    # tiny tokenizer words, so calibration activations are not all <unk>
-    rows = [" ".join(f"tok{(s + i) % 120}" for i in range(24)) for s in range(0, 96, 6)]
-    calibration.write_text("\n".join(rows), encoding="utf-8")
-    command = [sys.executable, "-m", "fms_acceleration_peft.quantize", "--model", tiny_llama_dir]
-    command += ["--output", str(output), "--bits", "4", "--group-size", "32"]
-    command += ["--calibration", str(calibration)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == str(output)
-    return str(output)
 
 
 @pytest.mark.parametrize(

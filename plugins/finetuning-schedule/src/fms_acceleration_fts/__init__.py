@@ -1,6 +1,6 @@
 """Fine-Tuning Scheduler for transformers.Trainer: phased thawing of a model during training."""
 
-from .callback import FinetuningScheduleCallback, FTSConfig, decay_parameter_names
+from .fts_config import FTSConfig
 from .param_groups import FTSTransitionError
 from .schedule import (
     ClassInit,
@@ -27,6 +27,18 @@ __all__ = [
     "validate_schedule",
     "write_schedule",
 ]
+
+_LAZY = {"FinetuningScheduleCallback", "decay_parameter_names", "load_checkpoint_weights"}
+
+
+def __getattr__(name: str):
+    # the callback imports transformers' Trainer stack: only when asked for
+    if name in _LAZY:
+        from . import callback
+
+        return getattr(callback, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 try:  # the plugin registers itself when the framework is installed
     from .framework_plugin_fts import FinetuningSchedulePlugin  # noqa: F401

@@ -12,13 +12,13 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_pt_utils import get_parameter_names
 
+from .fts_config import FTSConfig
 from .param_groups import (
     PHASE_KEY,
     FTSTransitionError,
@@ -45,21 +45,6 @@ def decay_parameter_names(model: torch.nn.Module) -> set[str]:
     """Names that get weight decay, by the same rule as Trainer.get_decay_parameter_names."""
     forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
     return set(get_parameter_names(model, [torch.nn.LayerNorm], forbidden))
-
-
-@dataclass
-class FTSConfig:
-    """Settings of the training.finetuning_schedule stanza that drive transitions."""
-
-    max_depth: int = -1
-    base_max_lr: float = 1e-5
-    epoch_transitions_only: bool = False
-    restore_best: bool = False
-    monitor: str = "eval_loss"
-    patience: int = 3
-    min_delta: float = 0.0
-    mode: str = "min"
-    weight_decay: float = 0.0  # TrainingArguments.weight_decay, for the decay groups of new phases
 
 
 class FinetuningScheduleCallback(TrainerCallback):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,8 +16,11 @@ from fms_acceleration_adapters import (
     select_strategy_adapter,
 )
 
-from .callback import FinetuningScheduleCallback, FTSConfig
+from .fts_config import FTSConfig
 from .schedule import FTSScheduleError, read_schedule, unscheduled_params, validate_schedule
+
+if TYPE_CHECKING:
+    from .callback import FinetuningScheduleCallback
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,7 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
             mode=es.get("mode", "min"),
         )
         self.adapter: StrategyAdapter | None = None
-        self.callback: FinetuningScheduleCallback | None = None
+        self.callback: Any = None  # FinetuningScheduleCallback once augmentation ran
         self._undo: list = []
 
     @property
@@ -174,6 +177,9 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
                     len(base),
                     base[:2],
                 )
+        # imported here: transformers' Trainer stack is heavy and noisy for `fms-acceleration check`
+        from .callback import FinetuningScheduleCallback
+
         adapter.on_before_init_client(model)
         callback = FinetuningScheduleCallback(model, phases, adapter, self.fts_config, generated)
         callback.freeze_to_phase(0)

@@ -286,6 +286,20 @@ def test_plugin_config_errors_name_the_path(tmp_path, schedule, h):
             {"plugins": {"training": {"finetuning_schedule": {"early_stopping": {"patince": 2}}}}},
             [FinetuningSchedulePlugin],
         )
+    framework = build_framework(
+        {
+            "plugins": {
+                "training": {"finetuning_schedule": {"strategy_adapter_cfg": {"phase_sise": 3}}}
+            }
+        },
+        [FinetuningSchedulePlugin],
+    )
+    with pytest.raises(
+        AccelerationPluginConfigError,
+        match=r"plugins\.training\.finetuning_schedule: strategy_adapter_cfg\.phase_sise: unknown "
+        r"option .*did you mean 'phase_size'",
+    ):
+        framework.augmentation(h.tiny_model(), h.train_args(str(tmp_path)), modifiable_args=())
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(schedule))
     framework = build_framework(

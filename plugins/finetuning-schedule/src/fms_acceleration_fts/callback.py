@@ -80,10 +80,12 @@ class FinetuningScheduleCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ parameters
     def _named_actual(self, logical: Sequence[str]) -> list[tuple[str, torch.nn.Parameter]]:
+        # one logical -> actual map per call (actual_param_name would rebuild it for every name)
+        mapping = self.adapter.logical_name_map(self.model)
         params = dict(self.model.named_parameters())
         out = []
         for name in logical:
-            actual = self.adapter.actual_param_name(name, self.model)
+            actual = mapping.get(name) or self.adapter.actual_param_name(name, self.model)
             out.append((actual, params[actual]))
         return out
 

@@ -124,3 +124,17 @@ def test_sharding_view_keeps_outputs_exact(gptq_dir):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_from_quantized_false_quantizes_before_loading(tiny_llama_dir):
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    config = {"plugins": {"peft": {"quantization": {"auto_gptq": {"from_quantized": False}}}}}
+    framework = build_framework(config, [AutoGPTQAccelerationPlugin])
+    with pytest.warns(UserWarning, match="needs CUDA"):
+        model = framework.model_loader(tiny_llama_dir, dtype=torch.bfloat16)
+    plugin = framework.plugins["auto_gptq"]
+    written = json.loads((Path(plugin.quantized_checkpoint) / "quantize_config.json").read_text())
+    # hidden 64 and MLP 128: 64 is the largest preferred group dividing both
+    assert written["bits"] == 4 and written["group_size"] == 64
+    assert sum(isinstance(m, BaseQuantLinear) for m in model.modules()) == BLOCK_LINEARS

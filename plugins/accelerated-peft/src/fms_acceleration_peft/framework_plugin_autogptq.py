@@ -16,7 +16,7 @@ from fms_acceleration import (
 )
 
 from .dtypes import pop_requested_dtype, resolve_dtype
-from .gptq_kernels import REFERENCE_KERNEL, TRAINABLE_KERNELS
+from .gptq_kernels import REFERENCE_KERNEL, TRAINABLE_KERNELS, group_size_for
 from .gptq_sharding import quantized_tensors_as_parameters
 from .peft_wrapping import PEFT_WRAPPING_SLOT, wrap_with_lora
 
@@ -84,9 +84,9 @@ class AutoGPTQAccelerationPlugin(AccelerationPlugin):
         from .quantize import quantize_checkpoint
 
         output = tempfile.mkdtemp(prefix="fms_gptq_")
-        os.rmdir(output)  # quantize_checkpoint wants a new or empty directory
+        group_size = group_size_for(model_name)
         self.quantized_checkpoint = str(
-            quantize_checkpoint(model_name, output, bits=4, group_size=128, dtype=self.dtype)
+            quantize_checkpoint(model_name, output, bits=4, group_size=group_size, dtype=self.dtype)
         )
         return self.quantized_checkpoint
 

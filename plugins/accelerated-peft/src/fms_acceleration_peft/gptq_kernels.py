@@ -47,3 +47,16 @@ def backend_for(kernel: str, device: torch.device | str | None = None) -> str:
             )
         return _CPU_FALLBACK
     return backend
+
+
+def group_size_for(model_name: str, preferred: tuple[int, ...] = (128, 64, 32, 16)) -> int:
+    """The largest preferred GPTQ group size dividing the model's hidden and MLP widths."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_name)
+    widths = [getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)]
+    widths = [w for w in widths if isinstance(w, int)]
+    for size in preferred:
+        if all(w % size == 0 for w in widths):
+            return size
+    return -1  # one group per row always fits

@@ -1,0 +1,267 @@
+"""The training job: LoRA fine-tuning with transformers.Trainer, driven by the framework."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import Example, PaddingCollator, load_jsonl, pad_token_id, tokenize
+from .errors import TrainJobError, require
+from .summary import TrainSummary, package_versions, peak_memory_mib
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+DEFAULT_DATASET = "built-in (sentiment / category / opposite, one-word answers)"
+_VERSIONED = (
+    "torch", "transformers", "peft", "accelerate", "fms-acceleration", "fms-acceleration-peft",
+    "fms-acceleration-foak", "fms-acceleration-fts", "bitsandbytes", "gptqmodel", "triton",
+)  # fmt: skip
+
+
+@dataclass
+class TrainJobConfig:
+    """Options of `fms-acceleration train` (None model/dataset = the embedded defaults)."""
+
+    output_dir: str = "outputs/train"
+    acceleration_config: str | None = None
+    model: str | None = None
+    dataset: str | None = None
+    max_steps: int = 40
+    batch_size: int = 8
+    seq_len: int = 64
+    learning_rate: float = 1e-3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    full_finetuning: bool = False
+    dtype: str = "auto"
+    seed: int = 42
+    evaluate: bool = True
+    eval_max_new_tokens: int = 6
+    log_every: int = 5
+
+    def validate(self) -> None:
+        """Raise TrainJobError naming the first option whose value cannot work."""
+        positive = {
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "lora_r": self.lora_r,
+            "learning_rate": self.learning_rate,
+            "log_every": self.log_every,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise TrainJobError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.seq_len < 8:
+            raise TrainJobError(f"--seq-len must be at least 8, got {self.seq_len}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise TrainJobError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.target_modules:
+            raise TrainJobError("--target-modules must name at least one module")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise TrainJobError(
+                f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+        if self.acceleration_config is not None and not Path(self.acceleration_config).is_file():
+            raise TrainJobError(f"--acceleration-config file not found: {self.acceleration_config}")
+
+
+def _load_examples(config: TrainJobConfig) -> tuple[list[Example], list[Example], str]:
+    """(train, held_out, description); held-out prompts exist only for the built-in dataset."""
+    if config.dataset is None:
+        from .default_dataset import default_splits
+
+        train, held = default_splits()
+        return train, (held if config.evaluate else []), DEFAULT_DATASET
+    return load_jsonl(config.dataset), [], str(config.dataset)
+
+
+def _torch_dtype(name: str, device_type: str) -> Any:
+    import torch
+
+    if name == "auto":
+        # bf16 on GPU; fp32 on CPU, where bf16 matmuls are slow or emulated on many chips.
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _plugin_names(framework: Any) -> list[str]:
+    """Ids of the active plugins, in run order."""
+    return [plugin_id for plugin_id, _ in framework.active_plugins]
+
+
+def _make_callbacks(log_every: int, losses: list[float]) -> tuple[Any, Any]:
+    """(loss recorder, progress bar that prints the loss every `log_every` steps)."""
+    from transformers import ProgressCallback, TrainerCallback
+
+    class LossRecorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class SparseProgress(ProgressCallback):
+        # logging_steps is 1 so every step's loss is recorded; print only some of them.
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            last = state.global_step >= state.max_steps
+            if logs and ("loss" not in logs or state.global_step % log_every == 0 or last):
+                super().on_log(args, state, control, logs=logs, **kwargs)
+
+    return LossRecorder(), SparseProgress()
+
+
+def _build_model(config: TrainJobConfig, model_dir: Path, framework: Any, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if framework is not None and framework.requires_custom_loading:
+        return framework.model_loader(str(model_dir), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def _place(model: Any, device_type: str) -> Any:
+    # Quantized or device-mapped models were placed by their loader; move only plain ones.
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_device_map", None)
+    if device_type == "cuda" and not quantized:
+        model = model.to("cuda")
+    return model
+
+
+def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary:
+    """Fine-tune with LoRA through the framework; write the adapter and train_summary.json.
+
+    `framework` (an AccelerationFramework) is used as given instead of one built from
+    `config.acceleration_config`, e.g. one made by fms_acceleration.testing.build_framework.
+    """
+    config.validate()
+    for name, pip_name in (("torch", "torch"), ("transformers", "transformers>=5")):
+        require(name, pip_name, purpose="fms-acceleration train")
+    require("peft", "peft", purpose="LoRA fine-tuning in fms-acceleration train")
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, ProgressCallback, Trainer, TrainingArguments, set_seed
+
+    from .model_source import resolve_model
+
+    train, held_out, dataset_name = _load_examples(config)
+    model_dir, embedded = resolve_model(config.model)
+    if framework is None and config.acceleration_config is not None:
+        from fms_acceleration import AccelerationFramework
+
+        framework = AccelerationFramework(config.acceleration_config)
+
+    set_seed(config.seed)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _torch_dtype(config.dtype, device_type)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = tokenize(train, tokenizer, config.seq_len)
+    model = _place(_build_model(config, model_dir, framework, dtype), device_type)
+
+    from .evaluation import answer_accuracy
+
+    before = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
+
+    output_dir = Path(config.output_dir)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, config.max_steps // 5),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device_type == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if not config.full_finetuning:
+        peft_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules),
+            task_type="CAUSAL_LM",
+        )
+    if framework is not None and framework.requires_augmentation:
+        model, (peft_config,) = framework.augmentation(model, args, modifiable_args=(peft_config,))
+    if peft_config is not None:
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as e:
+            raise TrainJobError(f"--target-modules {list(config.target_modules)}: {e}") from e
+    # else: full fine-tuning, or a plugin (e.g. quantized peft) put the LoRA layers in itself.
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise TrainJobError("the model has no trainable parameters after augmentation")
+
+    losses: list[float] = []
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=PaddingCollator(pad_token_id(tokenizer)),
+    )
+    recorder, progress = _make_callbacks(config.log_every, losses)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress)
+    trainer.add_callback(recorder)
+    if framework is not None:
+        for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+            trainer.add_callback(callback)
+
+    result = trainer.train()
+    runtime = float(result.metrics["train_runtime"])
+    tokens = int(trainer.state.num_input_tokens_seen)
+    peak, peak_kind = peak_memory_mib(device_type)
+
+    after = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
+
+    # A LoRA run saves the adapter; full fine-tuning saves the whole model.
+    saved_to = output_dir / ("adapter" if hasattr(model, "peft_config") else "model")
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(saved_to)
+    else:
+        trainer.save_model(str(saved_to))
+
+    summary = TrainSummary(
+        model=f"{model_dir}" + (" (embedded SmolLM2-135M-Instruct)" if embedded else ""),
+        dataset=dataset_name,
+        acceleration_config=config.acceleration_config,
+        active_plugins=_plugin_names(framework) if framework is not None else [],
+        device=torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+        dtype=str(dtype).removeprefix("torch."),
+        max_steps=config.max_steps,
+        steps=int(trainer.state.global_step),
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        train_examples=len(rows),
+        train_tokens=tokens,
+        train_runtime_s=round(runtime, 3),
+        train_tokens_per_s=round(tokens / runtime, 2) if runtime > 0 else 0.0,
+        peak_memory_mib=round(peak, 1),
+        peak_memory_kind=peak_kind,
+        first_loss=losses[0] if losses else float("nan"),
+        last_loss=losses[-1] if losses else float("nan"),
+        losses=losses,
+        trainable_params=trainable,
+        saved_to=str(saved_to),
+        versions=package_versions(_VERSIONED),
+    )
+    if held_out:
+        summary.accuracy_before = before.value
+        summary.accuracy_after = after.value
+        summary.eval_examples = before.total
+        summary.eval_samples = [
+            {"prompt": prompt, "expected": expected, "before": b[2], "after": answer}
+            for (prompt, expected, answer), b in zip(after.samples, before.samples)
+        ]
+    summary.write(output_dir)
+    return summary

@@ -22,9 +22,14 @@ SAMPLES_DIR = "sample-configurations"
 SAMPLES_ENV_VAR = "FMS_ACCELERATION_SAMPLE_CONFIGS"
 
 
+_LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
 def _print_warnings(caught: Sequence[warnings.WarningMessage]) -> None:
+    """Echo warnings meant for the user; libraries' deprecation notices are not theirs to fix."""
     for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+        if not issubclass(warning.category, _LIBRARY_NOISE):
+            print(f"warning: {warning.message}", file=sys.stderr)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -49,6 +49,8 @@ def _lora_block(base: str, dtype: torch.dtype, bias: bool = True):
 
     from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
 
+    if base != "plain":  # optional dependencies of the quantized bases
+        pytest.importorskip({"bitsandbytes": "bitsandbytes", "auto_gptq": "gptqmodel"}[base])
     block = Block(bias=bias)
     if base == "plain":
         block.to(dtype)
@@ -179,8 +181,7 @@ def test_frozen_base_rejects_unsupported_layers():
 def test_bnb_weight_repacked_for_cpu_is_restored(double_quant, seed):
     """bitsandbytes on AVX512-BF16 CPUs repacks a weight on its first no-grad eval forward; the
     fused path restores the standard layout (and turns the repacking off) before dequantizing."""
-    import bitsandbytes.functional as bnbF
-
+    bnbF = pytest.importorskip("bitsandbytes.functional")
     from fms_acceleration_foak.kernels.fused_lora_bases import frozen_base
     from fms_acceleration_foak.lora.quantized_stand_ins import bnb_4bit_from_linear
 

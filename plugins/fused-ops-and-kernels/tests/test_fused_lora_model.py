@@ -23,6 +23,8 @@ def _tiny_lora_model(arch="llama", base="plain", dtype=torch.float32, **lora_kwa
     from fms_acceleration.testing import tiny_model_config
     from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
 
+    if base != "plain":  # optional dependencies of the quantized bases
+        pytest.importorskip({"bitsandbytes": "bitsandbytes", "auto_gptq": "gptqmodel"}[base])
     torch.manual_seed(0)
     overrides = {"attention_bias": True} if arch == "llama" else {}
     model = AutoModelForCausalLM.from_config(tiny_model_config(arch, **overrides))
@@ -320,7 +322,9 @@ def test_model_without_lora_or_unsupported_arch_is_a_config_error():
     from fms_acceleration_foak.lora import build_fused_lora_rules
 
     plain = AutoModelForCausalLM.from_config(tiny_model_config("llama"))
-    with pytest.raises(AccelerationPluginConfigError, match="no LoRA layers"):
+    with pytest.raises(
+        AccelerationPluginConfigError, match="no LoRA layer on its attention or MLP"
+    ):
         build_fused_lora_rules(plain, "plain")
     bigcode = AutoModelForCausalLM.from_config(tiny_model_config("gpt_bigcode"))
     with pytest.raises(AccelerationPluginConfigError, match="got 'gpt_bigcode'"):

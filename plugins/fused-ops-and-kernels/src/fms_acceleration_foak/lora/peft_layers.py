@@ -50,11 +50,7 @@ def active_adapter(module: LoraLayer) -> str:
 
 def still_fusable(module: LoraLayer, adapter: str) -> bool:
     """Cheap per-call check that the layer still runs exactly `adapter`, unmerged and enabled."""
-    return (
-        not module.disable_adapters
-        and not module.merged
-        and _active_here(module) == [adapter]
-    )
+    return not module.disable_adapters and not module.merged and _active_here(module) == [adapter]
 
 
 class LoRAProjectionSource:

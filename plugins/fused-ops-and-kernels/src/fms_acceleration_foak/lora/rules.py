@@ -87,19 +87,19 @@ def _is_silu(act: object) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def _check_base_layers(model: torch.nn.Module, base_layer: str) -> None:
+def _check_base_layers(lora: list[tuple[str, LoraLayer]], base_layer: str) -> None:
     if base_layer not in BASE_LAYER_KINDS:
         raise AccelerationPluginConfigError(
             f"{BASE_LAYER_PATH}: {base_layer!r} is not one of {list(BASE_LAYER_KINDS)}"
         )
-    lora = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     if not lora:
         raise AccelerationPluginConfigError(
             "fused_lora needs a peft LoRA-wrapped model (peft.get_peft_model, or the "
-            "accelerated-peft plugin); this model has no LoRA layers"
+            "accelerated-peft plugin); this model has no LoRA layer on its attention or MLP "
+            f"projections {[*QKV_ROLES, OUT_ROLE, *MLP_ROLES]}"
         )
-    wrong = [(n, base_layer_kind(m.get_base_layer())) for n, m in lora]
-    wrong = [(n, kind) for n, kind in wrong if kind != base_layer]
+    kinds = [(n, base_layer_kind(m.get_base_layer())) for n, m in lora]
+    wrong = [(n, kind) for n, kind in kinds if kind != base_layer]
     if wrong:
         shown = ", ".join(f"{n} ({kind})" for n, kind in wrong[:3])
         raise AccelerationPluginConfigError(
@@ -162,14 +162,23 @@ def plan_fused_lora(model: torch.nn.Module, base_layer: str) -> FusedLoRAPlan:
         raise AccelerationPluginConfigError(
             f"fused_lora supports model types {sorted(FUSED_LORA_ARCHS)}; got {model_type!r}"
         )
-    _check_base_layers(model, base_layer)
+    blocks = [
+        (name, module, kind)
+        for name, module in model.named_modules()
+        for kind, cls in (("attention", arch.attention), ("mlp", arch.mlp))
+        if type(module).__name__ == cls
+    ]
+    roles = {"attention": (*QKV_ROLES, OUT_ROLE), "mlp": MLP_ROLES}
+    lora = [
+        (f"{name}.{role}", child)
+        for name, module, kind in blocks
+        for role in roles[kind]
+        if isinstance(child := getattr(module, role, None), LoraLayer)
+    ]
+    _check_base_layers(lora, base_layer)
     plan = FusedLoRAPlan(model_type, base_layer)
-    for name, module in model.named_modules():
-        cls = type(module).__name__
-        if cls == arch.attention:
-            _plan_attention(plan, name, module)
-        elif arch.mlp is not None and cls == arch.mlp:
-            _plan_mlp(plan, name, module)
+    for name, module, kind in blocks:
+        (_plan_attention if kind == "attention" else _plan_mlp)(plan, name, module)
     if arch.mlp is None:
         plan.skipped[f"<{model_type} MoE experts>"] = (
             "MoE experts are fused 3-D parameters in transformers 5; left unfused"
@@ -207,4 +216,8 @@ def build_fused_lora_rules(model: torch.nn.Module, base_layer: str) -> list[Mode
     """Rules that fuse LoRA on the attention projections and MLPs of a peft LoRA model."""
     plan = plan_fused_lora(model, base_layer)
     logger.info(plan.summary())
+    for rule_id, names in plan.fused.items():
+        logger.debug("%s: %s", rule_id, ", ".join(names))
+    for name, reason in plan.skipped.items():
+        logger.debug("not fused %s: %s", name, reason)
     return rules_from_plan(plan)

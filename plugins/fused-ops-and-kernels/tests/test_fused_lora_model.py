@@ -329,3 +329,40 @@ def test_model_without_lora_or_unsupported_arch_is_a_config_error():
     bigcode = AutoModelForCausalLM.from_config(tiny_model_config("gpt_bigcode"))
     with pytest.raises(AccelerationPluginConfigError, match="got 'gpt_bigcode'"):
         build_fused_lora_rules(bigcode, "plain")
+
+
+def test_framework_with_bnb_loader_fuses_and_matches_unpatched(tmp_path):
+    """End to end: accelerated-peft's bitsandbytes loader + this plugin's fused_lora."""
+    peft_plugins = pytest.importorskip("fms_acceleration_peft")
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    from fms_acceleration.testing import build_framework, save_tiny_model
+    from fms_acceleration_foak import FastKernelsAccelerationPlugin
+
+    save_tiny_model(tmp_path, "llama")
+    foak = {"base_layer": "bitsandbytes", "fused_lora": True, "fast_loss": False}
+    foak |= {"fast_rms_layernorm": False, "fast_rope_embeddings": False}
+    stanzas = {"bitsandbytes": {"quant_type": "nf4"}, "fused_ops_and_kernels": foak}
+    framework = build_framework(
+        {"plugins": {"peft": {"quantization": stanzas}}},
+        [peft_plugins.BNBAccelerationPlugin, FastKernelsAccelerationPlugin],
+    )
+    model = framework.model_loader(str(tmp_path), dtype=torch.bfloat16)
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=ALL_ROLES)
+    model, _ = framework.augmentation(model, args, modifiable_args=(lora,))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    batch = _batch(2)
+    got = _run(model, batch)
+    assert got[2] == {FUSED_NODES[0]: 4, FUSED_NODES[1]: 2}
+    framework.plugins["fused_ops_and_kernels"].model_patcher.undo()
+    ref = _run(model, batch)
+    assert ref[2] == {n: 0 for n in FUSED_NODES}
+    # bf16 activations with fp32 adapters on both paths, differing only in the LoRA dtype
+    assert abs(got[0].item() - ref[0].item()) <= REL_TOL[torch.bfloat16] * ref[0].item()
+    assert _max_rel(got, ref) <= HALF_CAP[torch.bfloat16]

@@ -29,6 +29,8 @@ INDENT = 2
 
 # An override value that comments the key out (the plugin then uses its default).
 COMMENT_OUT = "<comment out>"
+# An override value that removes the key (a scalar or a whole stanza) with its comments.
+REMOVE = "<remove>"
 
 # name -> (plugin folder, file in its configs/, overrides {dotted path under `plugins:`: value})
 CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -54,7 +56,11 @@ CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "auto-gptq-foak": (
         "fused-ops-and-kernels",
         "fast_quantized_peft.yaml",
-        {"peft.quantization.fused_ops_and_kernels.base_layer": "auto_gptq"},
+        {
+            # fast_quantized_peft.yaml names its bitsandbytes loader; GPTQ brings its own
+            "peft.quantization.bitsandbytes": REMOVE,
+            "peft.quantization.fused_ops_and_kernels.base_layer": "auto_gptq",
+        },
     ),
     "foak-fast-kernels": ("fused-ops-and-kernels", "fast_kernels.yaml", {}),
     "fts-default": (
@@ -107,6 +113,7 @@ class Node:
     children: dict[str, Node] = field(default_factory=dict)
     raw: list[tuple[int, str]] = field(default_factory=list)  # (indent below key, text) verbatim
     commented_out: bool = False  # rendered as "# key: value"
+    trailer: list[str] = field(default_factory=list)  # comment lines after the children
 
 
 _KEY_LINE = re.compile(r"^(?P<key>[A-Za-z_][\w.\-]*)\s*:(?:\s+(?P<rest>.*))?$")
@@ -131,11 +138,14 @@ def parse(text: str, source: str) -> Node:
     lines = text.splitlines()
     stack: list[tuple[int, Node]] = [(-1, root)]
     pending: list[str] = []
+    pending_indent: int | None = None  # indentation of the first pending comment
     i = 0
     while i < len(lines):
         line = lines[i]
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
+            if stripped and pending_indent is None:
+                pending_indent = len(line) - len(line.lstrip(" "))
             pending.append(stripped)
             i += 1
             continue
@@ -148,7 +158,7 @@ def parse(text: str, source: str) -> Node:
             raise MergeError(f"{source} line {i + 1}: expected 'key: value', got {stripped!r}")
         value, inline = _split_inline_comment(match["rest"] or "")
         node = Node(key=match["key"], comments=pending, value=value, inline=inline)
-        pending = []
+        pending, pending_indent = [], None
         if node.key in parent.children:
             raise MergeError(f"{source} line {i + 1}: duplicate key {node.key!r}")
         parent.children[node.key] = node
@@ -172,7 +182,11 @@ def parse(text: str, source: str) -> Node:
                 i += len(block)
                 continue
             stack.append((indent, node))
-    root.raw = [(0, c) for c in pending]  # trailing comments of the file
+    # Comments after the last key belong to the innermost mapping they are indented under.
+    while pending and not pending[-1]:
+        pending.pop()
+    owner = next((n for ind, n in reversed(stack) if ind < (pending_indent or 0)), root)
+    owner.trailer = [c for c in pending if c or owner is not root]
     return root
 
 
@@ -190,6 +204,8 @@ def render(node: Node, depth: int = 0) -> list[str]:
             out += [sub + " " * extra + text if text else "" for extra, text in child.raw]
         else:
             out += render(child, depth + 1)
+        sub = " " * (INDENT * (depth + 1))
+        out += [sub + c if c else "" for c in child.trailer]
     return out
 
 
@@ -210,6 +226,11 @@ def apply_override(root: Node, dotted: str, value: Any, source: str) -> None:
             raise MergeError(f"{source}: override {dotted!r}: no mapping 'plugins.{dotted}'")
         node = node.children[part]
     leaf = node.children.get(parts[-1])
+    if value == REMOVE:
+        if leaf is None:
+            raise MergeError(f"{source}: override {dotted!r}: nothing to remove")
+        del node.children[parts[-1]]
+        return
     if value == COMMENT_OUT:
         if leaf is None or leaf.children or leaf.raw:
             raise MergeError(f"{source}: override {dotted!r}: no scalar to comment out")
@@ -241,7 +262,7 @@ def _dict_override(data: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
         node = node[part]
-    if value == COMMENT_OUT:
+    if value in (COMMENT_OUT, REMOVE):
         del node[leaf]
     else:
         node[leaf] = value
@@ -283,8 +304,9 @@ def build_sample(shortname: str, names: tuple[str, ...]) -> str:
         merge_into(merged, tree, "")
         _dict_merge(expected, data)
         sources.append(f"#   {rel}")
+        shown = {COMMENT_OUT: " commented out", REMOVE: " removed"}
         sources += [
-            f"#     with {k} commented out" if v == COMMENT_OUT else f"#     with {k}: {_scalar(v)}"
+            f"#     with {k}{shown[v]}" if v in shown else f"#     with {k}: {_scalar(v)}"
             for k, v in overrides.items()
         ]
     filename = sample_filename(shortname)

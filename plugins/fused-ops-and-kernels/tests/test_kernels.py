@@ -171,3 +171,21 @@ def test_dispatch_takes_torch_path_off_cuda_without_interpreter(monkeypatch):
             K.use_triton(x)
     with pytest.raises(ValueError, match="backend must be one of"), K.backend("cuda"):
         pass
+
+
+@pytest.mark.parametrize("name", ["triton", "torch"])
+def test_fused_linear_cross_entropy_under_autocast(seed, leaf, name):
+    # mixed precision: fp32 master weights, bf16 matmuls, as lm_head + loss under autocast
+    h, w = torch.randn(48, 32), torch.randn(200, 32) * 0.3
+    target = torch.randint(0, 200, (48,))
+    hk, wk, hr, wr = leaf(h), leaf(w), leaf(h), leaf(w)
+    with K.backend(name), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = K.fused_linear_cross_entropy(hk, wk, target, chunk_size=16)
+        logits = torch.nn.functional.linear(hr, wr)
+    loss.backward()
+    ref = K.cross_entropy_reference(logits, target)
+    ref.backward()
+    assert hk.grad.dtype == wk.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(hk.grad, hr.grad, atol=2e-2, rtol=5e-2)
+    torch.testing.assert_close(wk.grad, wr.grad, atol=2e-2, rtol=5e-2)

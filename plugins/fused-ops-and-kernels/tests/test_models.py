@@ -144,3 +144,54 @@ def test_fast_loss_patch_keeps_loss_mapping_for_the_trainer(foak_classes):
     finally:
         framework.undo_patches()
     assert loss_utils.fixed_cross_entropy is original
+
+
+def _trainer_run(model, tmp_path, framework=None):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from fms_acceleration.testing import tiny_dataset
+
+    rows = tiny_dataset(n=24, seq_len=16, seed=3)
+    for i, row in enumerate(rows):  # uneven label counts per micro-batch
+        row["labels"] = row["labels"][: 16 - i % 7] + [-100] * (i % 7)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=3,
+        max_steps=2,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
+    )
+    if framework is not None:
+        model, _ = framework.augmentation(model, args, ())
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=default_data_collator
+    )
+    if framework is not None:
+        for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+            trainer.add_callback(callback)
+    trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log], model
+
+
+@pytest.mark.parametrize("fast_loss", [True, "fused_ce_liger"], ids=["ce", "fused_ce"])
+def test_trainer_gradient_accumulation_matches(fast_loss, foak_classes, tmp_path):
+    # the Trainer passes num_items_in_batch; the patched loss must scale accumulation the same
+    reference = _tiny_model("mistral")
+    patched = copy.deepcopy(reference)
+    expected, reference = _trainer_run(reference, tmp_path / "ref")
+    framework = build_framework(_stanza(fast_loss), foak_classes)
+    with K.backend("torch"):
+        try:
+            got, patched = _trainer_run(patched, tmp_path / "foak", framework)
+        finally:
+            framework.undo_patches()
+    assert len(got) == len(expected) == 2
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    for p_ref, p_got in zip(reference.parameters(), patched.parameters()):
+        torch.testing.assert_close(p_got, p_ref, atol=5e-4, rtol=1e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -176,3 +177,14 @@ def test_found_through_entry_point_discovery():
     plugin = framework.plugins["fused_ops_and_kernels"]
     assert type(plugin).__name__ == FastKernelsAccelerationPlugin.__name__
     assert plugin.options["fast_loss"] == "fused_ce_liger"
+
+
+@pytest.mark.parametrize("name", ["fast_kernels", "fast_quantized_peft"])
+def test_sample_configs_validate(name, foak_classes):
+    import yaml
+
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    framework = build_framework(yaml.safe_load(path.read_text()), [*foak_classes, FakeBnb])
+    plugin = framework.plugins["fused_ops_and_kernels"]
+    assert plugin.taken_slots() >= {"loss", "rms_norm", "rope"}
+    assert plugin.options["fused_lora"] is (name == "fast_quantized_peft")

@@ -141,6 +141,13 @@ def fused_linear_cross_entropy(
     target2 = target.reshape(-1)
     divisor = loss_divisor(target2, ignore_index, num_items_in_batch)
     triton_ce = use_triton(hidden2, weight)
-    return FusedLinearCrossEntropyFunction.apply(
-        hidden2, weight, target2, bias, ignore_index, divisor, chunk_size, triton_ce
-    )
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # what autocast would do to lm_head's F.linear, done once outside the Function
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden2, weight = hidden2.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(device_type, enabled=False):
+        return FusedLinearCrossEntropyFunction.apply(
+            hidden2, weight, target2, bias, ignore_index, divisor, chunk_size, triton_ce
+        )

@@ -10,6 +10,7 @@ from those hidden states and lm_head's weight without materialising the logits.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,7 @@ def build_deferrable_lm_head(lm_head: torch.nn.Module) -> Callable[..., torch.Te
     """lm_head forward that returns its input unchanged while the fused loss path is running."""
     original = lm_head.forward
 
+    @functools.wraps(original)
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if _DEFER_LM_HEAD.get():
             return hidden_states
@@ -76,6 +78,9 @@ def build_fused_ce_forward(model: torch.nn.Module) -> Callable[..., Any]:
     labels_position = params.index("labels") if "labels" in params else None
     lm_head = model.get_output_embeddings()
 
+    # keep the original signature visible: the Trainer inspects it to keep dataset columns and
+    # to decide whether to pass num_items_in_batch
+    @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
         positional = labels_position is not None and len(args) > labels_position
         labels = args[labels_position] if positional else kwargs.get("labels")

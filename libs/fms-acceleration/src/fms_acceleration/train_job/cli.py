@@ -30,14 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='{"prompt": ..., "response": ...} per line (default: a built-in dataset whose '
         "held-out prompts measure answer accuracy before and after training)",
     )
-    parser.add_argument("--output-dir", default=d.output_dir, metavar="DIR")
-    parser.add_argument("--max-steps", type=int, default=d.max_steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument(
+        "--output-dir", default=d.output_dir, metavar="DIR", help="adapter and summary go here"
+    )
+    parser.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
     parser.add_argument("--seq-len", type=int, default=d.seq_len, help="max tokens per example")
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    parser.add_argument("--lora-r", type=int, default=d.lora_r)
-    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak lr")
+    parser.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA scale")
+    parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout")
     parser.add_argument(
         "--target-modules",
         nargs="+",
@@ -57,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "float32", "bfloat16", "float16"),
         help="auto: bfloat16 on GPU, float32 on CPU",
     )
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA init")
     parser.add_argument(
         "--no-eval", action="store_true", help="skip the before/after answer-accuracy check"
     )
@@ -117,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Fine-tune a causal LM with LoRA using transformers.Trainer, accelerated by "
         "the plugins an --acceleration-config enables; saves the adapter and writes "
         "OUTPUT_DIR/train_summary.json (tokens/s, peak memory, loss, answer accuracy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -125,6 +128,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fms_acceleration.train_job [options]`: the same as `fms-acceleration train`."""
-    parser = argparse.ArgumentParser(prog="python -m fms_acceleration.train_job")
+    parser = argparse.ArgumentParser(
+        prog="python -m fms_acceleration.train_job",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))

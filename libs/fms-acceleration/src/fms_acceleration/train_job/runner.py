@@ -8,6 +8,7 @@ from typing import Any
 
 from .data import Example, PaddingCollator, load_jsonl, pad_token_id, tokenize
 from .errors import TrainJobError, require
+from .evaluation import answer_accuracy
 from .summary import TrainSummary, package_versions, peak_memory_mib
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -110,7 +111,7 @@ def _make_callbacks(log_every: int, losses: list[float]) -> tuple[Any, Any]:
     return LossRecorder(), SparseProgress()
 
 
-def _build_model(config: TrainJobConfig, model_dir: Path, framework: Any, dtype: Any) -> Any:
+def _build_model(model_dir: Path, framework: Any, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     if framework is not None and framework.requires_custom_loading:
@@ -126,6 +127,48 @@ def _place(model: Any, device_type: str) -> Any:
     return model
 
 
+def _training_arguments(config: TrainJobConfig, dtype: Any, device_type: str) -> Any:
+    """TrainingArguments of the job: per-step loss logging, no checkpoints, tokens counted."""
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, config.max_steps // 5),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device_type == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        # Half-precision weights train under autocast of the same type (plugins such as the
+        # fused LoRA kernels on quantized layers require mixed precision).
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+    )
+
+
+def _lora_config(config: TrainJobConfig) -> Any:
+    """The LoRA config handed to the framework (None for full fine-tuning)."""
+    if config.full_finetuning:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
 def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary:
     """Fine-tune with LoRA through the framework; write the adapter and train_summary.json.
 
@@ -138,8 +181,8 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     require("peft", "peft", purpose="LoRA fine-tuning in fms-acceleration train")
 
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, ProgressCallback, Trainer, TrainingArguments, set_seed
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, ProgressCallback, Trainer, set_seed
 
     from .model_source import resolve_model
 
@@ -158,38 +201,13 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = tokenize(train, tokenizer, config.seq_len)
-    model = _place(_build_model(config, model_dir, framework, dtype), device_type)
-
-    from .evaluation import answer_accuracy
+    model = _place(_build_model(model_dir, framework, dtype), device_type)
 
     before = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
 
     output_dir = Path(config.output_dir)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(5, config.max_steps // 5),
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=device_type == "cpu",
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-    )
-    peft_config = None
-    if not config.full_finetuning:
-        peft_config = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=list(config.target_modules),
-            task_type="CAUSAL_LM",
-        )
+    args = _training_arguments(config, dtype, device_type)
+    peft_config = _lora_config(config)
     if framework is not None and framework.requires_augmentation:
         model, (peft_config,) = framework.augmentation(model, args, modifiable_args=(peft_config,))
     if peft_config is not None:

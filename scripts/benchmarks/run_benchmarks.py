@@ -142,7 +142,9 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(line.strip()[-200:] for line in text[-lines:])
 
 
-def execute(scenario: Scenario, shortname: str, model: str | None, work: Path) -> Run:
+def execute(
+    scenario: Scenario, shortname: str, model: str | None, work: Path, threads: int | None = None
+) -> Run:
     """Train once in a child process and read its train_summary.json."""
     run = Run(scenario.name, shortname, model or "SmolLM2-135M-Instruct (embedded)")
     out_dir = work / f"{scenario.name}--{shortname}--{len(list(work.iterdir()))}"
@@ -161,6 +163,8 @@ def execute(scenario: Scenario, shortname: str, model: str | None, work: Path) -
         command += ["--model", model]
     command += _cli_arguments(scenario.arguments)
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     with log.open("w", encoding="utf-8") as f:
         f.write(" ".join(command) + "\n")
@@ -240,6 +244,8 @@ def markdown(runs: list[Run], scenarios: list[Scenario], env: dict[str, str], no
         + ("torch peak allocated" if "cpu:" not in env["device"] else "process peak RSS"),
         "- ratio columns: this run / the scenario's baseline run (baseline marked *)",
     ]
+    if "load" in env:
+        lines.append(f"- machine load: {env['load']}")
     if note:
         lines.append(f"- note: {note}")
     lines += [
@@ -307,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="SCENARIO", help="run only these scenarios")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--note", default="", help="a line added to the markdown")
+    parser.add_argument(
+        "--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -325,13 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {device} scenarios in {args.scenarios}", file=sys.stderr)
         return 2
 
+    load_before = os.getloadavg()[0]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fms-acceleration-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     runs = []
     with tqdm(plan, desc=f"benchmarks ({device})", unit="run") as bar:
         for scenario, shortname, model in bar:
             bar.set_postfix_str(f"{scenario.name}: {shortname}")
-            run = execute(scenario, shortname, model, work)
+            run = execute(scenario, shortname, model, work, args.threads)
             runs.append(run)
             tqdm.write(
                 f"{scenario.name:<20} {shortname:<34} {run.status:<16} "
@@ -340,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     env = environment()
+    # Shared machines make timings noisy: record how busy this one was.
+    env["load"] = (
+        f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+        f"end, on {os.cpu_count()} logical CPUs"
+        + (f"; each run limited to {args.threads} thread(s)" if args.threads else "")
+    )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = args.output_dir / f"scenarios_{device}"
     write_csv(runs, stem.with_suffix(".csv"))
@@ -347,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         markdown(runs, scenarios, env, args.note) + f"\n![chart]({stem.name}.png)\n",
         encoding="utf-8",
     )
-    chart(runs, env, stem.with_suffix(".png"))
+    try:
+        chart(runs, env, stem.with_suffix(".png"))
+    except ImportError:
+        print("no chart: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     failed = [r for r in runs if r.status != "ok"]
     print(f"{len(runs) - len(failed)}/{len(runs)} runs ok; results in {stem}.{{csv,md,png}}")
     print(f"run logs in {work}")

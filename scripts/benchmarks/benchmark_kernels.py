@@ -15,6 +15,10 @@ high-water mark (VmHWM, reset through /proc/self/clear_refs after the inputs are
     python scripts/benchmarks/benchmark_kernels.py --device cpu \
         --kernels fused_linear_cross_entropy --passes full --warmup 0 \
         --vocab 49152 128256 --out scripts/benchmarks/refs/kernels_cpu.csv
+    # ... plus a frozen lm_head (LoRA), appended to the same file
+    python scripts/benchmarks/benchmark_kernels.py --device cpu \
+        --kernels fused_linear_cross_entropy --passes full --warmup 0 --impls foak reference \
+        --vocab 128256 --frozen-lm-head --append --out scripts/benchmarks/refs/kernels_cpu.csv
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
     if kernel == "fused_linear_cross_entropy":
         from transformers.loss.loss_utils import ForCausalLMLoss
 
-        h, w = rand(tokens, hidden), rand(args.vocab, hidden, scale=hidden**-0.5)
+        h = rand(tokens, hidden)
+        w = rand(args.vocab, hidden, scale=hidden**-0.5, grad=not args.frozen_lm_head)
         labels = F.pad(target, (1, 0), value=-100)[:-1]  # HF shifts labels itself
         fns = {
             "foak": lambda: K.fused_linear_cross_entropy(h, w, target),
@@ -273,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument(
+        "--frozen-lm-head",
+        action="store_true",
+        help="fused_linear_cross_entropy: lm_head weight without grad (LoRA training)",
+    )
+    parser.add_argument("--append", action="store_true", help="append rows to --out")
     parser.add_argument("--out", type=Path, default=Path("kernels.csv"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -320,14 +331,19 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     result = json.loads(proc.stdout.strip().splitlines()[-1])
                     row = {**common, "kernel": kernel, "impl": impl, "pass": phase, **result}
-                    row["note"] = note if impl == "foak" else ""
+                    notes = [note] if impl == "foak" and note else []
+                    if args.frozen_lm_head and kernel == "fused_linear_cross_entropy":
+                        notes.append("lm_head frozen")
+                    row["note"] = "; ".join(notes)
                     rows.append(row)
                     shown = ("kernel", "impl", "pass", "shape", "ms", "peak_mb")
                     print(", ".join(f"{k}={row[k]}" for k in shown), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as handle:
+    append = args.append and args.out.exists()
+    with args.out.open("a" if append else "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
+        if not append:
+            writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0 if rows else 1

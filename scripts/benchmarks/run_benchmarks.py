@@ -314,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--note", default="", help="a line added to the markdown")
     parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="stop starting runs after this many seconds; the rest are recorded as skipped",
+    )
+    parser.add_argument(
         "--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's choice)"
     )
     args = parser.parse_args(argv)
@@ -338,10 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fms-acceleration-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     runs = []
+    started = time.perf_counter()
     with tqdm(plan, desc=f"benchmarks ({device})", unit="run") as bar:
         for scenario, shortname, model in bar:
             bar.set_postfix_str(f"{scenario.name}: {shortname}")
-            run = execute(scenario, shortname, model, work, args.threads)
+            if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                run = Run(scenario.name, shortname, model or "SmolLM2-135M-Instruct (embedded)")
+                run.status, run.error = "skipped", f"time budget of {args.budget_s:.0f} s spent"
+            else:
+                run = execute(scenario, shortname, model, work, args.threads)
             runs.append(run)
             tqdm.write(
                 f"{scenario.name:<20} {shortname:<34} {run.status:<16} "

@@ -216,3 +216,40 @@ def test_full_finetuning_trains_every_parameter_and_saves_the_model(tmp_path, ti
     assert summary.saved_to == str(tmp_path / "out" / "model")
     assert (tmp_path / "out" / "model" / "config.json").is_file()
     assert len(summary.losses) == 2
+
+
+def test_builtin_dataset_is_deterministic_and_held_out_words_are_unseen():
+    import re
+
+    from fms_acceleration.train_job.default_dataset import default_splits
+
+    train, held = default_splits()
+    assert (train, held) == default_splits()
+    assert (len(train), len(held)) == (160, 48)
+    train_words = {w for ex in train for w in re.findall(r'"([^"]+)"', ex.prompt)}
+    for ex in held:
+        (quoted,) = re.findall(r'"([^"]+)"', ex.prompt)
+        # the word a held-out answer hinges on (adjective or quoted word) never occurs in training
+        key = quoted.split()[-1].rstrip(".") if quoted.startswith(("The ", "This ")) else quoted
+        assert all(key not in w.split() and key + "." not in w.split() for w in train_words), key
+    assert {ex.response for ex in held} >= {"positive", "negative", "fruit", "vehicle"}
+
+
+def test_tokenize_masks_the_prompt_and_keeps_the_answer_when_truncating(tiny_model):
+    from transformers import AutoTokenizer
+
+    from fms_acceleration.train_job.data import IGNORE_INDEX, Example, PaddingCollator, tokenize
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    long_prompt = " ".join(f"tok{i}" for i in range(20))
+    rows = tokenize([Example(long_prompt, "tok90 tok91"), Example("tok5", "tok6")], tok, 8)
+    ids = tok.convert_tokens_to_ids(["tok90", "tok91"])
+    assert rows[0]["input_ids"][-3:] == [*ids, tok.eos_token_id]
+    assert len(rows[0]["input_ids"]) == 8
+    assert rows[0]["labels"] == [IGNORE_INDEX] * 5 + [*ids, tok.eos_token_id]
+    batch = PaddingCollator(tok.pad_token_id)(rows)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"][1].tolist() == [1] * len(rows[1]["input_ids"]) + [0] * (
+        8 - len(rows[1]["input_ids"])
+    )
+    assert (batch["labels"][1][len(rows[1]["input_ids"]) :] == IGNORE_INDEX).all()

@@ -203,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--output", default=None, help="CSV file to write (default: stdout only)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    # CPU defaults are small: without AVX512-BF16 a bf16 step of this model takes ~30-60 s.
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (cpu 2, gpu 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (cpu 1, gpu 3)")
+    parser.add_argument("--batch-size", type=int, default=None, help="cpu 1, gpu 4")
+    parser.add_argument("--seq-len", type=int, default=None, help="cpu 64, gpu 512")
     parser.add_argument("--group-size", type=int, default=64, help="GPTQ group (576 = 9 x 64)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per variant")
     parser.add_argument("--model-dir", default=None, help="HF model dir (default: SmolLM2)")
@@ -217,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_variant(args)))
         return 0
+
+    on_gpu = _device() != "cpu"
+    for name, cpu, gpu in (("steps", 2, 10), ("warmup", 1, 3), ("batch_size", 1, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if on_gpu else cpu)
+    if args.seq_len is None:
+        args.seq_len = 512 if on_gpu else 64
 
     if args.model_dir is None:
         from fms_acceleration.train_job.model_source import resolve_model

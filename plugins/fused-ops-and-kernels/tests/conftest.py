@@ -10,6 +10,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest
 import torch
 
+# Tiny tensors on a shared 2-core machine: a second intra-op thread only spin-waits (and stalls
+# whenever the other core is busy), making tiny-model steps up to 100x slower.
+torch.set_num_threads(1)
+
 # Per-dtype tolerances (atol, rtol) against an fp32 reference computed on the same inputs.
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),

@@ -67,8 +67,12 @@ def _compare(arch, fast_loss, foak_classes, tiny_batches, train, steps=5, micro=
     return counts, patched
 
 
-@pytest.mark.parametrize("fast_loss", [True, "fused_ce_liger"], ids=["ce", "fused_ce"])
-@pytest.mark.parametrize("arch", ARCHS)
+MATRIX = [(arch, fast_loss) for arch in ARCHS for fast_loss in (True, "fused_ce_liger")]
+
+
+@pytest.mark.parametrize(
+    "arch, fast_loss", MATRIX, ids=[f"{a}-{'ce' if f is True else 'fused_ce'}" for a, f in MATRIX]
+)
 def test_patched_model_trains_like_unpatched(arch, fast_loss, foak_classes, tiny_batches, train):
     spec = ARCHITECTURES[arch]
     # gradient accumulation (2 micro-batches per step) matters where the loss is ours
@@ -90,28 +94,33 @@ def test_patched_model_trains_like_unpatched(arch, fast_loss, foak_classes, tiny
         assert spec.modeling_module().apply_rotary_pos_emb is not K.rope
 
 
-@pytest.mark.parametrize("fast_loss", [True, "fused_ce_liger"], ids=["ce", "fused_ce"])
-def test_llama_with_triton_kernels_in_interpreter(fast_loss, foak_classes, tiny_batches, train):
+def test_llama_with_triton_kernels_in_interpreter(foak_classes, tiny_batches, train):
     # The interpreter runs each Triton program in Python: 2 steps, 1 micro-batch keep this short.
     with K.backend("triton"):
-        _compare("llama", fast_loss, foak_classes, tiny_batches, train, steps=2, micro=1)
-        # the kernels really ran: their autograd Functions are in the graph
-        model = _tiny_model("llama")
-        framework = build_framework(_stanza(fast_loss), foak_classes)
-        model, _ = framework.augmentation(model, NO_MIXED_PRECISION, ())
-        model.train()
-        try:
+        _compare("llama", "fused_ce_liger", foak_classes, tiny_batches, train, steps=2, micro=1)
+    fused = _triton_graph_and_loss("fused_ce_liger", foak_classes, tiny_batches)
+    assert "FusedLinearCrossEntropyFunctionBackward" in fused[0]
+    plain = _triton_graph_and_loss(True, foak_classes, tiny_batches)
+    assert "CrossEntropyFunctionBackward" in plain[0]
+    for names, _ in (fused, plain):
+        assert {"RMSNormFunctionBackward", "RoPEFunctionBackward"} <= names
+    reference = _tiny_model("llama").train()(**tiny_batches(1, micro=1)[0][0]).loss
+    for _, loss in (fused, plain):
+        torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+
+
+def _triton_graph_and_loss(fast_loss, foak_classes, tiny_batches) -> tuple[set[str], torch.Tensor]:
+    """The autograd node names of one patched training forward (kernels really ran) and its loss."""
+    model = _tiny_model("llama")
+    framework = build_framework(_stanza(fast_loss), foak_classes)
+    model, _ = framework.augmentation(model, NO_MIXED_PRECISION, ())
+    model.train()
+    try:
+        with K.backend("triton"):
             loss = model(**tiny_batches(1, micro=1)[0][0]).loss
-        finally:
-            framework.undo_patches()
-    names = _grad_fn_names(loss)
-    assert {"RMSNormFunctionBackward", "RoPEFunctionBackward"} <= names
-    loss_fn = (
-        "FusedLinearCrossEntropyFunctionBackward"
-        if fast_loss == "fused_ce_liger"
-        else "CrossEntropyFunctionBackward"
-    )
-    assert loss_fn in names
+    finally:
+        framework.undo_patches()
+    return _grad_fn_names(loss), loss.detach()
 
 
 def test_fused_ce_leaves_evaluation_untouched(foak_classes, tiny_batches):

@@ -102,6 +102,13 @@ def test_option_coercion_nullable_check_and_nested_stanza():
         Stanza(bad=3)
 
 
+def test_mutable_defaults_are_never_shared():
+    schema = Stanza(cfg=Option(dict, default={}))
+    first, second = schema.validate({}, "p"), schema.validate({}, "p")
+    first["cfg"]["x"] = 1
+    assert second["cfg"] == {} and schema.fields["cfg"].default == {}
+
+
 def test_choice_of_true_is_not_satisfied_by_one():
     spec = Option((bool, str), default=False, choices=(True, False, "fused_ce_liger"))
     assert spec.validate(True, "p") is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -158,5 +159,6 @@ class Stanza:
             elif spec.required:
                 raise AccelerationPluginConfigError(f"{sub_path}: required key is missing.")
             else:
-                result[key] = spec.default
+                # a fresh copy, so a mutable default is never shared between frameworks
+                result[key] = copy.deepcopy(spec.default)
         return result

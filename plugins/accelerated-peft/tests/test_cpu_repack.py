@@ -10,6 +10,9 @@ without the AVX512 kernel also misreads the layout): the loss and the LoRA gradi
 
 from __future__ import annotations
 
+import copy
+
+import bitsandbytes.functional as bnb_functional
 import bitsandbytes.nn.modules as bnb_modules
 import pytest
 import torch
@@ -22,6 +25,7 @@ from fms_acceleration_peft import (
     disable_cpu_weight_repacking,
     is_repacked_for_cpu,
 )
+from fms_acceleration_peft.bnb_cpu_repack import unpack_cpu_repacked
 from fms_acceleration_peft.bnb_loading import load_4bit_model
 
 CONFIG = {"plugins": {"peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}}}}
@@ -124,3 +128,70 @@ def test_guard_undoes_a_repack_that_already_happened(cpu_with_avx512bf16, tiny_l
     # bitsandbytes' inverse re-quantizes the double-quantized absmax, so the weights come back
     # within quantization error (the repacked path is off by ~1e-1 in loss, see above).
     _assert_same(before, _loss_and_grads(model, ids), rtol=2e-2, atol=1e-3)
+
+
+def _repacked_single_quant_linear(quant_type, in_features=192, out_features=96, seed=5):
+    """A single-quant (no double quant) Linear4bit whose weight an eval forward repacked."""
+    torch.manual_seed(seed)
+    source = torch.nn.Linear(in_features, out_features, bias=False)
+    layer = Linear4bit(
+        in_features,
+        out_features,
+        bias=False,
+        compute_dtype=torch.bfloat16,
+        compress_statistics=False,
+        quant_type=quant_type,
+    )
+    layer.load_state_dict(source.state_dict())
+    layer = layer.to("cpu")  # quantizes
+    original = (layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, in_features, dtype=torch.bfloat16))
+    assert is_repacked_for_cpu(layer)
+    return layer, original
+
+
+def _dequantized(data, state, absmax=None):
+    if absmax is not None:
+        state = copy.deepcopy(state)
+        state.absmax = absmax
+    return bnb_functional.dequantize_4bit(data, state)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_guard_restores_single_quant_weights(cpu_with_avx512bf16, quant_type):
+    """bnb 0.50's inverse leaves a non-nested absmax in its packed (K/64, N) bf16 layout."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    layer, (data0, state0) = _repacked_single_quant_linear(quant_type)
+    assert not state0.nested and state0.absmax.dtype == torch.float32
+    original = _dequantized(data0, state0)
+    assert disable_cpu_weight_repacking(torch.nn.Sequential(layer)) == 1
+    state = layer.weight.quant_state
+    assert not is_repacked_for_cpu(layer)
+    assert torch.equal(layer.weight.data, data0)  # the 4-bit codes come back bit for bit
+    assert state.absmax.shape == (96 * 192 // 64,) and state.absmax.dtype == torch.float32
+    # the repack rounded absmax to bf16 (not undoable); the layout and everything else is exact
+    rounded = state0.absmax.bfloat16().float()
+    torch.testing.assert_close(state.absmax, rounded, rtol=0, atol=0)
+    restored = _dequantized(layer.weight.data, state)
+    assert restored.shape == original.shape == (96, 192)
+    torch.testing.assert_close(restored, _dequantized(data0, state0, rounded), rtol=0, atol=1e-6)
+    assert (restored - original).abs().max() <= original.abs().max() * 2**-8
+    # bnb's inverse alone (no absmax fix) is far off: the bug this guards against
+    again, _ = _repacked_single_quant_linear(quant_type)
+    data, raw = _convert_weight_packed_for_cpu_inverse(again.weight.data, again.weight.quant_state)
+    assert raw.absmax.dim() == 2
+    broken = _dequantized(data, raw).float()
+    assert (broken - original).abs().max() > 20 * original.abs().max() * 2**-8
+
+
+def test_unpack_cpu_repacked_is_a_no_op_on_standard_layout(cpu_with_avx512bf16):
+    layer, (data0, state0) = _repacked_single_quant_linear("nf4")
+    assert unpack_cpu_repacked(layer) is True
+    assert unpack_cpu_repacked(layer) is False
+    assert unpack_cpu_repacked(torch.nn.Linear(4, 4)) is False
+    restored = _dequantized(layer.weight.data, layer.weight.quant_state)
+    expected = _dequantized(data0, state0, state0.absmax.bfloat16().float())
+    torch.testing.assert_close(restored, expected, rtol=0, atol=1e-6)

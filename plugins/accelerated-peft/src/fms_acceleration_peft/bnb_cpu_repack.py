@@ -22,9 +22,29 @@ def is_repacked_for_cpu(module: nn.Module) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
+def unpack_cpu_repacked(module: nn.Module) -> bool:
+    """Restore a repacked `Linear4bit` weight to the standard 4-bit layout in place; True if it was.
+
+    bitsandbytes 0.50's `_convert_weight_packed_for_cpu_inverse` re-quantizes a double-quantized
+    absmax, but leaves a single-quantized one as the repack stored it: bf16, in a 2-D
+    (K/blocksize, N) layout that `dequantize_4bit` misreads (max error ~7% of the weight scale).
+    Undo that layout here; the bf16 rounding of absmax done by the repack cannot be undone.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    if not is_repacked_for_cpu(module):
+        return False
+    with torch.no_grad():
+        weight = module.weight
+        data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        if not state.nested and state.absmax.dim() == 2:
+            state.absmax = state.absmax.t().reshape(-1).float()
+        weight.data, weight.quant_state = data, state
+    return True
+
+
 def disable_cpu_weight_repacking(model: nn.Module) -> int:
     """Turn the repack off on every `Linear4bit` (undoing any repack done); return how many."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     from bitsandbytes.nn import Linear4bit
 
     guarded = 0
@@ -32,11 +52,6 @@ def disable_cpu_weight_repacking(model: nn.Module) -> int:
         if not isinstance(module, Linear4bit):
             continue
         setattr(module, REPACK_FLAG, False)
-        if is_repacked_for_cpu(module):
-            with torch.no_grad():
-                weight = module.weight
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    weight.data, weight.quant_state
-                )
+        unpack_cpu_repacked(module)
         guarded += 1
     return guarded

@@ -75,17 +75,13 @@ def _bnb_dequantizer(layer: torch.nn.Module):
         layer.support_avx512bf16_for_cpu = False
 
     def dequantize() -> torch.Tensor:
+        # fms_acceleration_peft owns the repack inverse (and bnb 0.50's absmax fix-up); a bnb
+        # base layer is only reachable through its loader, so it is installed here.
+        from fms_acceleration_peft.bnb_cpu_repack import unpack_cpu_repacked
+
         fix_4bit_weight_quant_state_from_module(layer)
-        weight = layer.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            data, state = bnbF._convert_weight_packed_for_cpu_inverse(
-                weight.data, weight.quant_state
-            )
-            if not state.nested and state.absmax.dim() == 2:
-                # bnb 0.50's inverse leaves a non-nested absmax in its packed (K/bs, N) layout.
-                state.absmax = state.absmax.t().reshape(-1).to(torch.float32)
-            weight.data, weight.quant_state = data, state
-        return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+        unpack_cpu_repacked(layer)
+        return bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
     return dequantize
 

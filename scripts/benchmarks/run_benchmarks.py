@@ -295,13 +295,16 @@ def chart(runs: list[Run], env: dict[str, str], path: Path) -> None:
     plt.close(fig)
 
 
-def write_csv(runs: list[Run], path: Path) -> None:
-    """One row per run with every measured field."""
+def write_csv(runs: list[Run], path: Path, env: dict[str, str]) -> None:
+    """One row per run with every measured field, plus the date, device and versions."""
+    # The log path points into a temporary folder: useful on screen, noise in a checked-in CSV.
+    extra = {k: env[k] for k in ("date", "device", "versions")}
+    fields = [f for f in Run.__dataclass_fields__ if f != "log"] + list(extra)
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(runs[0]).keys()) if runs else ["status"])
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in runs:
-            writer.writerow(asdict(r))
+            writer.writerow({**{k: v for k, v in asdict(r).items() if k != "log"}, **extra})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = args.output_dir / f"scenarios_{device}"
-    write_csv(runs, stem.with_suffix(".csv"))
+    write_csv(runs, stem.with_suffix(".csv"), env)
     stem.with_suffix(".md").write_text(
         markdown(runs, scenarios, env, args.note) + f"\n![chart]({stem.name}.png)\n",
         encoding="utf-8",

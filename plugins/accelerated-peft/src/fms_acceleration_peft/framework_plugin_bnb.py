@@ -16,9 +16,11 @@ from fms_acceleration import (
 from .bnb_cpu_repack import disable_cpu_weight_repacking
 from .bnb_loading import QUANT_TYPES, load_4bit_model
 from .dtypes import pop_requested_dtype, resolve_dtype
+from .lora import lora_hits_on_embeddings
 from .peft_wrapping import PEFT_WRAPPING_SLOT, wrap_with_lora
 
 BNB_STANZA = "peft.quantization.bitsandbytes"
+QUANTIZE_EMBEDDINGS_KEY = f"plugins.{BNB_STANZA}.quantize_embeddings"
 
 
 class BNBAccelerationPlugin(AccelerationPlugin):
@@ -33,6 +35,7 @@ class BNBAccelerationPlugin(AccelerationPlugin):
         stanza = self.stanza(BNB_STANZA)
         self.quant_type: str = stanza["quant_type"]
         self.no_peft_model: bool = stanza["no_peft_model"]
+        self.quantize_embeddings: bool = stanza["quantize_embeddings"]
 
     @property
     def requires_custom_loading(self) -> bool:
@@ -53,16 +56,28 @@ class BNBAccelerationPlugin(AccelerationPlugin):
         requested = pop_requested_dtype(kwargs)
         try:
             dtype = resolve_dtype(requested, model_name, default=torch.float32)
-            return load_4bit_model(model_name, self.quant_type, dtype, **kwargs)
+            model = load_4bit_model(model_name, self.quant_type, dtype, **kwargs)
         except ValueError as err:
             raise AccelerationPluginConfigError(
                 f"plugins.{BNB_STANZA}: model_loader: {err}"
             ) from None
+        if self.quantize_embeddings:
+            from .bnb_embeddings import quantize_embeddings
+
+            try:
+                # quant storage = compute dtype, as bnb_4bit_config does for the block linears
+                quantize_embeddings(model, self.quant_type, dtype, dtype)
+            except ValueError as err:
+                raise AccelerationPluginConfigError(f"{QUANTIZE_EMBEDDINGS_KEY}: {err}") from None
+            disable_cpu_weight_repacking(model)  # the new lm_head is a Linear4bit too
+        return model
 
     def augmentation(self, model, train_args, modifiable_args: tuple):
         """Prepare for k-bit training and apply modifiable_args[0] (a LoraConfig) -> (None,)."""
         # Also guards a model that was loaded elsewhere or evaluated since loading.
         disable_cpu_weight_repacking(model)
+        if self.quantize_embeddings:
+            self._refuse_lora_on_quantized_embeddings(model, modifiable_args)
         if self.no_peft_model:
             return model, modifiable_args
         return wrap_with_lora(
@@ -72,6 +87,23 @@ class BNBAccelerationPlugin(AccelerationPlugin):
             BNB_STANZA,
             hint="; pass one, or set no_peft_model: true to leave PEFT to the trainer",
         )
+
+    @staticmethod
+    def _refuse_lora_on_quantized_embeddings(model, modifiable_args: tuple) -> None:
+        # peft cannot adapt an Embedding4bit, and training a lm_head that shares the 4-bit
+        # embedding table would have to write into frozen, quantized storage.
+        from peft import LoraConfig
+
+        peft_config = modifiable_args[0] if modifiable_args else None
+        if not isinstance(peft_config, LoraConfig):
+            return
+        hits = lora_hits_on_embeddings(model, peft_config)
+        if hits:
+            raise AccelerationPluginConfigError(
+                f"{QUANTIZE_EMBEDDINGS_KEY}: true freezes the embeddings in 4-bit, but the "
+                f"LoraConfig targets or saves {', '.join(hits)}; drop them from "
+                "target_modules/modules_to_save or set quantize_embeddings: false"
+            )
 
 
 AccelerationPlugin.register_plugin(
@@ -88,6 +120,11 @@ AccelerationPlugin.register_plugin(
                 bool,
                 default=False,
                 doc="true: only load in 4-bit; the trainer applies PEFT itself",
+            ),
+            quantize_embeddings=Option(
+                bool,
+                default=False,
+                doc="true: input embedding and lm_head (tied or not) in 4-bit too, frozen",
             ),
         )
     },

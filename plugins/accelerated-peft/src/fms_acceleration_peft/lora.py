@@ -22,3 +22,31 @@ def apply_lora(model: nn.Module, peft_config: Any) -> nn.Module:
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Qualified names of the parameters that require grad."""
     return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def embedding_module_names(model: nn.Module) -> list[str]:
+    """Qualified names of the input embedding and the output embedding (lm_head), if any."""
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return [name for name, module in model.named_modules() if any(module is w for w in wanted)]
+
+
+def lora_hits_on_embeddings(model: nn.Module, peft_config: Any) -> list[str]:
+    """Embedding/lm_head module names a LoraConfig would adapt or train (modules_to_save)."""
+    import re
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    hits = []
+    saved = getattr(peft_config, "modules_to_save", None) or []
+    token_indices = getattr(peft_config, "trainable_token_indices", None)
+    for name in embedding_module_names(model):
+        # the same rule peft uses to pick modules_to_save
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in saved):
+            hits.append(f"{name} (modules_to_save)")
+        elif peft_config.target_modules is not None and check_target_module_exists(
+            peft_config, name
+        ):
+            hits.append(f"{name} (target_modules)")
+    if token_indices:
+        hits.append("the input embedding (trainable_token_indices)")
+    return hits

@@ -101,7 +101,7 @@ def test_memory_is_lower_and_the_tie_is_counted_once(tied_dir):
 def test_trainer_run_lowers_the_loss_and_the_adapter_saves(
     tied_dir, all_linear_lora_config, train_args, run_trainer, tmp_path
 ):
-    _, path = tied_dir
+    tied, path = tied_dir
     framework = _framework(quantize_embeddings=True)
     model = framework.model_loader(path, dtype=torch.bfloat16)
     model, (peft_config,) = framework.augmentation(model, train_args(), (all_linear_lora_config,))
@@ -113,6 +113,7 @@ def test_trainer_run_lowers_the_loss_and_the_adapter_saves(
     assert losses[-1] < losses[0] - 0.5, losses
     assert sum(b < a for a, b in itertools.pairwise(losses)) >= 9, losses
     assert torch.equal(base.lm_head.weight.detach().view(torch.uint8), head_bytes)
+    assert (base.lm_head.weight is base.model.embed_tokens.weight) is tied
     model.save_pretrained(tmp_path / "adapter")  # peft reads the full state dict to save
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -157,3 +158,23 @@ def test_default_keeps_embeddings_unquantized(tiny_llama_dir):
 def test_quantize_embeddings_must_be_a_bool():
     with pytest.raises(AccelerationPluginConfigError, match="quantize_embeddings"):
         _framework(quantize_embeddings="yes")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["u8", "bf16"])
+def test_chunked_quantization_equals_one_call(quant_type, storage):
+    """Quantizing the table 64 rows at a time gives the codes and absmax of one call."""
+    from fms_acceleration_peft.bnb_embeddings import quantize_table
+
+    weight = torch.randn(200, 96, generator=torch.Generator().manual_seed(11)).bfloat16()
+    whole = quantize_table(weight, quant_type, storage, rows_per_chunk=256)
+    chunked = quantize_table(weight, quant_type, storage, rows_per_chunk=64)
+    assert torch.equal(chunked.data.view(torch.uint8), whole.data.view(torch.uint8))
+    assert chunked.quant_state.absmax.shape == (200 * 96 // 64,)
+    assert torch.equal(chunked.quant_state.absmax, whole.quant_state.absmax)
+    restored = bnb.functional.dequantize_4bit(chunked.data, chunked.quant_state)
+    assert restored.shape == (200, 96)
+    error = (restored.float() - weight.float()).abs().max() / weight.float().abs().max()
+    assert 0 < error < 0.2
+    with pytest.raises(ValueError, match="rows_per_chunk=100"):
+        quantize_table(weight, quant_type, storage, rows_per_chunk=100)

@@ -44,20 +44,40 @@ class QuantizedEmbeddings:
     tied: bool
 
 
-def quantize_table(weight: torch.Tensor, quant_type: str, quant_storage: torch.dtype) -> Params4bit:
+# Rows quantized per call: bounds the float temporaries of quantize_4bit (a 128k x 4096 table
+# would otherwise need several GiB of fp32 scratch at once). A multiple of 64 keeps every chunk
+# made of whole 64-blocks, so the chunks' codes and absmax concatenate into the full-table ones.
+QUANTIZE_ROWS_PER_CHUNK = 4096
+
+
+def quantize_table(
+    weight: torch.Tensor,
+    quant_type: str,
+    quant_storage: torch.dtype,
+    rows_per_chunk: int = QUANTIZE_ROWS_PER_CHUNK,
+) -> Params4bit:
     """A frozen Params4bit of `weight` ([rows, cols]) with one float absmax per 64-block.
 
     No double quantization: Embedding4bit looks absmax rows up by token id, which needs them plain.
     """
-    data, state = bnb.functional.quantize_4bit(
-        weight.detach().contiguous(),
-        blocksize=EMBEDDING_BLOCKSIZE,
-        compress_statistics=False,
-        quant_type=quant_type,
-        quant_storage=quant_storage,
-    )
+    if rows_per_chunk <= 0 or rows_per_chunk % EMBEDDING_BLOCKSIZE:
+        raise ValueError(f"rows_per_chunk={rows_per_chunk} must be a positive multiple of 64")
+    weight = weight.detach()
+    chunks, absmax, state = [], [], None
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        data, state = bnb.functional.quantize_4bit(
+            weight[start : start + rows_per_chunk].contiguous(),
+            blocksize=EMBEDDING_BLOCKSIZE,
+            compress_statistics=False,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+        )
+        chunks.append(data)
+        absmax.append(state.absmax)
+    state.absmax = torch.cat(absmax)
+    state.shape = weight.shape
     return Params4bit(
-        data,
+        torch.cat(chunks),
         requires_grad=False,
         quant_state=state,
         blocksize=EMBEDDING_BLOCKSIZE,

@@ -178,3 +178,23 @@ def test_chunked_quantization_equals_one_call(quant_type, storage):
     assert 0 < error < 0.2
     with pytest.raises(ValueError, match="rows_per_chunk=100"):
         quantize_table(weight, quant_type, storage, rows_per_chunk=100)
+
+
+def test_repack_guard_covers_the_4bit_lm_head(tied_dir, monkeypatch):
+    """On an AVX512-BF16 CPU an eval forward would repack lm_head, i.e. the shared table too."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from fms_acceleration_peft import is_repacked_for_cpu
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    _, path = tied_dir
+    model = _framework(quantize_embeddings=True).model_loader(path, dtype=torch.bfloat16)
+    head = model.get_output_embeddings()
+    assert head.support_avx512bf16_for_cpu is False
+    packed = head.weight.detach().view(torch.uint8).clone()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(4)))
+    assert not is_repacked_for_cpu(head)
+    assert torch.equal(head.weight.detach().view(torch.uint8), packed)
+    assert head.weight.quant_state.absmax.shape == (128 * 64 // 64,)

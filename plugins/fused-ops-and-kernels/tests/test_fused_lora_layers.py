@@ -51,6 +51,7 @@ def _lora_block(base: str, dtype: torch.dtype, bias: bool = True):
 
     if base != "plain":  # optional dependencies of the quantized bases
         pytest.importorskip({"bitsandbytes": "bitsandbytes", "auto_gptq": "gptqmodel"}[base])
+        pytest.importorskip("fms_acceleration_peft")  # the [bnb]/[gptq] extras bring it
     block = Block(bias=bias)
     if base == "plain":
         block.to(dtype)
@@ -182,6 +183,7 @@ def test_bnb_weight_repacked_for_cpu_is_restored(double_quant, seed):
     """bitsandbytes on AVX512-BF16 CPUs repacks a weight on its first no-grad eval forward; the
     fused path restores the standard layout (and turns the repacking off) before dequantizing."""
     bnbF = pytest.importorskip("bitsandbytes.functional")
+    pytest.importorskip("fms_acceleration_peft")  # owns the repack undo that the fused path calls
     from fms_acceleration_foak.kernels.fused_lora_bases import frozen_base
     from fms_acceleration_foak.lora.quantized_stand_ins import bnb_4bit_from_linear
 

@@ -70,6 +70,7 @@ def test_summary_file_has_numbers_and_adapter_is_saved(tmp_path, tiny_model, dat
 
     kind = "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "process peak RSS"
     assert data["peak_memory_kind"] == kind
+    assert data["cpu_threads"] == (0 if torch.cuda.is_available() else torch.get_num_threads())
     assert data["peak_memory_mib"] > (0 if torch.cuda.is_available() else 50)
     # LoRA r=8 on q_proj (64->64) and v_proj (64->32) in 2 layers: 2 * (8*(64+64) + 8*(64+32)).
     assert data["trainable_params"] == 2 * (8 * 128 + 8 * 96)
@@ -257,3 +258,16 @@ def test_tokenize_masks_the_prompt_and_keeps_the_answer_when_truncating(tiny_mod
         8 - len(rows[1]["input_ids"])
     )
     assert (batch["labels"][1][len(rows[1]["input_ids"]) :] == IGNORE_INDEX).all()
+
+
+def test_cpu_threads_default_to_env_then_half_the_cpus(monkeypatch):
+    from fms_acceleration.train_job import runner
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runner._cpu_threads(5) == 5
+    assert runner._cpu_threads(0) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 16)
+    assert runner._cpu_threads(0) == 8
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 1)
+    assert runner._cpu_threads(0) == 1

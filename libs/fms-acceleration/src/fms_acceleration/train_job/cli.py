@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "float32", "bfloat16", "float16"),
         help="auto: bfloat16 on GPU, float32 on CPU",
     )
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=d.cpu_threads,
+        help="torch threads on CPU; 0: $OMP_NUM_THREADS, else half the logical CPUs",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA init")
     parser.add_argument(
         "--no-eval", action="store_true", help="skip the before/after answer-accuracy check"
@@ -82,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
         lora_dropout=args.lora_dropout,
         target_modules=tuple(args.target_modules),
         full_finetuning=args.full_finetuning,
+        cpu_threads=args.cpu_threads,
         dtype=args.dtype,
         seed=args.seed,
         evaluate=not args.no_eval,

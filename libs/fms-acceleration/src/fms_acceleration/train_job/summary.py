@@ -33,6 +33,7 @@ class TrainSummary:
     active_plugins: list[str]
     device: str
     dtype: str
+    cpu_threads: int
     max_steps: int
     steps: int
     batch_size: int
@@ -75,7 +76,9 @@ class TrainSummary:
             f"  dataset           {self.dataset} ({self.train_examples} examples)",
             f"  acceleration      {self.acceleration_config or 'none'}",
             f"  active plugins    {plugins}",
-            f"  device / dtype    {self.device} / {self.dtype}",
+            f"  device / dtype    {self.device}"
+            + (f" ({self.cpu_threads} threads)" if self.cpu_threads else "")
+            + f" / {self.dtype}",
             f"  steps             {self.steps} x batch {self.batch_size}, "
             f"seq-len <= {self.seq_len}",
             f"  trainable params  {self.trainable_params:,}",

@@ -117,3 +117,36 @@ def test_lora_restore_best_loads_adapter_checkpoint(tmp_path, h):
     assert not torch.equal(
         seen[2][f"{PEFT}{V}.lora_B.default.weight"], seen[3][f"{PEFT}{V}.lora_B.default.weight"]
     )
+
+
+def test_lora_applied_by_the_client_after_augmentation(tmp_path, h):
+    """The documented client order: augmentation, then get_peft_model, then ready-for-train."""
+    from transformers import Trainer
+
+    from fms_acceleration.testing import build_framework, tiny_dataset
+    from fms_acceleration_fts import FinetuningSchedulePlugin
+
+    framework = build_framework(
+        {"plugins": {"training": {"finetuning_schedule": {"ft_schedule": SCHEDULE}}}},
+        [FinetuningSchedulePlugin],
+    )
+    args = h.train_args(str(tmp_path))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model, (peft_config,) = framework.augmentation(h.tiny_model(), args, modifiable_args=(lora,))
+    assert peft_config is lora  # FTS leaves PEFT to the client
+    model = get_peft_model(model, peft_config)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(n=16, seq_len=8, seed=0),
+        eval_dataset=tiny_dataset(n=8, seq_len=8, seed=1),
+    )
+    for cb in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+        trainer.add_callback(cb)
+    plugin = framework.plugins["finetuning_schedule"]
+    assert plugin.callback.model is model
+    assert type(plugin.adapter).__name__ == "PeftStrategyAdapter"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{PEFT}{Q}.lora_A.default.weight", f"{PEFT}{Q}.lora_B.default.weight"}
+    trainer.train()
+    assert plugin.callback.depth == 2

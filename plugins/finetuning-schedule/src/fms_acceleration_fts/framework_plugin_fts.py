@@ -65,6 +65,10 @@ FTS_SCHEMA = Stanza(
 )
 
 
+def _is_peft_config(arg: Any) -> bool:
+    return hasattr(arg, "peft_type") and hasattr(arg, "target_modules")
+
+
 def _is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
@@ -93,6 +97,7 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
             mode=es.get("mode", "min"),
         )
         self.adapter: StrategyAdapter | None = None
+        self.distributed_type: Any = "single_device"
         self.callback: Any = None  # FinetuningScheduleCallback once augmentation ran
         self._undo: list = []
 
@@ -126,15 +131,16 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
     # ------------------------------------------------------------------ framework hooks
     def augmentation(self, model: Any, train_args: Any, modifiable_args: tuple) -> tuple:
         """Validate the schedule against the model and freeze it to phase 0."""
-        for arg in modifiable_args:
-            if type(arg).__name__.endswith("LoraConfig") or hasattr(arg, "peft_type"):
-                logger.warning(
-                    "%s: a peft config is still to be applied after augmentation; the schedule "
-                    "is checked against the model as it is now. Apply get_peft_model first.",
-                    PATH,
-                )
-        self.adapter = self._select_adapter(self._distributed_type(train_args), model)
+        self.distributed_type = self._distributed_type(train_args)
         self.fts_config.weight_decay = float(getattr(train_args, "weight_decay", 0.0) or 0.0)
+        if any(_is_peft_config(arg) for arg in modifiable_args):
+            # The client applies PEFT after augmentation (get_peft_model resets requires_grad),
+            # so the schedule is validated and frozen against the wrapped model later.
+            logger.info(
+                "%s: a peft config is still to be applied; scheduling at ready-for-train", PATH
+            )
+            return model, modifiable_args
+        self.adapter = self._select_adapter(self.distributed_type, model)
         self.callback = self._build_callback(model, self.adapter)
         return model, modifiable_args
 
@@ -189,9 +195,15 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
 
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list:
         """The FTS callback; hooks accelerator.prepare_optimizer so resuming restores the depth."""
+        if model is not None and (self.callback is None or model is not self.callback.model):
+            # The client wrapped the model after augmentation (e.g. get_peft_model, which also
+            # resets requires_grad): validate and freeze against the model that will train.
+            self.adapter = self._select_adapter(self.distributed_type, model)
+            self.callback = self._build_callback(model, self.adapter)
         if self.callback is None:
             raise AccelerationPluginConfigError(
-                f"{PATH}: augmentation() must run before get_callbacks_and_ready_for_train()"
+                f"{PATH}: pass the model to get_callbacks_and_ready_for_train(model, accelerator)"
+                " (augmentation() alone does not schedule a model still to be wrapped by PEFT)"
             )
         if accelerator is not None:
             wanted = self._select_adapter(distributed_type_of(accelerator), self.callback.model)

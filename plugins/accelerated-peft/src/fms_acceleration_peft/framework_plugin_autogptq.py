@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ class AutoGPTQAccelerationPlugin(AccelerationPlugin):
     """Loads a GPTQ checkpoint with a trainable kernel and trains LoRA on its quantized layers."""
 
     require_packages = ("gptqmodel", "peft")
-    install_hints = {"gptqmodel": "fms-acceleration-peft[gptq]"}
+    install_hints = MappingProxyType({"gptqmodel": "fms-acceleration-peft[gptq]"})
     slots = frozenset({PEFT_WRAPPING_SLOT})
     order = 10
 

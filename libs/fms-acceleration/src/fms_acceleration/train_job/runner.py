@@ -282,7 +282,8 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
         seq_len=config.seq_len,
         train_examples=len(rows),
         train_tokens=tokens,
-        train_runtime_s=round(runtime, 3),
+        # enough digits that tokens / runtime reproduces tokens/s even for sub-second runs
+        train_runtime_s=round(runtime, 6),
         train_tokens_per_s=round(tokens / runtime, 2) if runtime > 0 else 0.0,
         peak_memory_mib=round(peak, 1),
         peak_memory_kind=peak_kind,

@@ -218,6 +218,20 @@ INVALID = [
         r"phase 0: max_transition_step is not allowed with epoch_transitions_only",
         id="epoch-only-step",
     ),
+    pytest.param(
+        {0: ok(max_transition_epoch=3), 1: {"params": ["head.bias"], "max_transition_epoch": 2}},
+        {},
+        r"phase 1: max_transition_epoch 2 is smaller than phase 0's \(3\); transition epochs "
+        r"must not decrease",
+        id="decreasing-epochs",
+    ),
+    pytest.param(
+        {0: ok(max_transition_step=9), 1: {"params": ["head.bias"], "max_transition_step": 4}},
+        {},
+        r"phase 1: max_transition_step 4 is smaller than phase 0's \(9\); transition steps "
+        r"must not decrease",
+        id="decreasing-steps",
+    ),
     pytest.param({}, {}, r"must be a non-empty mapping", id="empty-schedule"),
     pytest.param([ok()], {}, r"must be a non-empty mapping", id="list-schedule"),
 ]

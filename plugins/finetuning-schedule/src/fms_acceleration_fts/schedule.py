@@ -307,26 +307,17 @@ def validate_schedule(
                     f"phase {depth}: epoch_transitions_only is set, so every phase but the last "
                     "needs max_transition_epoch >= 0"
                 )
-        if (
-            phases
-            and mte >= 0
-            and phases[-1].max_transition_epoch >= 0
-            and mte < phases[-1].max_transition_epoch
-        ):
-            raise FTSScheduleError(
-                f"phase {depth}: max_transition_epoch {mte} is smaller than phase {depth - 1}'s "
-                f"({phases[-1].max_transition_epoch}); transition epochs must not decrease"
-            )
-        if (
-            phases
-            and mts >= 0
-            and phases[-1].max_transition_step >= 0
-            and mts < phases[-1].max_transition_step
-        ):
-            raise FTSScheduleError(
-                f"phase {depth}: max_transition_step {mts} is smaller than phase {depth - 1}'s "
-                f"({phases[-1].max_transition_step}); transition steps must not decrease"
-            )
+        if phases:
+            previous = phases[-1]
+            for unit, limit, previous_limit in (
+                ("epoch", mte, previous.max_transition_epoch),
+                ("step", mts, previous.max_transition_step),
+            ):
+                if limit >= 0 and previous_limit >= 0 and limit < previous_limit:
+                    raise FTSScheduleError(
+                        f"phase {depth}: max_transition_{unit} {limit} is smaller than phase "
+                        f"{depth - 1}'s ({previous_limit}); transition {unit}s must not decrease"
+                    )
 
         lr = spec.get("lr")
         if lr is not None:

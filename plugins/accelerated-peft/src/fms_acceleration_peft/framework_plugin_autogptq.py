@@ -19,7 +19,7 @@ from fms_acceleration import (
 from .dtypes import pop_requested_dtype, resolve_dtype
 from .gptq_kernels import REFERENCE_KERNEL, TRAINABLE_KERNELS, group_size_for
 from .gptq_sharding import quantized_tensors_as_parameters
-from .peft_wrapping import PEFT_WRAPPING_SLOT, wrap_with_lora
+from .peft_wrapping import QuantizedLoraPlugin, wrap_with_lora
 
 GPTQ_STANZA = "peft.quantization.auto_gptq"
 
@@ -31,13 +31,11 @@ def fsdp_requested(train_args: Any) -> bool:
     return bool(getattr(train_args, "fsdp", None))
 
 
-class AutoGPTQAccelerationPlugin(AccelerationPlugin):
+class AutoGPTQAccelerationPlugin(QuantizedLoraPlugin):
     """Loads a GPTQ checkpoint with a trainable kernel and trains LoRA on its quantized layers."""
 
     require_packages = ("gptqmodel", "peft")
     install_hints = MappingProxyType({"gptqmodel": "fms-acceleration-peft[gptq]"})
-    slots = frozenset({PEFT_WRAPPING_SLOT})
-    order = 10
 
     def __init__(self, configurations: dict[str, Any], require_packages_check: bool = True):
         super().__init__(configurations, require_packages_check)
@@ -52,14 +50,6 @@ class AutoGPTQAccelerationPlugin(AccelerationPlugin):
             )
         self.dtype: torch.dtype | None = None
         self.quantized_checkpoint: str | None = None
-
-    @property
-    def requires_custom_loading(self) -> bool:
-        return True
-
-    @property
-    def requires_augmentation(self) -> bool:
-        return True
 
     def model_loader(self, model_name: str, **kwargs: Any):
         """Load the GPTQ checkpoint (quantizing it first when from_quantized is false)."""

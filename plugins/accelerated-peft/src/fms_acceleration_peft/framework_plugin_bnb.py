@@ -17,18 +17,16 @@ from .bnb_cpu_repack import disable_cpu_weight_repacking
 from .bnb_loading import QUANT_TYPES, load_4bit_model
 from .dtypes import pop_requested_dtype, resolve_dtype
 from .lora import lora_hits_on_embeddings
-from .peft_wrapping import PEFT_WRAPPING_SLOT, wrap_with_lora
+from .peft_wrapping import PEFT_WRAPPING_SLOT, QuantizedLoraPlugin, wrap_with_lora
 
 BNB_STANZA = "peft.quantization.bitsandbytes"
 QUANTIZE_EMBEDDINGS_KEY = f"plugins.{BNB_STANZA}.quantize_embeddings"
 
 
-class BNBAccelerationPlugin(AccelerationPlugin):
+class BNBAccelerationPlugin(QuantizedLoraPlugin):
     """Loads the model in 4-bit through BitsAndBytesConfig and applies the LoRA config itself."""
 
     require_packages = ("bitsandbytes", "peft")
-    slots = frozenset({PEFT_WRAPPING_SLOT})
-    order = 10
 
     def __init__(self, configurations: dict[str, Any], require_packages_check: bool = True):
         super().__init__(configurations, require_packages_check)
@@ -36,14 +34,6 @@ class BNBAccelerationPlugin(AccelerationPlugin):
         self.quant_type: str = stanza["quant_type"]
         self.no_peft_model: bool = stanza["no_peft_model"]
         self.quantize_embeddings: bool = stanza["quantize_embeddings"]
-
-    @property
-    def requires_custom_loading(self) -> bool:
-        return True
-
-    @property
-    def requires_augmentation(self) -> bool:
-        return True
 
     def taken_slots(self) -> frozenset[str]:
         """model_loader always; peft_wrapping unless no_peft_model leaves PEFT to the trainer."""

@@ -8,13 +8,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from fms_acceleration import AccelerationPluginConfigError
+from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError
 
 from .kbit_training import checkpointing_from_train_args, prepare_for_kbit_training
 from .lora import apply_lora
 
 # A plugin on this slot applies PEFT itself and returns None in place of the peft config.
 PEFT_WRAPPING_SLOT = "peft_wrapping"
+
+
+class QuantizedLoraPlugin(AccelerationPlugin):
+    """What both quantized-LoRA plugins declare: they load the model and apply PEFT themselves."""
+
+    slots = frozenset({PEFT_WRAPPING_SLOT})
+    order = 10
+
+    @property
+    def requires_custom_loading(self) -> bool:
+        return True
+
+    @property
+    def requires_augmentation(self) -> bool:
+        return True
 
 
 def wrap_with_lora(

@@ -145,3 +145,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Exiting with gloo process groups alive (the DDP adapter adds one) can abort the process in
+    # teardown ("terminate called without an active exception"): shut them down explicitly.
+    dist.barrier()
+    dist.destroy_process_group()

@@ -10,8 +10,10 @@ from importlib import metadata
 import pytest
 import torch
 
-from fms_acceleration import AccelerationPlugin, Option, Requirement, Stanza
+from fms_acceleration import AccelerationPlugin, Requirement, StanzaModel, choice
 from fms_acceleration import discovery as discovery_module
+from fms_acceleration.constants import PLUGIN_GROUP
+from fms_acceleration.framework_plugin import isolated_registrations
 
 FAKE_MODULE = "fms_fake_plugins_for_tests"
 
@@ -67,63 +69,77 @@ class RestrictedAugmenter(AccelerationPlugin):
         return True
 
 
-KERNEL_SCHEMA = Stanza(
-    fast_rms_layernorm=Option(bool, default=False),
-    fast_loss=Option((bool, str), default=False, choices=(True, False, "fused_ce_liger")),
-    fused_lora=Option(bool, default=False),
-    chunk_size=Option(int, default=1024),
-)
+class KernelSchema(StanzaModel):
+    fast_rms_layernorm: bool = False
+    fast_loss: choice(True, False, "fused_ce_liger") = False
+    fused_lora: bool = False
+    chunk_size: int = 1024
 
-AccelerationPlugin.register_plugin(
-    FakeLoader,
-    configuration_and_paths=["peft.quantization.fake_loader"],
-    plugin_id="fake_loader",
-    schemas={
-        "peft.quantization.fake_loader": Stanza(
-            quant_type=Option(str, default="nf4", choices=("nf4", "fp4")),
-            no_peft_model=Option(bool, default=False),
-        )
-    },
-)
-AccelerationPlugin.register_plugin(
-    OtherLoader,
-    configuration_and_paths=["peft.quantization.other_loader"],
-    plugin_id="other_loader",
-    schemas={"peft.quantization.other_loader": Stanza(bits=Option(int, default=4))},
-)
-AccelerationPlugin.register_plugin(
-    FakeKernels,
-    configuration_or_paths=["training.fake_kernels", "peft.quantization.fake_kernels"],
-    plugin_id="fake_kernels",
-    schemas={
-        "training.fake_kernels": KERNEL_SCHEMA,
-        "peft.quantization.fake_kernels": KERNEL_SCHEMA,
-    },
-)
-AccelerationPlugin.register_plugin(
-    OtherLoss,
-    configuration_and_paths=["training.other_loss"],
-    plugin_id="other_loss",
-    schemas={"training.other_loss": Stanza(scale=Option(float, default=1.0))},
-)
-AccelerationPlugin.register_plugin(
-    AndPlugin,
-    configuration_and_paths=["training.part_a", "training.part_b"],
-    plugin_id="and_plugin",
-    schemas={"training.part_a": Stanza(), "training.part_b": Stanza()},
-)
-AccelerationPlugin.register_plugin(
-    NeedsMissingPackage,
-    configuration_and_paths=["training.needs_missing"],
-    plugin_id="needs_missing",
-    schemas={"training.needs_missing": Stanza()},
-)
-AccelerationPlugin.register_plugin(
-    RestrictedAugmenter,
-    configuration_and_paths=["training.restricted"],
-    plugin_id="restricted",
-    schemas={"training.restricted": Stanza()},
-)
+
+class LoaderSchema(StanzaModel):
+    quant_type: choice("nf4", "fp4") = "nf4"
+    no_peft_model: bool = False
+
+
+class BitsSchema(StanzaModel):
+    bits: int = 4
+
+
+class ScaleSchema(StanzaModel):
+    scale: float = 1.0
+
+
+class Empty(StanzaModel):
+    pass
+
+
+# registered in a scope of their own, so other packages' tests never see the fakes
+with isolated_registrations():
+    AccelerationPlugin.register_plugin(
+        FakeLoader,
+        configuration_and_paths=["peft.quantization.fake_loader"],
+        plugin_id="fake_loader",
+        schemas={"peft.quantization.fake_loader": LoaderSchema},
+    )
+    AccelerationPlugin.register_plugin(
+        OtherLoader,
+        configuration_and_paths=["peft.quantization.other_loader"],
+        plugin_id="other_loader",
+        schemas={"peft.quantization.other_loader": BitsSchema},
+    )
+    AccelerationPlugin.register_plugin(
+        FakeKernels,
+        configuration_or_paths=["training.fake_kernels", "peft.quantization.fake_kernels"],
+        plugin_id="fake_kernels",
+        schemas={
+            "training.fake_kernels": KernelSchema,
+            "peft.quantization.fake_kernels": KernelSchema,
+        },
+    )
+    AccelerationPlugin.register_plugin(
+        OtherLoss,
+        configuration_and_paths=["training.other_loss"],
+        plugin_id="other_loss",
+        schemas={"training.other_loss": ScaleSchema},
+    )
+    AccelerationPlugin.register_plugin(
+        AndPlugin,
+        configuration_and_paths=["training.part_a", "training.part_b"],
+        plugin_id="and_plugin",
+        schemas={"training.part_a": Empty, "training.part_b": Empty},
+    )
+    AccelerationPlugin.register_plugin(
+        NeedsMissingPackage,
+        configuration_and_paths=["training.needs_missing"],
+        plugin_id="needs_missing",
+        schemas={"training.needs_missing": Empty},
+    )
+    AccelerationPlugin.register_plugin(
+        RestrictedAugmenter,
+        configuration_and_paths=["training.restricted"],
+        plugin_id="restricted",
+        schemas={"training.restricted": Empty},
+    )
 
 ALL_FAKES = [
     FakeLoader,
@@ -134,6 +150,13 @@ ALL_FAKES = [
     NeedsMissingPackage,
     RestrictedAugmenter,
 ]
+
+
+@pytest.fixture(autouse=True)
+def _registrations_stay_in_the_test():
+    """Plugins a test registers are gone after it (entry points are still discovered)."""
+    with isolated_registrations(use_entry_points=True):
+        yield
 
 
 @pytest.fixture
@@ -150,8 +173,8 @@ def installed_fakes(monkeypatch):
         setattr(module, cls.__name__, cls)
     monkeypatch.setitem(sys.modules, FAKE_MODULE, module)
     entry_points = [
-        metadata.EntryPoint("fakes", FAKE_MODULE, discovery_module.PLUGIN_GROUP),
-        metadata.EntryPoint("broken", "no_such_module_xyz", discovery_module.PLUGIN_GROUP),
+        metadata.EntryPoint("fakes", FAKE_MODULE, PLUGIN_GROUP),
+        metadata.EntryPoint("broken", "no_such_module_xyz", PLUGIN_GROUP),
     ]
     monkeypatch.setattr(discovery_module, "plugin_entry_points", lambda: entry_points)
     return module

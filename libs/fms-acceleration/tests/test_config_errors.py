@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import types
 
 import pytest
 
@@ -117,6 +118,46 @@ BAD_CONFIGS = {
         "plugin:\n  training: {}\n",
         "unknown top-level key 'plugin' (did you mean 'plugins'?)",
     ),
+    "no stanzas": (
+        "plugins: {}\n",
+        "No plugins could be configured. Please check the acceleration framework configuration "
+        "file",
+    ),
+    "empty parent of stanzas": (
+        "plugins:\n  peft:\n    quantization:\n",
+        "plugins.peft.quantization: expected a mapping with one or more of the stanzas "
+        "auto_gptq, bitsandbytes, fake_kernels, fake_loader, fused_ops_and_kernels, "
+        "other_loader; got nothing.",
+    ),
+    "stanza body is a list": (
+        "plugins:\n  training:\n    fake_kernels: [1, 2]\n",
+        "plugins.training.fake_kernels: expected a mapping of options, got list [1, 2].",
+    ),
+    "not a finite number": (
+        "plugins:\n  training:\n    other_loss:\n      scale: .inf\n",
+        "plugins.training.other_loss.scale: .inf is not a finite number.",
+    ),
+    "number read as a string": (
+        "plugins:\n  training:\n    other_loss:\n      scale: 1e-5\n",
+        "plugins.training.other_loss.scale: expected a number, got str '1e-5'; YAML read 1e-5 "
+        "as a string (write 1.0e-5).",
+    ),
+    "alias bomb": (
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(
+            f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+        )
+        + "plugins: {training: {other_loss: {}}}\n",
+        "aliases expand to",
+    ),
+    "deep nesting": (
+        "plugins:\n  training:\n    other_loss:\n      scale: " + "[" * 200 + "]" * 200 + "\n",
+        "nesting is",
+    ),
+    "list as a key": (
+        "plugins:\n  ? [a, b]\n  : 1\n",
+        "a mapping key at line 2, column 5 is a sequence",
+    ),
 }
 
 
@@ -154,22 +195,23 @@ def test_known_but_uninstalled_stanza_warns_and_passes_through(tmp_path, install
         plugins:
           training:
             odm:
-              update_interval: 3
+              odm:
+                update_interval: 3
             fake_kernels: {}
         """,
     )
     assert main(["check", str(path)]) == 0
     captured = capsys.readouterr()
     assert (
-        "warning: plugins.training.odm: this stanza belongs to the package "
+        "warning: plugins.training.odm.odm: this stanza belongs to the package "
         "'fms-acceleration-odm', which is not installed" in captured.err
     )
     assert "1. fake_kernels (FakeKernels); slots: loss" in captured.out
     with pytest.warns(UserWarning, match="pip install fms-acceleration-odm"):
         framework = AccelerationFramework(path)
     # nothing the user wrote is lost: the uninstalled stanza is kept verbatim
-    assert framework.configurations["training"]["odm"] == {"update_interval": 3}
-    assert framework.passed_through == {"training.odm": "fms-acceleration-odm"}
+    assert framework.configurations["training"]["odm"]["odm"] == {"update_interval": 3}
+    assert framework.passed_through == {"training.odm.odm": "fms-acceleration-odm"}
 
 
 def test_missing_file_and_missing_env(tmp_path, monkeypatch, installed_fakes):
@@ -197,3 +239,35 @@ def test_check_prints_active_plugins_in_declared_order(tmp_path, installed_fakes
     assert out[0] == f"{path}: OK"
     assert out[1] == "  1. fake_loader (FakeLoader); slots: model_loader"
     assert out[2] == "  2. fake_kernels (FakeKernels); slots: loss"
+
+
+def test_non_utf8_file_is_named(tmp_path, installed_fakes, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("plugins:\n  training:\n    other_loss: {}\n# caf\xe9\n".encode("latin-1"))
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {path}: the configuration file is not UTF-8 text (byte 0xe9 at line 4)" in err
+    assert "Traceback" not in err
+
+
+def test_stanza_of_an_installed_but_broken_plugin_is_an_error(tmp_path, monkeypatch, capsys):
+    from importlib import metadata
+
+    from fms_acceleration import discovery, stanzas
+    from fms_acceleration.errors import PluginImportError
+
+    dist = types.SimpleNamespace(metadata={"Name": "fms-acceleration-aadp"}, version="1.0.0")
+    broken = metadata.EntryPoint("aadp", "fms_acceleration_aadp_missing", "x")._for(dist)
+    monkeypatch.setattr(discovery, "plugin_entry_points", lambda: [broken])
+    monkeypatch.setattr(stanzas, "installed_version", lambda package: "1.0.0")
+    path = _write(tmp_path, "plugins:\n  training:\n    attention:\n      padding_free: {}\n")
+    with pytest.warns(UserWarning, match="'aadp'"), pytest.raises(PluginImportError) as info:
+        AccelerationFramework(path)
+    message = str(info.value)
+    assert (
+        "plugins.training.attention.padding_free: the plugin for this stanza is installed but "
+        "failed to import: plugin 'aadp' (fms_acceleration_aadp_missing) from package "
+        "'fms-acceleration-aadp' 1.0.0 failed to import: ModuleNotFoundError" in message
+    )
+    assert main(["check", str(path)]) == 1
+    assert "training without it would silently ignore this stanza" in capsys.readouterr().err

@@ -12,12 +12,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from fms_acceleration import (
     AccelerationPlugin,
+    AcceleratorPatcherComponent,
     ModelPatcherRule,
     ModelPatcherTrigger,
-    Option,
     Requirement,
-    Stanza,
+    StanzaModel,
 )
+from fms_acceleration.framework_plugin import isolated_registrations
 from fms_acceleration.testing import build_framework, tiny_dataset
 
 
@@ -51,8 +52,8 @@ def rms_norm_forward(self, hidden_states):
 class TinyLora(AccelerationPlugin):
     slots = frozenset({"peft_wrapping", "rms_norm"})
 
-    def __init__(self, configurations, require_packages_check=True):
-        super().__init__(configurations, require_packages_check)
+    def __init__(self, configurations):
+        super().__init__(configurations)
         self.rank = self.stanza("training.tiny_lora")["rank"]
         self.counter = StepCounter()
         self.collated_batches = 0
@@ -86,22 +87,35 @@ class TinyLora(AccelerationPlugin):
 
             return collate
 
-        self.accelerator_patcher.replace_collator("count-batches", count_batches)
+        self.accelerator_patcher.replace(
+            "count-batches",
+            AcceleratorPatcherComponent.data_collator,
+            replacement_builder=count_batches,
+        )
         return [self.counter]
 
 
-AccelerationPlugin.register_plugin(
-    TinyLoader,
-    configuration_and_paths=["peft.quantization.tiny_loader"],
-    plugin_id="tiny_loader",
-    schemas={"peft.quantization.tiny_loader": Stanza()},
-)
-AccelerationPlugin.register_plugin(
-    TinyLora,
-    configuration_and_paths=["training.tiny_lora"],
-    plugin_id="tiny_lora",
-    schemas={"training.tiny_lora": Stanza(rank=Option(int, default=4))},
-)
+class NoOptions(StanzaModel):
+    pass
+
+
+class LoraOptions(StanzaModel):
+    rank: int = 4
+
+
+with isolated_registrations():
+    AccelerationPlugin.register_plugin(
+        TinyLoader,
+        configuration_and_paths=["peft.quantization.tiny_loader"],
+        plugin_id="tiny_loader",
+        schemas={"peft.quantization.tiny_loader": NoOptions},
+    )
+    AccelerationPlugin.register_plugin(
+        TinyLora,
+        configuration_and_paths=["training.tiny_lora"],
+        plugin_id="tiny_lora",
+        schemas={"training.tiny_lora": LoraOptions},
+    )
 
 
 @pytest.mark.slow
@@ -115,7 +129,8 @@ def test_trainer_runs_three_steps_through_the_framework(tmp_path, tiny_llama_dir
         },
         [TinyLora, TinyLoader],
     )
-    assert [pid for pid, _ in framework.active_plugins] == ["tiny_loader", "tiny_lora"]
+    assert list(framework.plugins) == ["tiny_loader", "tiny_lora"]
+    assert [name for name, _ in framework.active_plugins] == ["TinyLoader", "TinyLora"]
     assert framework.requires_custom_loading and framework.requires_augmentation
 
     model = framework.model_loader(str(tiny_llama_dir), dtype=torch.float32)
@@ -156,6 +171,7 @@ def test_trainer_runs_three_steps_through_the_framework(tmp_path, tiny_llama_dir
             trainer.add_callback(callback)
     summary = caplog.text
     assert "fms-acceleration: ready for train" in summary
+    assert "Active Plugin: TinyLoader." in summary and "Active Plugin: TinyLora." in summary
     assert "tiny_loader" in summary and "tiny_lora" in summary
     assert "plain-rms-norm" in summary and "count-batches" in summary
 

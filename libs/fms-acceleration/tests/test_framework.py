@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,12 +14,17 @@ from fms_acceleration import (
     AccelerationPluginConfigError,
     ModelPatcherRule,
     ModelPatcherTrigger,
-    Option,
-    Stanza,
+    NoPluginsConfiguredError,
+    StanzaModel,
 )
-from fms_acceleration.discovery import discover_plugins
-from fms_acceleration.plugin import registration_of
+from fms_acceleration.discovery import discover_plugins, plugin_catalogue
+from fms_acceleration.errors import ModelWithoutConfigError, PluginHookMissingError
+from fms_acceleration.framework_plugin import PLUGIN_REGISTRATIONS, registration_of
 from fms_acceleration.testing import build_framework
+
+
+class Empty(StanzaModel):
+    pass
 
 
 def _config(**stanzas):
@@ -32,10 +39,11 @@ def _config(**stanzas):
 
 
 def test_and_paths_need_every_stanza(fakes):
-    only_a = build_framework(_config(training__part_a={}), fakes.ALL)
-    assert only_a.active_plugins == []
+    with pytest.raises(NoPluginsConfiguredError, match="no plugin has all the stanzas"):
+        build_framework(_config(training__part_a={}), fakes.ALL)
     both = build_framework(_config(training__part_a={}, training__part_b={}), fakes.ALL)
-    assert [pid for pid, _ in both.active_plugins] == ["and_plugin"]
+    assert list(both.plugins) == ["and_plugin"]
+    assert both.active_plugins == [("AndPlugin", both.plugins["and_plugin"])]
 
 
 @pytest.mark.parametrize("path", ["training__fake_kernels", "peft__quantization__fake_kernels"])
@@ -50,6 +58,8 @@ def test_or_paths_need_any_stanza(fakes, path):
         "fused_lora": False,
         "chunk_size": 1024,
     }
+    # a plugin receives only the sections of its own stanza paths
+    assert list(plugin.configurations) == [dotted.split(".")[0]]
     assert plugin._check_config_and_maybe_check_values(f"{dotted}.fast_loss") == "fused_ce_liger"
 
 
@@ -61,18 +71,50 @@ def test_loaders_run_first_then_declared_order(fakes):
         training__part_b={},
     )
     framework = build_framework(config, fakes.ALL)
-    # FakeLoader declares order=50 (> FakeKernels' 10) but takes model_loader, so it leads.
-    assert [pid for pid, _ in framework.active_plugins] == [
-        "fake_loader",
-        "fake_kernels",
-        "and_plugin",
-    ]
+    # FakeLoader declares order=50 (> FakeKernels' 10) but takes model_loader, so it leads;
+    # AndPlugin declares no order (100).
+    assert list(framework.plugins) == ["fake_loader", "fake_kernels", "and_plugin"]
+    assert framework.plugins_require_custom_loading == ["FakeLoader"]
     assert framework.requires_custom_loading
     assert not framework.requires_augmentation
     assert dict(framework.slot_owners) == {"model_loader": "fake_loader", "loss": "fake_kernels"}
-    assert set(framework.plugins) == {"fake_loader", "fake_kernels", "and_plugin"}
     with pytest.raises(TypeError):
         framework.plugins["x"] = None  # the table is read-only
+
+
+def test_plugins_without_declared_order_run_in_registration_order():
+    made = []
+    for name in ("Zeta", "Alpha", "Mid"):
+        cls = type(name, (AccelerationPlugin,), {})
+        AccelerationPlugin.register_plugin(
+            cls,
+            configuration_and_paths=[f"training.{name.lower()}"],
+            schemas={f"training.{name.lower()}": Empty},
+        )
+        made.append(cls)
+    framework = build_framework(
+        _config(training__zeta={}, training__alpha={}, training__mid={}), made
+    )
+    assert [name for name, _ in framework.active_plugins] == ["Zeta", "Alpha", "Mid"]
+
+
+def test_class_level_assignment_does_not_change_instances(fakes):
+    framework = build_framework(_config(peft__quantization__fake_loader={}), fakes.ALL)
+    saved = AccelerationFramework.__dict__.get("active_plugins")
+    try:
+        # what fms-hf-tuning does before building its framework
+        AccelerationFramework.active_plugins = []
+        AccelerationFramework.plugins_require_custom_loading = []
+        assert [n for n, _ in framework.active_plugins] == ["FakeLoader"]
+        assert framework.plugins_require_custom_loading == ["FakeLoader"]
+        later = build_framework(_config(training__other_loss={}), fakes.ALL)
+        assert [n for n, _ in later.active_plugins] == ["OtherLoss"]
+        assert [n for n, _ in framework.active_plugins] == ["FakeLoader"]
+    finally:
+        for name in ("active_plugins", "plugins_require_custom_loading"):
+            if name in AccelerationFramework.__dict__:
+                delattr(AccelerationFramework, name)
+        assert saved is None
 
 
 def test_duplicate_plugin_ids_are_refused(fakes):
@@ -83,7 +125,7 @@ def test_duplicate_plugin_ids_are_refused(fakes):
         Twin,
         configuration_and_paths=["training.other_loss"],
         plugin_id="fake_kernels",
-        schemas={"training.other_loss": Stanza(scale=Option(float, default=1.0))},
+        schemas={"training.other_loss": Empty},
     )
     with pytest.raises(AccelerationPluginConfigError, match="two active plugins share the id"):
         build_framework(
@@ -96,11 +138,14 @@ def test_conflicting_schemas_for_one_path_are_refused(fakes):
     class Clash(AccelerationPlugin):
         pass
 
+    class OtherScale(StanzaModel):
+        scale: int = 1
+
     AccelerationPlugin.register_plugin(
         Clash,
         configuration_and_paths=["training.other_loss"],
         plugin_id="clash",
-        schemas={"training.other_loss": Stanza(scale=Option(int, default=1))},
+        schemas={"training.other_loss": OtherScale},
     )
     with pytest.raises(AccelerationPluginConfigError, match="declare different schemas"):
         build_framework(_config(training__other_loss={}), [fakes.OtherLoss, Clash])
@@ -135,8 +180,10 @@ def test_two_frameworks_in_one_process_stay_independent(fakes, tiny_llama_dir):
 
 def test_model_loader_without_loader_plugin_is_a_clear_error(fakes):
     framework = build_framework(_config(training__fake_kernels={}), fakes.ALL)
-    with pytest.raises(AccelerationFrameworkError, match="no active plugin loads models"):
+    with pytest.raises(PluginHookMissingError, match="none of activated plugins") as info:
         framework.model_loader("anything")
+    assert isinstance(info.value, (AccelerationFrameworkError, NotImplementedError))
+    assert "AutoModelForCausalLM.from_pretrained" in str(info.value)
 
 
 def test_restricted_archs_checked_only_where_they_matter(fakes, tiny_llama_dir):
@@ -147,7 +194,7 @@ def test_restricted_archs_checked_only_where_they_matter(fakes, tiny_llama_dir):
     with pytest.raises(AccelerationPluginConfigError) as info:
         framework.augmentation(model, None, modifiable_args=(None,))
     assert str(info.value) == (
-        "plugin 'restricted' does not support the model architecture LlamaForCausalLM; "
+        "Model architectures in ['LlamaForCausalLM'] are not supported for 'restricted'; "
         "supported: MistralForCausalLM."
     )
 
@@ -158,14 +205,16 @@ def test_restricted_archs_checked_only_where_they_matter(fakes, tiny_llama_dir):
         RestrictedNoAugment,
         configuration_and_paths=["training.part_a"],
         plugin_id="restricted_no_augment",
-        schemas={"training.part_a": Stanza()},
+        schemas={"training.part_a": Empty},
     )
     quiet = build_framework(_config(training__part_a={}), [RestrictedNoAugment])
     same_model, args = quiet.augmentation(model, None, modifiable_args=(None,))
     assert same_model is model and args == (None,)
 
 
-def test_augmentation_must_return_same_length_tuple(fakes, tiny_llama_dir):
+def test_augmentation_contract(fakes, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
     class Broken(AccelerationPlugin):
         @property
         def requires_augmentation(self):
@@ -174,37 +223,60 @@ def test_augmentation_must_return_same_length_tuple(fakes, tiny_llama_dir):
         def augmentation(self, model, train_args, modifiable_args):
             return model, ()
 
+    class Incomplete(AccelerationPlugin):
+        requires_augmentation = True
+
     AccelerationPlugin.register_plugin(
-        Broken,
-        configuration_and_paths=["training.part_a"],
-        plugin_id="broken",
-        schemas={"training.part_a": Stanza()},
+        Broken, configuration_and_paths=["training.part_a"], schemas={"training.part_a": Empty}
     )
+    AccelerationPlugin.register_plugin(
+        Incomplete, configuration_and_paths=["training.part_b"], schemas={"training.part_b": Empty}
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     framework = build_framework(_config(training__part_a={}), [Broken])
     with pytest.raises(AccelerationFrameworkError, match="expected a tuple of 1 item"):
-        framework.augmentation(torch.nn.Linear(2, 2), None, modifiable_args=(None,))
+        framework.augmentation(model, None, modifiable_args=(None,))
     with pytest.raises(AccelerationFrameworkError, match="must be a tuple, got list"):
-        framework.augmentation(torch.nn.Linear(2, 2), None, modifiable_args=[None])
+        framework.augmentation(model, None, modifiable_args=[None])
+    with pytest.raises(ModelWithoutConfigError, match="needs a transformers model") as info:
+        framework.augmentation(torch.nn.Linear(2, 2), None, modifiable_args=(None,))
+    assert isinstance(info.value, AttributeError)
+    incomplete = build_framework(_config(training__part_b={}), [Incomplete])
+    with pytest.raises(PluginHookMissingError, match="does not define augmentation"):
+        incomplete.augmentation(model, None, None)
 
 
 def test_registration_rules():
     class NoSchema(AccelerationPlugin):
         pass
 
-    with pytest.raises(TypeError, match="no schema declared for stanza path"):
-        AccelerationPlugin.register_plugin(NoSchema, configuration_and_paths=["training.x"])
     with pytest.raises(TypeError, match="must be a list of dotted paths"):
-        AccelerationPlugin.register_plugin(
-            NoSchema, configuration_and_paths="training.x", schemas={"training.x": Stanza()}
-        )
+        AccelerationPlugin.register_plugin(NoSchema, configuration_and_paths="training.x")
     with pytest.raises(TypeError, match="at least one stanza path"):
         AccelerationPlugin.register_plugin(NoSchema)
+    with pytest.raises(AssertionError, match="Specify at least one AND or OR path"):
+        AccelerationPlugin.register_plugin(NoSchema, configuration_and_paths=[])
+    with pytest.raises(TypeError, match="schema given for 'training.y'"):
+        AccelerationPlugin.register_plugin(
+            NoSchema, configuration_and_paths=["training.x"], schemas={"training.y": Empty}
+        )
+    with pytest.raises(TypeError, match="must be a pydantic model class"):
+        AccelerationPlugin.register_plugin(
+            NoSchema, configuration_and_paths=["training.x"], schemas={"training.x": dict}
+        )
+    # no schema: the reference's style, allowed
+    registration = AccelerationPlugin.register_plugin(
+        NoSchema, configuration_and_paths=["training.x"]
+    )
+    assert not registration.validated
+    assert registration.plugin is NoSchema and registration.AND == ["training.x"]
+    assert registration.OR == []
 
     class Parent(AccelerationPlugin):
         pass
 
     AccelerationPlugin.register_plugin(
-        Parent, configuration_and_paths=["training.x"], schemas={"training.x": Stanza()}
+        Parent, configuration_and_paths=["training.x"], schemas={"training.x": Empty}
     )
 
     class Child(Parent):
@@ -216,6 +288,60 @@ def test_registration_rules():
         build_framework({"plugins": {"training": {"x": {}}}}, [Child])
 
 
+def test_in_process_registration_is_found_beside_entry_points(installed_fakes):
+    class Local(AccelerationPlugin):
+        def __init__(self, configurations):
+            super().__init__(configurations)
+            self.seen = configurations
+
+    before = len(PLUGIN_REGISTRATIONS)
+    AccelerationPlugin.register_plugin(Local, configuration_and_paths=["training.local"])
+    assert len(PLUGIN_REGISTRATIONS) == before + 1
+    assert PLUGIN_REGISTRATIONS[-1].plugin is Local
+    with pytest.raises(AttributeError):
+        PLUGIN_REGISTRATIONS.append(None)  # read-only view
+    with pytest.warns(
+        UserWarning,
+        match="'Local' .* declares no schema: its stanzas "
+        "plugins.training.local reach it unvalidated",
+    ):
+        framework = AccelerationFramework(
+            {"plugins": {"training": {"local": {"anything": [1, 2]}, "other_loss": {}}}}
+        )
+    assert [name for name, _ in framework.active_plugins] == ["OtherLoss", "Local"]
+    local = framework.plugins["Local"]
+    assert local.seen == {"training": {"local": {"anything": [1, 2]}}}
+
+
+def test_empty_configuration_raises_the_reference_message(installed_fakes, tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("plugins: {}\n")
+    with pytest.raises(ValueError) as info:
+        AccelerationFramework(str(path))
+    (message,) = info.value.args
+    assert message.startswith(
+        "No plugins could be configured. Please check the acceleration framework configuration "
+        f"file '{path}'"
+    )
+    assert isinstance(info.value, NoPluginsConfiguredError)
+    assert isinstance(info.value, AccelerationPluginConfigError)
+
+
+def test_plugin_whose_init_raises_is_named(installed_fakes):
+    class Fragile(AccelerationPlugin):
+        def __init__(self, configurations):
+            super().__init__(configurations)
+            configurations["training"]["fragile"]["missing"]
+
+    AccelerationPlugin.register_plugin(Fragile, configuration_and_paths=["training.fragile"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(AccelerationPluginConfigError) as info:
+            AccelerationFramework({"plugins": {"training": {"fragile": {"x": 1}}}})
+    assert "plugin 'Fragile' (Fragile from package" in str(info.value)
+    assert "failed to start: KeyError: 'missing'" in str(info.value)
+
+
 def test_env_var_fallback(tmp_path, monkeypatch, installed_fakes):
     path = tmp_path / "accel.yaml"
     path.write_text("plugins:\n  training:\n    other_loss:\n      scale: 2\n")
@@ -225,7 +351,7 @@ def test_env_var_fallback(tmp_path, monkeypatch, installed_fakes):
     assert framework.plugins["other_loss"].stanza("training.other_loss") == {"scale": 2.0}
 
 
-def test_discovery_skips_broken_plugin_with_warning_naming_it(installed_fakes):
+def test_discovery_reports_broken_plugin_naming_it(installed_fakes):
     with pytest.warns(UserWarning) as record:
         found = discover_plugins()
     messages = [str(w.message) for w in record]
@@ -241,6 +367,13 @@ def test_discovery_skips_broken_plugin_with_warning_naming_it(installed_fakes):
         "other_loss",
         "restricted",
     ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        broken = plugin_catalogue().broken
+    assert [b.name for b in broken] == ["broken"]
+    assert broken[0].problem.startswith(
+        "failed to import: ModuleNotFoundError: No module named 'no_such_module_xyz'"
+    )
 
 
 def test_require_packages_check_can_be_disabled(fakes):

@@ -1,4 +1,5 @@
-"""ModelPatcher and AcceleratorPatcher: triggers, builders, attribute swaps, history, undo."""
+"""ModelPatcher, AcceleratorPatcher, TrainerPatcher: triggers, builders, attribute swaps,
+method rules, class-level routing, history and undo."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from torch.utils.data import DataLoader
 
 from fms_acceleration import (
     AcceleratorPatcher,
+    AcceleratorPatcherComponent,
     ModelPatcher,
     ModelPatcherRule,
     ModelPatcherTrigger,
     PatchError,
+    TrainerPatcher,
 )
+from fms_acceleration.model_patcher import combine_triggers, patch_model
+from fms_acceleration.utils.test_utils import instantiate_accel_patcher, instantiate_model_patcher
 
 
 class Scale(torch.nn.Module):
@@ -46,91 +51,214 @@ def test_forward_rule_by_class_changes_output_and_undo_restores_it():
     assert [r.target for r in records] == ["0 (Scale)", "1.0 (Scale)", "2 (Scale)"]
     assert patcher.counts() == {"halve": 3}
     torch.testing.assert_close(model(x), torch.relu(x))
+    # the reference's summary groups by rule, module (last name) and class
+    assert patcher.summary().splitlines()[1:] == [
+        "Rule: halve           Module: 0                         Class: Scale           Num:  2",
+        "Rule: halve           Module: 2                         Class: Scale           Num:  1",
+    ]
     patcher.undo()
     torch.testing.assert_close(model(x), before)
     assert patcher.history == []
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_trigger_by_predicate_and_name_and_forward_builder():
+def test_builders_get_the_module_as_self_and_their_named_kwargs():
+    torch.manual_seed(2)
     model, x = _model(), torch.randn(4, 5)
     patcher = ModelPatcher()
+
+    def builder(module, offset):
+        def forward(self, v):
+            return v * (self.factor + offset)
+
+        return forward
+
     patcher.register(
         ModelPatcherRule(
             "nested-only",
-            trigger=ModelPatcherTrigger(lambda m: isinstance(m, Scale), module_name=r"^1\."),
-            forward_builder=lambda module: lambda v: v * (module.factor + 1),
+            trigger=ModelPatcherTrigger(lambda m: isinstance(m, Scale), module_name="1.0"),
+            forward_builder=builder,
+            forward_builder_args=["offset"],
         )
     )
-    patcher.patch(model)
+    patcher.patch(model, offset=1.0, ignored="not passed")
     assert patcher.counts() == {"nested-only": 1}
     torch.testing.assert_close(model(x), 5.0 * torch.relu(2.0 * x * 4.0))
     # applying again does nothing: a rule is applied once
     assert patcher.patch(model) == []
 
 
+def test_module_name_matches_exactly():
+    model = torch.nn.Module()
+    for name in ("submodule_1", "submodule_10"):
+        model.add_module(name, Scale(1.0))
+    trigger = ModelPatcherTrigger(check=Scale, module_name="submodule_1")
+    hits = [name for name, module in model.named_modules() if trigger.is_triggered(module, name)]
+    assert hits == ["submodule_1"]
+
+
+def test_builder_returning_trigger_forward_pairs_patches_the_subtree():
+    model = _model()
+    patcher = ModelPatcher()
+    patcher.register(
+        ModelPatcherRule(
+            "inner",
+            trigger=ModelPatcherTrigger(
+                lambda m: isinstance(m, torch.nn.Sequential) and len(m) == 2
+            ),
+            forward_builder=lambda module: [
+                (ModelPatcherTrigger(Scale), lambda self, v: v + 100.0),
+                (ModelPatcherTrigger(torch.nn.ReLU), lambda self, v: v - 1.0),
+            ],
+        )
+    )
+    patcher.patch(model)
+    assert sorted((r.rule_id, r.module_name) for r in patcher.history) == [
+        ("inner-1", "0"),
+        ("inner-2", "1"),
+    ]
+    x = torch.full((1, 2), 1.0)
+    # outer Scale(2) -> 2; inner Scale patched (+100) -> 102; ReLU patched (-1) -> 101; * 5
+    torch.testing.assert_close(model(x), torch.full((1, 2), 505.0))
+
+
+def test_first_rule_wins_on_a_module_with_a_warning():
+    model = _model()
+    patcher = ModelPatcher()
+    patcher.register(
+        ModelPatcherRule("a", trigger=ModelPatcherTrigger(Scale), forward=lambda s, v: v)
+    )
+    patcher.register(
+        ModelPatcherRule("b", trigger=ModelPatcherTrigger(Scale), forward=lambda s, v: -v)
+    )
+    with pytest.warns(UserWarning, match="rule b is ignored on 0 as an earlier rule a"):
+        patcher.patch(model)
+    assert patcher.counts() == {"a": 3}
+
+
 def test_rule_validation_and_duplicate_ids():
-    with pytest.raises(PatchError, match="needs a trigger and exactly one of"):
-        ModelPatcherRule("bad", trigger=ModelPatcherTrigger(Scale))
-    with pytest.raises(PatchError, match="excludes trigger/forward"):
+    with pytest.raises(PatchError, match="needs a trigger"):
+        ModelPatcherRule("bad", forward=lambda s, v: v)
+    with pytest.raises(PatchError, match="at most one of forward, forward builder"):
+        ModelPatcherRule("bad", forward=lambda s: s, forward_builder=lambda m: m)
+    with pytest.raises(PatchError, match="trigger must be None"):
         ModelPatcherRule(
             "bad", trigger=ModelPatcherTrigger(Scale), import_and_maybe_reload=("a.b", 1, None)
         )
+    with pytest.raises(PatchError, match="forward_builder_args but no forward_builder"):
+        ModelPatcherRule(
+            "bad", trigger=ModelPatcherTrigger(Scale), forward=len, forward_builder_args=[]
+        )
     with pytest.raises(PatchError, match="would undo the patch"):
         ModelPatcherRule("bad", import_and_maybe_reload=("pkg.mod.attr", 1, "pkg.mod"))
+    with pytest.raises(TypeError, match="check argument needs to be torch.nn.Module or Callable"):
+        ModelPatcherTrigger(check=3)
+    with pytest.raises(PatchError, match="Only `AND`, `OR` logic"):
+        combine_triggers(ModelPatcherTrigger(Scale), logic="XOR")
     patcher = ModelPatcher()
     rule = ModelPatcherRule("r", trigger=ModelPatcherTrigger(Scale), forward=lambda s, v: v)
     patcher.register(rule)
-    with pytest.raises(PatchError, match="'r' is already registered"):
+    with pytest.raises(PatchError, match="patch rule 'r' already exists") as info:
         patcher.register(rule)
+    assert isinstance(info.value, AssertionError)  # what the reference raised
 
 
 @pytest.fixture
-def two_modules(tmp_path, monkeypatch):
-    """pkg_a defines f and TABLE; pkg_b imports f by name (so needs a reload to see a swap)."""
-    (tmp_path / "fms_test_pkg_a.py").write_text(
+def modules(tmp_path, monkeypatch):
+    """fms_pkg_a defines f, g and TABLE; fms_pkg_b imports them by name (so needs a reload to
+    see a swap); fms_pkg_b.sub too."""
+    (tmp_path / "fms_pkg_a.py").write_text(
         textwrap.dedent(
             """
             def f(x):
                 return x + 1
 
+            def g(x):
+                return x + 2
+
             TABLE = {"loss": "plain"}
             """
         )
     )
-    (tmp_path / "fms_test_pkg_b.py").write_text(
-        "from fms_test_pkg_a import f\n\ndef g(x):\n    return f(x) * 10\n"
+    (tmp_path / "fms_pkg_b").mkdir()
+    (tmp_path / "fms_pkg_b" / "__init__.py").write_text(
+        "from fms_pkg_a import f, g\n\ndef h(x):\n    return f(x) * 10 + g(x)\n"
     )
+    (tmp_path / "fms_pkg_b" / "sub.py").write_text("from fms_pkg_a import f\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
-    for name in ("fms_test_pkg_a", "fms_test_pkg_b"):
+    for name in ("fms_pkg_a", "fms_pkg_b", "fms_pkg_b.sub"):
         sys.modules.pop(name, None)
 
 
-def test_import_and_reload_rule_and_mapping_item(two_modules):
-    a = importlib.import_module("fms_test_pkg_a")
-    b = importlib.import_module("fms_test_pkg_b")
-    assert b.g(1) == 20
+def test_import_rules_reload_once_per_module_and_undo(modules):
+    a = importlib.import_module("fms_pkg_a")
+    b = importlib.import_module("fms_pkg_b")
+    assert b.h(1) == 23
     patcher = ModelPatcher()
     patcher.register(
         ModelPatcherRule(
-            "swap-f",
-            import_and_maybe_reload=("fms_test_pkg_a.f", lambda x: x - 1, "fms_test_pkg_b"),
+            "swap-f", import_and_maybe_reload=("fms_pkg_a.f", lambda x: x - 1, "fms_pkg_b")
         )
     )
     patcher.register(
         ModelPatcherRule(
-            "swap-loss", import_and_maybe_reload=("fms_test_pkg_a.TABLE.loss", "fast", None)
+            "swap-g", import_and_maybe_reload=("fms_pkg_a.g", lambda x: 0, "fms_pkg_b")
+        )
+    )
+    patcher.register(
+        ModelPatcherRule(
+            "swap-loss", import_and_maybe_reload=("fms_pkg_a.TABLE.loss", "fast", None)
         )
     )
     records = patcher.patch()  # attribute swaps need no model
-    assert [r.kind for r in records] == ["attribute", "attribute"]
-    assert sys.modules["fms_test_pkg_b"].g(1) == 0
-    assert a.TABLE == {"loss": "fast"}
+    assert sorted(r.rule_id for r in records) == ["swap-f", "swap-g", "swap-loss"]
+    assert sys.modules["fms_pkg_b"].h(1) == 0  # both swaps seen through the one reload
+    assert a.f(1) == 2 and a.g(1) == 3  # a reloaded module took them; the source is restored
+    assert a.TABLE == {"loss": "fast"}  # no reload: the swap itself stays
     patcher.undo()
-    assert sys.modules["fms_test_pkg_b"].g(1) == 20
-    assert a.f(1) == 2
+    assert sys.modules["fms_pkg_b"].h(1) == 23
     assert a.TABLE == {"loss": "plain"}
+
+
+def test_reloads_of_nested_modules_are_refused(modules):
+    importlib.import_module("fms_pkg_b.sub")
+    patcher = ModelPatcher()
+    patcher.register(
+        ModelPatcherRule("outer", import_and_maybe_reload=("fms_pkg_a.f", len, "fms_pkg_b"))
+    )
+    patcher.register(
+        ModelPatcherRule("inner", import_and_maybe_reload=("fms_pkg_a.g", len, "fms_pkg_b.sub"))
+    )
+    with pytest.raises(
+        PatchError, match="reload a subpath `fms_pkg_b` multiple times in outer and inner"
+    ):
+        patcher.patch()
+
+
+def test_import_rules_apply_to_their_model_only(modules):
+    importlib.import_module("fms_pkg_b")
+
+    class Model(torch.nn.Module):
+        pass
+
+    Model.__module__ = "fms_pkg_a"
+    patcher = ModelPatcher()
+    patcher.register(
+        ModelPatcherRule("for-a", import_and_maybe_reload=("fms_pkg_a.TABLE.loss", "a", None))
+    )
+    patcher.register(ModelPatcherRule("for-b", import_and_maybe_reload=("fms_pkg_b.f", len, None)))
+    patcher.register(
+        ModelPatcherRule(
+            "anywhere",
+            import_and_maybe_reload=("fms_pkg_b.g", len, None),
+            applies_to_any_model=True,
+        )
+    )
+    patcher.patch(Model())
+    assert sorted(patcher.counts()) == ["anywhere", "for-a"]
+    assert sys.modules["fms_pkg_b"].f(1) == 2
+    patcher.undo()
 
 
 def test_unimportable_target_is_a_clear_error():
@@ -140,11 +268,32 @@ def test_unimportable_target_is_a_clear_error():
         patcher.patch()
 
 
+def test_class_level_calls_reach_the_current_patcher_only():
+    with pytest.raises(PatchError, match="outside a running framework"):
+        ModelPatcher.register(
+            ModelPatcherRule("x", trigger=ModelPatcherTrigger(Scale), forward=len)
+        )
+    assert ModelPatcher.history == [] and ModelPatcher.summary() == ""
+    with instantiate_model_patcher() as first:
+        ModelPatcher.register(
+            ModelPatcherRule("zero", trigger=ModelPatcherTrigger(Scale), forward=lambda s, v: 0 * v)
+        )
+        with instantiate_model_patcher() as second:
+            assert ModelPatcher.rules == {}
+            assert second.rules == {}
+        model = patch_model(_model())
+        assert len(ModelPatcher.history) == 3
+        assert ModelPatcher.history is first.history
+    assert list(first.rules) == ["zero"]
+    assert ModelPatcher.history == []
+    torch.testing.assert_close(model(torch.ones(1, 2)), torch.zeros(1, 2))
+
+
 def _collate(rows):
-    return {"x": torch.stack([r for r in rows])}
+    return {"x": torch.stack(list(rows))}
 
 
-def test_accelerator_patcher_replaces_collator_and_dataloader_at_prepare():
+def test_accelerator_patcher_replaces_dataloader_then_collator_at_prepare():
     from accelerate import Accelerator
 
     torch.manual_seed(3)
@@ -161,35 +310,85 @@ def test_accelerator_patcher_replaces_collator_and_dataloader_at_prepare():
 
         return collate
 
-    class Counting:
-        def __init__(self, inner):
-            self.inner, self.batches = inner, 0
+    def bigger_batches(old, acc):
+        assert acc is accelerator
+        return DataLoader(old.dataset, batch_size=5, collate_fn=old.collate_fn)
 
-        def __iter__(self):
-            for batch in self.inner:
-                self.batches += 1
-                yield batch
-
-        def __len__(self):
-            return len(self.inner)
-
-    patcher.replace_collator("marker", add_marker)
-    wrapped: list[Counting] = []
-    patcher.replace_dataloader("count", lambda dl: wrapped.append(Counting(dl)) or wrapped[-1])
-    with pytest.raises(PatchError, match="both replace the data_collator"):
-        patcher.replace_collator("again", add_marker)
+    patcher.replace(
+        "marker", AcceleratorPatcherComponent.data_collator, replacement_builder=add_marker
+    )
+    patcher.replace(
+        "bigger", AcceleratorPatcherComponent.data_loader, replacement_builder=bigger_batches
+    )
+    with pytest.raises(PatchError, match="replace has already been called once on component"):
+        patcher.replace("again", AcceleratorPatcherComponent.data_collator, replacement=_collate)
+    with pytest.raises(PatchError, match="Rule 'marker' has already been added"):
+        patcher.wrap_method("marker", "backward", lambda original: original)
     patcher.install(accelerator)
     prepared = accelerator.prepare(loader)
     batches = list(prepared)
-    assert [b["x"].shape[0] for b in batches] == [4, 4, 2]
-    assert all(torch.equal(b["marker"], torch.full((b["x"].shape[0],), 7)) for b in batches)
-    assert wrapped[0].batches == 3
-    assert loader.collate_fn is _collate  # the user's loader is untouched
-    assert [(r.rule_id, r.target) for r in patcher.history] == [
+    assert [b["x"].shape[0] for b in batches] == [5, 5]
+    assert all(torch.equal(b["marker"], torch.full((5,), 7)) for b in batches)
+    assert loader.collate_fn is _collate and loader.batch_size == 4  # the user's loader
+    assert [(r.rule_id, r.module_name) for r in patcher.history[-2:]] == [
+        ("bigger", "data_loader"),
         ("marker", "data_collator"),
-        ("count", "dataloader"),
     ]
     patcher.undo()
     assert "prepare" not in accelerator.__dict__
     plain = list(accelerator.prepare(loader))
-    assert "marker" not in plain[0]
+    assert "marker" not in plain[0] and plain[0]["x"].shape[0] == 4
+
+
+def test_skip_prepare_and_method_rules_and_class_level_replace():
+    from accelerate import Accelerator
+
+    class Replacement(DataLoader):
+        pass
+
+    accelerator = Accelerator(cpu=True)
+    calls = []
+    with instantiate_accel_patcher() as patcher:
+        AcceleratorPatcher.replace(
+            "swap",
+            AcceleratorPatcherComponent.data_loader,
+            replacement_builder=lambda dl, acc: Replacement([1, 2, 3]),
+            skip_prepare=True,
+        )
+        patcher.wrap_method(
+            "count-optimizers",
+            "prepare_optimizer",
+            lambda original: lambda *a, **k: calls.append(1) or original(*a, **k),
+        )
+        AcceleratorPatcher.patch(accelerator)
+        assert "Rule: swap" in AcceleratorPatcher.summary()
+    original_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    model = torch.nn.Linear(2, 2)
+    loader, _model_out, _opt = accelerator.prepare(DataLoader([1, 2]), model, original_optimizer)
+    assert type(loader) is Replacement  # not wrapped by accelerate: prepare was skipped
+    assert calls == [1]
+    patcher.undo()
+    assert not {"prepare", "prepare_optimizer"} & set(accelerator.__dict__)
+
+
+def test_trainer_patcher_wraps_and_restores_instance_methods():
+    class Trainer:
+        def get_batch_samples(self, iterator, n, device):
+            return [next(iterator) for _ in range(n)], None
+
+    trainer, other = Trainer(), Trainer()
+    patcher = TrainerPatcher()
+    patcher.wrap_method(
+        "double",
+        "get_batch_samples",
+        lambda original: lambda it, n, device: ([2 * b for b in original(it, n, device)[0]], None),
+    )
+    with pytest.raises(PatchError, match="both wrap trainer.get_batch_samples"):
+        patcher.wrap_method("again", "get_batch_samples", lambda original: original)
+    patcher.install(trainer)
+    patcher.install(trainer)  # once per object
+    assert trainer.get_batch_samples(iter([1, 2, 3]), 2, None) == ([2, 4], None)
+    assert other.get_batch_samples(iter([1, 2, 3]), 2, None) == ([1, 2], None)
+    assert len(patcher.history) == 1
+    patcher.undo()
+    assert "get_batch_samples" not in trainer.__dict__

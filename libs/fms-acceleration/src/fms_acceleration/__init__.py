@@ -1,24 +1,45 @@
 """fms-acceleration: one YAML file turns on acceleration plugins around a HF Trainer."""
 
-from .accelerator_patcher import AcceleratorPatcher
-from .errors import AccelerationFrameworkError, AccelerationPluginConfigError, PatchError
+from .accelerator_patcher import AcceleratorPatcher, AcceleratorPatcherComponent
+from .constants import PLUGIN_PREFIX, PLUGINS
+from .errors import (
+    AccelerationFrameworkError,
+    AccelerationPluginConfigError,
+    NoPluginsConfiguredError,
+    PatchError,
+    PluginImportError,
+)
 from .framework import AccelerationFramework
+from .framework_plugin import (
+    AccelerationPlugin,
+    PluginRegistration,
+    Requirement,
+    get_relevant_configuration_sections,
+)
 from .model_patcher import ModelPatcher, ModelPatcherRule, ModelPatcherTrigger
-from .plugin import AccelerationPlugin, PluginRegistration, Requirement
-from .schema import Option, Stanza
+from .trainer_patcher import TrainerPatcher
+from .validation import StanzaModel, choice, validate_model
 
 __all__ = [
+    "PLUGINS",
+    "PLUGIN_PREFIX",
     "AccelerationFramework",
     "AccelerationFrameworkError",
     "AccelerationPlugin",
     "AccelerationPluginConfigError",
     "AcceleratorPatcher",
+    "AcceleratorPatcherComponent",
     "ModelPatcher",
     "ModelPatcherRule",
     "ModelPatcherTrigger",
-    "Option",
+    "NoPluginsConfiguredError",
     "PatchError",
+    "PluginImportError",
     "PluginRegistration",
     "Requirement",
-    "Stanza",
+    "StanzaModel",
+    "TrainerPatcher",
+    "choice",
+    "get_relevant_configuration_sections",
+    "validate_model",
 ]

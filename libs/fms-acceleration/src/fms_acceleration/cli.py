@@ -1,26 +1,38 @@
-"""The `fms-acceleration` console script: plugins, check, configs, and plugin subcommands."""
+"""The `fms-acceleration` console script (also `python -m fms_acceleration.cli`): plugins, check,
+configs, install, and subcommands that installed packages contribute."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
-import yaml
-
-from .discovery import CLI_GROUP, discover_plugins
+from .constants import CLI_GROUP, PLUGIN_PREFIX
+from .discovery import plugin_catalogue
 from .errors import AccelerationFrameworkError, AccelerationPluginConfigError
 from .framework import AccelerationFramework
+from .packages import entry_points_of, load_entry_points
 from .summary import format_table
+from .yaml_loading import read_yaml_file
 
 CONTENTS_FILE = "CONTENTS.yaml"
 SAMPLES_DIR = "sample-configurations"
 SAMPLES_ENV_VAR = "FMS_ACCELERATION_SAMPLE_CONFIGS"
 
+# short name -> (folder in this monorepo, pip package)
+INSTALLABLE = {
+    "peft": ("plugins/accelerated-peft", "fms-acceleration-peft"),
+    "foak": ("plugins/fused-ops-and-kernels", "fms-acceleration-foak"),
+    "fts": ("plugins/finetuning-schedule", "fms-acceleration-fts"),
+    "adapters": ("plugins/strategy-adapters", "fms-acceleration-adapters"),
+    "aadp": ("plugins/attention-and-distributed-packing", "fms-acceleration-aadp"),
+    "hpo": ("plugins/hpo", "fms-acceleration-hpo"),
+    "train": ("libs/fms-acceleration-train", "fms-acceleration-train"),
+}
 
 _LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
@@ -34,21 +46,21 @@ def _print_warnings(caught: Sequence[warnings.WarningMessage]) -> None:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """List installed plugins with their packages, versions, stanza paths and slots."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        found = discover_plugins()
-    _print_warnings(caught)
-    if not found:
-        print("no fms-acceleration plugins installed")
-        return 0
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        catalogue = plugin_catalogue()
     rows = []
-    for entry in found:
-        reg = entry.registration
+    for reg in catalogue.registrations:
         paths = [f"{p} (and)" for p in reg.configuration_and_paths]
         paths += [f"{p} (or)" for p in reg.configuration_or_paths]
         slots = ", ".join(sorted(reg.plugin_class.slots)) or "-"
-        rows.append((reg.plugin_id, entry.package, entry.version, "; ".join(paths), slots))
-    print(format_table(("plugin", "package", "version", "stanzas", "declared slots"), rows))
+        rows.append((reg.plugin_id, reg.package_name, reg.package_version, "; ".join(paths), slots))
+    if rows:
+        print(format_table(("plugin", "package", "version", "stanzas", "declared slots"), rows))
+    else:
+        print("no fms-acceleration plugins installed")
+    for broken in catalogue.broken:
+        print(f"broken: plugin {broken.describe()}")
     return 0
 
 
@@ -60,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             framework = AccelerationFramework(args.config)
         except (AccelerationPluginConfigError, AccelerationFrameworkError) as err:
             _print_warnings(caught)
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {_with_source(str(err), args.config)}", file=sys.stderr)
             return 1
         except Exception as err:  # a plugin's own failure still gets one paragraph, no trace
             _print_warnings(caught)
@@ -68,12 +80,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 1
     _print_warnings(caught)
     print(f"{args.config}: OK")
-    if not framework.active_plugins:
-        print("no active plugins")
-    for index, (plugin_id, plugin) in enumerate(framework.active_plugins, start=1):
+    for index, (plugin_id, plugin) in enumerate(framework.plugins.items(), start=1):
         slots = ", ".join(sorted(plugin.taken_slots())) or "-"
         print(f"  {index}. {plugin_id} ({type(plugin).__name__}); slots: {slots}")
     return 0
+
+
+def _with_source(message: str, source: str) -> str:
+    return message if message.startswith(f"{source}:") else f"{source}: {message}"
 
 
 def find_sample_configurations(explicit: str | None) -> Path | None:
@@ -96,7 +110,11 @@ def cmd_configs(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    entries = (yaml.safe_load(contents.read_text()) or {}).get("framework_configs", [])
+    try:
+        entries = (read_yaml_file(contents, "contents") or {}).get("framework_configs", [])
+    except AccelerationPluginConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     rows = [
         (e["shortname"], ", ".join(e.get("plugins", [])), str(contents.parent / e["filename"]))
         for e in entries
@@ -105,8 +123,47 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_checkout(start: Path) -> Path | None:
+    """The root of an fms-acceleration checkout at or above `start`."""
+    for folder in [start, *start.parents]:
+        if (folder / "libs" / "fms-acceleration" / "pyproject.toml").is_file():
+            return folder
+    return None
+
+
+def install_command(name: str, flags: Sequence[str], cwd: Path) -> list[str]:
+    """The pip command that installs plugin `name` (short name, module or package name)."""
+    short = name.removeprefix(PLUGIN_PREFIX).removeprefix("fms-acceleration-")
+    pip = [sys.executable, "-m", "pip", "install", *flags]
+    if Path(name).exists():
+        return [*pip, name]
+    if short not in INSTALLABLE:
+        known = ", ".join(sorted(INSTALLABLE))
+        raise AccelerationFrameworkError(
+            f"unknown plugin '{name}'; known: {known} (or give a path or a pip requirement)"
+        )
+    folder, package = INSTALLABLE[short]
+    checkout = find_checkout(cwd)
+    if checkout is not None and (checkout / folder / "pyproject.toml").is_file():
+        constraints = checkout / "constraints.txt"
+        pins = ["-c", str(constraints)] if constraints.is_file() else []
+        return [*pip, *pins, str(checkout / folder)]
+    return [*pip, package]
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Install a plugin by short name: from this checkout when inside one, else from PyPI."""
+    try:
+        command = install_command(args.plugin, args.pip_flags, Path.cwd())
+    except AccelerationFrameworkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print("running: " + " ".join(command))
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, including subcommands that installed plugins contribute."""
+    """The argument parser, including subcommands that installed packages contribute."""
     parser = argparse.ArgumentParser(
         prog="fms-acceleration", description="Acceleration plugins for HF Trainer fine-tuning."
     )
@@ -118,21 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     configs = sub.add_parser("configs", help="list sample configurations")
     configs.add_argument("--dir", help=f"folder holding {CONTENTS_FILE}")
     configs.set_defaults(func=cmd_configs)
+    install = sub.add_parser(
+        "install", help=f"install a plugin by short name ({', '.join(sorted(INSTALLABLE))})"
+    )
+    install.add_argument("plugin", help="short name (e.g. peft), module name or path")
+    install.add_argument("pip_flags", nargs=argparse.REMAINDER, help="flags passed to pip")
+    install.set_defaults(func=cmd_install)
     builtin = set(sub.choices)
-    for entry_point in metadata.entry_points(group=CLI_GROUP):
-        if entry_point.name in builtin:
-            warnings.warn(
-                f"CLI plugin '{entry_point.name}' ({entry_point.value}) would shadow a built-in "
-                "command and is skipped",
-                stacklevel=2,
-            )
-            continue
+    loaded, broken = load_entry_points(
+        ep for ep in entry_points_of(CLI_GROUP) if ep.name not in builtin
+    )
+    for entry in loaded:
         try:
-            entry_point.load()(sub)
+            entry.obj(sub)
         except Exception as err:  # a broken plugin command must not break the others
             warnings.warn(
-                f"CLI plugin '{entry_point.name}' ({entry_point.value}) failed to load and is "
-                f"skipped: {type(err).__name__}: {err}",
+                f"CLI plugin '{entry.name}' ({entry.value}) failed to register and is skipped: "
+                f"{type(err).__name__}: {err}",
+                stacklevel=2,
+            )
+    for entry in broken:
+        warnings.warn(f"CLI plugin {entry.describe()}; it is skipped", stacklevel=2)
+    for ep in entry_points_of(CLI_GROUP):
+        if ep.name in builtin:
+            warnings.warn(
+                f"CLI plugin '{ep.name}' ({ep.value}) would shadow a built-in command and is "
+                "skipped",
                 stacklevel=2,
             )
     return parser

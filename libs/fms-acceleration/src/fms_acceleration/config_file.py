@@ -1,4 +1,5 @@
-"""Reading the acceleration YAML file: strict about duplicates, empty files and bad syntax."""
+"""Reading the acceleration configuration: a YAML file, a dict, or the file named by the
+environment variable; the body of its one top-level key, `plugins:`."""
 
 from __future__ import annotations
 
@@ -7,53 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .constants import ACCELERATION_FRAMEWORK_ENV_KEY, KEY_PLUGINS
 from .errors import AccelerationPluginConfigError
-from .schema import suggestion
+from .validation import suggestion
+from .yaml_loading import read_yaml_file
 
-CONFIG_ENV_VAR = "ACCELERATION_FRAMEWORK_CONFIG_FILE"
-TOP_LEVEL_KEY = "plugins"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict[Any, yaml.Node] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            first = seen[key].start_mark.line + 1
-            raise AccelerationPluginConfigError(
-                f"duplicate key '{key}' at line {key_node.start_mark.line + 1} "
-                f"(first defined at line {first})."
-            )
-        seen[key] = key_node
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
-)
-
-
-def load_yaml(text: str, source: str) -> Any:
-    """Parse YAML text, turning every parse problem into a config error naming `source`."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # _StrictLoader is a SafeLoader
-    except AccelerationPluginConfigError as err:
-        raise AccelerationPluginConfigError(f"{source}: {err}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise AccelerationPluginConfigError(
-            f"{source}: YAML syntax error{where}: {problem}."
-        ) from None
+CONFIG_ENV_VAR = ACCELERATION_FRAMEWORK_ENV_KEY
+TOP_LEVEL_KEY = KEY_PLUGINS
+DICT_SOURCE = "<dict configuration>"
 
 
 def resolve_configuration_source(
@@ -73,13 +35,9 @@ def resolve_configuration_source(
 def read_configuration(configuration: str | os.PathLike | Mapping) -> tuple[dict, str]:
     """Return the body of `plugins:` and a label naming where it came from."""
     if isinstance(configuration, Mapping):
-        return _plugins_body(configuration, "<dict configuration>"), "<dict configuration>"
-    path = Path(configuration)
-    label = str(path)
-    if not path.is_file():
-        raise AccelerationPluginConfigError(f"{label}: configuration file does not exist.")
-    text = path.read_text(encoding="utf-8")
-    document = load_yaml(text, label)
+        return _plugins_body(configuration, DICT_SOURCE), DICT_SOURCE
+    label = str(Path(configuration))
+    document = read_yaml_file(configuration, "configuration")
     if document is None:
         raise AccelerationPluginConfigError(
             f"{label}: the file is empty; expected a top-level '{TOP_LEVEL_KEY}:' mapping."

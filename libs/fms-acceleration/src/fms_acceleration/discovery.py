@@ -1,110 +1,93 @@
-"""Finding installed plugins through the `fms_acceleration.plugins` entry-point group."""
+"""Finding plugins: the entry-point group `fms_acceleration.plugins`, plus classes registered in
+this process. A plugin that fails to import is kept as a record of why, so a configuration that
+needs it can name it."""
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from types import MappingProxyType, ModuleType
+from types import ModuleType
 
-from .plugin import AccelerationPlugin, PluginRegistration, registration_of
-
-PLUGIN_GROUP = "fms_acceleration.plugins"
-CLI_GROUP = "fms_acceleration.cli"
-
-# Stanzas of plugins this project (or the reference project) publishes, so a config written for
-# a plugin that is not installed gets "install X" rather than "unknown stanza". Names only: the
-# framework never imports a plugin.
-KNOWN_STANZAS = MappingProxyType(
-    {
-        "peft.quantization.bitsandbytes": "fms-acceleration-peft",
-        "peft.quantization.auto_gptq": "fms-acceleration-peft[gptq]",
-        "peft.quantization.fused_ops_and_kernels": "fms-acceleration-foak",
-        "training.fused_ops_and_kernels": "fms-acceleration-foak",
-        "training.finetuning_schedule": "fms-acceleration-fts",
-        "training.attention_and_distributed_packing": "fms-acceleration-aadp",
-        "training.moe.scattermoe": "fms-acceleration-moe",
-        "training.odm": "fms-acceleration-odm",
-    }
+from .constants import PLUGIN_GROUP
+from .errors import PluginRegistrationError
+from .framework_plugin import (
+    AccelerationPlugin,
+    PluginRegistration,
+    active_registry,
+    registration_of,
 )
+from .packages import BrokenEntryPoint, entry_points_of, load_entry_points
 
 
 @dataclass(frozen=True)
-class DiscoveredPlugin:
-    """A registered plugin class and the distribution that provides it."""
+class Catalogue:
+    """The plugins a framework can activate, in registration order, and the broken ones."""
 
-    registration: PluginRegistration
-    package: str
-    version: str
-
-    @property
-    def plugin_id(self) -> str:
-        return self.registration.plugin_id
+    registrations: tuple[PluginRegistration, ...]
+    broken: tuple[BrokenEntryPoint, ...] = ()
 
 
 def _registered_classes(obj: object) -> list[type[AccelerationPlugin]]:
     if isinstance(obj, type):
         return [obj] if registration_of(obj) else []
     if isinstance(obj, ModuleType):
-        found = [
+        return [
             member
             for _, member in inspect.getmembers(obj, inspect.isclass)
             if issubclass(member, AccelerationPlugin) and registration_of(member)
         ]
-        return sorted(found, key=lambda c: c.__name__)
     return []
 
 
-def _distribution_of(entry_point: metadata.EntryPoint) -> tuple[str, str]:
-    dist = getattr(entry_point, "dist", None)
-    if dist is None:
-        return "<unknown>", "<unknown>"
-    return dist.metadata["Name"], dist.version
-
-
 def plugin_entry_points() -> Iterable[metadata.EntryPoint]:
-    return metadata.entry_points(group=PLUGIN_GROUP)
+    """The installed entry points of the plugin group (a seam for tests)."""
+    return entry_points_of(PLUGIN_GROUP)
 
 
-def described(
-    plugin_class: type[AccelerationPlugin], package: str, version: str
-) -> DiscoveredPlugin:
-    registration = registration_of(plugin_class)
-    if registration is None:
-        raise TypeError(f"{plugin_class.__name__} was never passed to register_plugin")
-    return DiscoveredPlugin(registration, package, version)
+def plugin_catalogue(
+    plugin_classes: Sequence[type[AccelerationPlugin]] | None = None,
+) -> Catalogue:
+    """Exactly `plugin_classes`, or every plugin from entry points and in-process registration."""
+    if plugin_classes is not None:
+        registrations = []
+        for cls in plugin_classes:
+            registration = registration_of(cls)
+            if registration is None:
+                raise PluginRegistrationError(
+                    f"{cls.__name__} was never passed to AccelerationPlugin.register_plugin"
+                )
+            registrations.append(registration)
+        return Catalogue(tuple(registrations))
+    found: dict[type, PluginRegistration] = {}
+    broken: list[BrokenEntryPoint] = []
+    registry = active_registry()
+    if registry.use_entry_points:
+        loaded, broken = load_entry_points(plugin_entry_points())
+        for entry in loaded:
+            classes = _registered_classes(entry.obj)
+            if not classes:
+                broken.append(
+                    BrokenEntryPoint(
+                        entry.name,
+                        entry.value,
+                        entry.package,
+                        entry.version,
+                        "registers no AccelerationPlugin",
+                    )
+                )
+            for cls in classes:
+                found[cls] = registration_of(cls)  # type: ignore[assignment]
+    for registration in registry.snapshot():
+        found[registration.plugin_class] = registration
+    ordered = sorted(found.values(), key=lambda r: r.sequence)
+    for entry in broken:
+        warnings.warn(f"fms-acceleration plugin {entry.describe()}", stacklevel=3)
+    return Catalogue(tuple(ordered), tuple(broken))
 
 
-def discover_plugins() -> list[DiscoveredPlugin]:
-    """Every registered plugin class reachable from installed entry points.
-
-    A plugin that fails to import is reported as a warning naming it, and skipped.
-    """
-    found: list[DiscoveredPlugin] = []
-    seen: set[type] = set()
-    for entry_point in plugin_entry_points():
-        package, version = _distribution_of(entry_point)
-        try:
-            loaded = entry_point.load()
-        except Exception as err:  # a broken plugin must never take the framework down
-            warnings.warn(
-                f"fms-acceleration plugin '{entry_point.name}' ({entry_point.value}) from "
-                f"package '{package}' failed to import and is skipped: "
-                f"{type(err).__name__}: {err}",
-                stacklevel=2,
-            )
-            continue
-        classes = _registered_classes(loaded)
-        if not classes:
-            warnings.warn(
-                f"fms-acceleration plugin entry point '{entry_point.name}' ({entry_point.value}) "
-                f"from package '{package}' registers no AccelerationPlugin and is skipped",
-                stacklevel=2,
-            )
-        for plugin_class in classes:
-            if plugin_class not in seen:
-                seen.add(plugin_class)
-                found.append(described(plugin_class, package, version))
-    return found
+def discover_plugins() -> list[PluginRegistration]:
+    """Every plugin this process can activate; a broken one is a warning that names it."""
+    return list(plugin_catalogue().registrations)

@@ -2,34 +2,70 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from types import MappingProxyType
 from typing import Any
 
 from .accelerator_patcher import AcceleratorPatcher
 from .compatibility import check_requirements, refuse_duplicate_ids, run_order, slot_owners
 from .config_file import read_configuration, resolve_configuration_source
-from .discovery import DiscoveredPlugin, described, discover_plugins
-from .errors import AccelerationFrameworkError, AccelerationPluginConfigError
+from .constants import KEY_PLUGINS
+from .discovery import plugin_catalogue
+from .errors import (
+    AccelerationFrameworkError,
+    AccelerationPluginConfigError,
+    ModelWithoutConfigError,
+    NoPluginsConfiguredError,
+    PluginHookMissingError,
+)
+from .framework_plugin import (
+    MODEL_LOADER_SLOT,
+    AccelerationPlugin,
+    PluginRegistration,
+    relevant_sections,
+)
 from .model_patcher import ModelPatcher
-from .plugin import MODEL_LOADER_SLOT, AccelerationPlugin
-from .stanzas import validate_plugins_tree
-from .summary import ready_for_train_table
+from .stanzas import ValidatedPlugins, validate_plugins_tree
+from .summary import active_plugin_lines, ready_for_train_table
+from .trainer_patcher import TrainerPatcher
+
+__all__ = ["KEY_PLUGINS", "AccelerationFramework"]
 
 logger = logging.getLogger("fms_acceleration")
+
+_NO_PLUGINS = (
+    "No plugins could be configured. Please check the acceleration framework configuration file"
+)
 
 
 def _model_architectures(model: Any) -> set[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    archs = set(getattr(config, "architectures", None) or [])
-    return archs | {type(base).__name__}
+    archs = set(getattr(base.config, "architectures", None) or [])
+    return archs | {type(base).__name__ if not isinstance(base, type) else base.__name__}
+
+
+def _accepts(function: Any, parameter: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return parameter in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
 class AccelerationFramework:
-    """Activates the plugins a configuration asks for and applies them in declared order."""
+    """Activates the plugins a configuration asks for and applies them in declared order.
+
+    Everything lives on the instance: two frameworks in one process never see each other, and
+    a class-level assignment (the reference's `AccelerationFramework.active_plugins = []`)
+    changes nothing an instance reports.
+    """
 
     def __init__(
         self,
@@ -38,47 +74,115 @@ class AccelerationFramework:
         *,
         plugin_classes: Sequence[type[AccelerationPlugin]] | None = None,
     ) -> None:
-        source = resolve_configuration_source(configuration_file)
-        body, self.source = read_configuration(source)
-        catalogue = (
-            discover_plugins()
-            if plugin_classes is None
-            else [described(cls, "<local>", "<local>") for cls in plugin_classes]
-        )
+        body, self.source = read_configuration(resolve_configuration_source(configuration_file))
+        self.model_patcher = ModelPatcher()
+        self.accelerator_patcher = AcceleratorPatcher()
+        self.trainer_patcher = TrainerPatcher()
         try:
-            validated = validate_plugins_tree(body, catalogue)
-            self.configurations = validated.tree
-            self.passed_through = dict(validated.passed_through)
-            active = [
-                (entry, entry.registration.plugin_class(validated.tree, require_packages_check))
-                for entry in catalogue
-                if entry.registration.is_activated_by(set(validated.present))
-            ]
-            plugins = [plugin for _, plugin in active]
+            catalogue = plugin_catalogue(plugin_classes)
+            validated = validate_plugins_tree(body, catalogue.registrations, catalogue.broken)
+            chosen = self._choose(catalogue.registrations, validated)
+            with self._running():
+                plugins = [
+                    self._construct(reg, validated, require_packages_check) for reg in chosen
+                ]
             refuse_duplicate_ids(plugins)
             owners = slot_owners(plugins)
             check_requirements(plugins, owners)
+        except NoPluginsConfiguredError:
+            raise
         except AccelerationPluginConfigError as err:
-            raise AccelerationPluginConfigError(f"{self.source}: {err}") from None
-        self._catalogue = {plugin.plugin_id: entry for entry, plugin in active}
+            raise type(err)(f"{self.source}: {err}") from None
+        self.configurations = validated.tree
+        self.passed_through = dict(validated.passed_through)
         self._ordered = run_order(plugins)
         self._slot_owners = MappingProxyType(owners)
-        self.model_patcher = ModelPatcher()
-        self.accelerator_patcher = AcceleratorPatcher()
         for plugin in self._ordered:
             plugin.model_patcher = self.model_patcher
             plugin.accelerator_patcher = self.accelerator_patcher
+            plugin.trainer_patcher = self.trainer_patcher
+        # the reference's public attributes, as plain per-instance lists
+        self.active_plugins: list[tuple[str, AccelerationPlugin]] = [
+            (type(p).__name__, p) for p in self._ordered
+        ]
+        self.plugins_require_custom_loading: list[str] = [
+            type(p).__name__ for p in self._ordered if p.requires_custom_loading
+        ]
+
+    # --- construction --------------------------------------------------------------------------
+
+    def _choose(
+        self, registrations: Sequence[PluginRegistration], validated: ValidatedPlugins
+    ) -> list[PluginRegistration]:
+        chosen: list[PluginRegistration] = []
+        for registration in registrations:
+            if not registration.is_activated_by(validated.present):
+                continue
+            twin = next(
+                (c for c in chosen if c.plugin.__name__ == registration.plugin.__name__), None
+            )
+            if twin is not None:
+                warnings.warn(
+                    f"plugin class {registration.plugin.__name__} from "
+                    f"{registration.plugin.__module__} is not activated: a plugin class of that "
+                    f"name from {twin.plugin.__module__} already is",
+                    stacklevel=3,
+                )
+                continue
+            chosen.append(registration)
+        if validated.unknown:
+            if not chosen:
+                raise NoPluginsConfiguredError(
+                    f"{_NO_PLUGINS} '{self.source}': {validated.unknown[0]}"
+                )
+            raise AccelerationPluginConfigError(validated.unknown[0])
+        if not chosen:
+            raise NoPluginsConfiguredError(f"{_NO_PLUGINS} '{self.source}': {_why_none(validated)}")
+        return chosen
+
+    def _construct(
+        self,
+        registration: PluginRegistration,
+        validated: ValidatedPlugins,
+        require_packages_check: bool,
+    ) -> AccelerationPlugin:
+        cls = registration.plugin_class
+        sections = relevant_sections(validated.tree, registration.paths)
+        try:
+            plugin = cls(sections)
+        except (AccelerationPluginConfigError, AccelerationFrameworkError):
+            raise
+        except Exception as err:
+            raise AccelerationPluginConfigError(
+                f"plugin '{registration.plugin_id}' ({cls.__name__} from package "
+                f"'{registration.package_name}') failed to start: {type(err).__name__}: {err}"
+            ) from err
+        plugin._registration = registration
+        if not registration.validated:
+            unchecked = [p for p in registration.paths if p not in registration.schemas]
+            warnings.warn(
+                f"plugin '{registration.plugin_id}' ({cls.__name__}) declares no schema: its "
+                f"stanzas {', '.join('plugins.' + p for p in unchecked)} reach it unvalidated",
+                stacklevel=4,
+            )
+        if require_packages_check:
+            plugin.check_required_packages()
+        return plugin
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """Make this framework's patchers the target of class-level patcher calls."""
+        with ExitStack() as stack:
+            stack.enter_context(self.model_patcher.activated())
+            stack.enter_context(self.accelerator_patcher.activated())
+            stack.enter_context(self.trainer_patcher.activated())
+            yield
 
     # --- what a client asks -------------------------------------------------------------------
 
     @property
-    def active_plugins(self) -> list[tuple[str, AccelerationPlugin]]:
-        """(plugin id, instance) in run order (fms-acceleration compatible)."""
-        return [(p.plugin_id, p) for p in self._ordered]
-
-    @property
     def plugins(self) -> Mapping[str, AccelerationPlugin]:
-        """Active plugin instances by id."""
+        """Active plugin instances by id, in run order."""
         return MappingProxyType({p.plugin_id: p for p in self._ordered})
 
     @property
@@ -98,89 +202,129 @@ class AccelerationFramework:
         """Load the model through the one plugin holding the model_loader slot."""
         loader = self._slot_owners.get(MODEL_LOADER_SLOT)
         if loader is None:
-            raise AccelerationFrameworkError(
-                "no active plugin loads models (requires_custom_loading is False); load the "
-                "model yourself, e.g. AutoModelForCausalLM.from_pretrained(...)"
+            names = ", ".join(type(p).__name__ for p in self._ordered)
+            raise PluginHookMissingError(
+                f"Attempted model loading, but none of activated plugins ({names}) require "
+                "custom loading: load the model yourself, e.g. "
+                "AutoModelForCausalLM.from_pretrained(...)"
             )
-        return loader.model_loader(model_name, **kwargs)
+        with self._running():
+            return loader.model_loader(model_name, **kwargs)
 
     def augmentation(
-        self, model: Any, train_args: Any, modifiable_args: tuple[Any, ...]
-    ) -> tuple[Any, tuple[Any, ...]]:
+        self, model: Any, train_args: Any, modifiable_args: tuple[Any, ...] | None
+    ) -> tuple[Any, Any]:
         """Let each plugin modify the model and the modifiable args, then apply model patches."""
-        if not isinstance(modifiable_args, tuple):
+        if modifiable_args is not None and not isinstance(modifiable_args, tuple):
             raise AccelerationFrameworkError(
                 f"modifiable_args must be a tuple, got {type(modifiable_args).__name__}"
             )
-        for plugin in self._ordered:
-            if not plugin.requires_augmentation:
-                continue
-            self._check_architecture(plugin, model)
-            model, returned = plugin.augmentation(model, train_args, modifiable_args)
-            if not isinstance(returned, tuple) or len(returned) != len(modifiable_args):
-                raise AccelerationFrameworkError(
-                    f"plugin '{plugin.plugin_id}' returned modifiable_args {returned!r}; expected "
-                    f"a tuple of {len(modifiable_args)} item(s)"
-                )
-            modifiable_args = returned
-        self.model_patcher.patch(model)
+        augmenting = [p for p in self._ordered if p.requires_augmentation]
+        if augmenting and not hasattr(
+            model.get_base_model() if hasattr(model, "get_base_model") else model, "config"
+        ):
+            raise ModelWithoutConfigError(
+                f"augmentation needs a transformers model (one with a `config`); got "
+                f"{type(model).__name__}"
+            )
+        with self._running():
+            for plugin in augmenting:
+                self._check_architecture(plugin, model)
+                model, returned = plugin.augmentation(model, train_args, modifiable_args)
+                if isinstance(modifiable_args, tuple) and (
+                    not isinstance(returned, tuple) or len(returned) != len(modifiable_args)
+                ):
+                    raise AccelerationFrameworkError(
+                        f"plugin '{plugin.plugin_id}' returned modifiable_args {returned!r}; "
+                        f"expected a tuple of {len(modifiable_args)} item(s)"
+                    )
+                modifiable_args = returned
+            self.model_patcher.patch(model)
         return model, modifiable_args
 
-    def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list:
-        """Collect every plugin's callbacks, install accelerator patches, log the summary."""
+    def get_callbacks_and_ready_for_train(
+        self, model: Any = None, accelerator: Any = None, trainer: Any = None
+    ) -> list:
+        """Collect every plugin's callbacks, install all patches, log the summary."""
         callbacks: list = []
-        for plugin in self._ordered:
-            callbacks.extend(plugin.get_callbacks_and_ready_for_train(model, accelerator))
-        if model is not None:
-            self.model_patcher.patch(model)
-        if accelerator is not None:
-            self.accelerator_patcher.install(accelerator)
-        logger.info("\n%s", self.summary())
+        with self._running():
+            for plugin in self._ordered:
+                hook = plugin.get_callbacks_and_ready_for_train
+                if trainer is not None and _accepts(hook, "trainer"):
+                    callbacks.extend(hook(model, accelerator, trainer=trainer))
+                else:
+                    callbacks.extend(hook(model, accelerator))
+            if model is not None:
+                self.model_patcher.patch(model)
+            if accelerator is not None:
+                self.accelerator_patcher.install(accelerator)
+            if trainer is not None:
+                self.trainer_patcher.install(trainer)
+        if accelerator is None or getattr(accelerator, "is_main_process", True):
+            logger.info("\n%s", self.summary())
         return callbacks
 
     def undo_patches(self) -> None:
-        """Revert every model and accelerator patch the plugins applied."""
-        self.model_patcher.undo()
+        """Revert every model, accelerator and Trainer patch the plugins applied."""
+        self.trainer_patcher.undo()
         self.accelerator_patcher.undo()
+        self.model_patcher.undo()
 
     def summary(self) -> str:
         """The ready-for-train table: plugins, versions, slots, applied patches."""
         plugin_rows = []
         for index, plugin in enumerate(self._ordered, start=1):
-            entry: DiscoveredPlugin = self._catalogue[plugin.plugin_id]
+            registration: PluginRegistration = plugin._registration
             plugin_rows.append(
                 (
                     str(index),
                     plugin.plugin_id,
-                    entry.package,
-                    entry.version,
+                    registration.package_name,
+                    registration.package_version,
                     ", ".join(sorted(plugin.taken_slots())) or "-",
-                    ", ".join(entry.registration.paths),
+                    ", ".join(registration.paths),
                 )
             )
         counts: dict[tuple[str, str], list[str]] = {}
-        for record in self.model_patcher.history:
-            counts.setdefault((record.rule_id, record.kind), []).append(record.target)
-        for arecord in self.accelerator_patcher.history:
-            counts.setdefault((arecord.rule_id, arecord.target), []).append(arecord.description)
-        for rule in self.accelerator_patcher.rules:
-            counts.setdefault((rule.rule_id, rule.target), [])
+        patchers = (self.model_patcher, self.accelerator_patcher, self.trainer_patcher)
+        for patcher in patchers:
+            for record in patcher.history:
+                counts.setdefault((record.rule_id, record.kind), []).append(record.target)
+        for rule in self.accelerator_patcher.replacement_rules.values():
+            counts.setdefault((rule.rule_id, rule.component.name), [])
         patch_rows = [
             (rule_id, kind, str(len(targets)), _abbreviate(targets))
             for (rule_id, kind), targets in counts.items()
         ]
-        return ready_for_train_table(plugin_rows, patch_rows, sorted(self.passed_through))
+        header = active_plugin_lines([(type(p).__name__, p._registration) for p in self._ordered])
+        return (
+            header
+            + "\n"
+            + ready_for_train_table(plugin_rows, patch_rows, sorted(self.passed_through))
+        )
 
     def _check_architecture(self, plugin: AccelerationPlugin, model: Any) -> None:
         restricted = type(plugin).restricted_model_archs
-        if restricted is None:
+        if not restricted:
             return
         archs = _model_architectures(model)
         if not archs & set(restricted):
             raise AccelerationPluginConfigError(
-                f"plugin '{plugin.plugin_id}' does not support the model architecture "
-                f"{', '.join(sorted(archs))}; supported: {', '.join(sorted(restricted))}."
+                f"Model architectures in {sorted(archs)} are not supported for "
+                f"'{plugin.plugin_id}'; supported: {', '.join(sorted(restricted))}."
             )
+
+
+def _why_none(validated: ValidatedPlugins) -> str:
+    if validated.passed_through:
+        return "its stanzas belong to plugins that are not installed: " + ", ".join(
+            f"{p} (pip install {pkg})" for p, pkg in validated.passed_through.items()
+        )
+    if not validated.present:
+        return f"there is no plugin stanza under '{KEY_PLUGINS}:'."
+    return "no plugin has all the stanzas it needs; present: " + ", ".join(
+        f"plugins.{p}" for p in sorted(validated.present)
+    )
 
 
 def _abbreviate(targets: list[str], limit: int = 2) -> str:

@@ -1,66 +1,148 @@
-"""Rule-based model patching: forward replacement on matching modules, attribute replacement in
-imported modules, each recorded so it can be listed and undone."""
+"""Rule-based model patching: new forwards on matching modules and attribute swaps in imported
+modules, each recorded so it can be listed and undone.
+
+Names and semantics follow the reference fms-acceleration (`ModelPatcher.register(rule)` on the
+class, `ModelPatcherRule`, `ModelPatcherTrigger`, `patch_target_module`, ...), but every patcher
+is an instance owned by one framework; class-level calls go to the running framework's.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
-import re
+import importlib.util
+import inspect
 import types
-from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
 
-from .errors import PatchError
+from .errors import PatchError, PatchTypeError
+from .routing import Routable, routed_attribute, routed_method, routed_reader
 
 _MISSING = object()
 
 
-@dataclass(frozen=True)
-class ModelPatcherTrigger:
-    """Selects modules: by class (or tuple of classes) or by predicate, optionally by name."""
+class ModelPatcherTriggerType(Enum):
+    """How a trigger selects modules: by class (isinstance) or by a predicate."""
 
-    check: type | tuple[type, ...] | Callable[[torch.nn.Module], bool]
+    module = 1
+    callable = 2
+
+
+def _is_module_class(check: Any) -> bool:
+    if isinstance(check, tuple):
+        return bool(check) and all(_is_module_class(c) for c in check)
+    return inspect.isclass(check) and issubclass(check, torch.nn.Module)
+
+
+@dataclass
+class ModelPatcherTrigger:
+    """Selects modules by class (or tuple of classes) or by predicate, optionally by exact name.
+
+    `module_name` must equal the module's full dotted name or its last component
+    (`submodule_1` does not select `submodule_10`).
+    """
+
+    check: Any
+    type: ModelPatcherTriggerType | None = None
     module_name: str | None = None
 
-    def is_triggered(self, module: torch.nn.Module, name: str) -> bool:
-        if self.module_name is not None and not re.search(self.module_name, name):
-            return False
-        if isinstance(self.check, (type, tuple)):
+    def __post_init__(self) -> None:
+        if _is_module_class(self.check):
+            kind = ModelPatcherTriggerType.module
+        elif callable(self.check) and not inspect.isclass(self.check):
+            kind = ModelPatcherTriggerType.callable
+        else:
+            raise PatchTypeError(
+                f"check argument needs to be torch.nn.Module or Callable; got {self.check!r}"
+            )
+        if self.type is not None and self.type != kind:
+            raise PatchError(
+                "type argument passed but `check` argument does not match type specified: "
+                f"type={self.type.name}, check={self.check!r}"
+            )
+        self.type = kind
+
+    def is_triggered(self, module: torch.nn.Module, module_name: str | None = None) -> bool:
+        """Whether this trigger selects `module` (named `module_name` in its model)."""
+        if self.module_name is not None:
+            name = module_name or ""
+            if self.module_name not in (name, name.rpartition(".")[2]):
+                return False
+        if self.type == ModelPatcherTriggerType.module:
             return isinstance(module, self.check)
-        return bool(self.check(module))
+        try:
+            return bool(self.check(module))
+        except Exception:  # a predicate that cannot judge a module does not select it
+            return False
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelPatcherRule:
-    """One patch: a new forward for triggered modules, or an attribute swap in a module."""
+    """One patch: a forward (or a forward builder) for triggered modules, or an attribute swap.
+
+    `import_and_maybe_reload=(target, replacement, reload)` replaces the object at dotted path
+    `target`. Without `reload` the replacement stays until undone. With `reload`, that module is
+    reloaded to pick the replacement up and `target` gets its original back (the reference's
+    semantics). Such a rule applies to a model whose module path starts `target` or `reload`
+    (so per-architecture rules only touch their architecture) unless `applies_to_any_model`.
+    """
 
     rule_id: str
     trigger: ModelPatcherTrigger | None = None
     forward: Callable[..., Any] | None = None
-    forward_builder: Callable[[torch.nn.Module], Callable[..., Any]] | None = None
+    forward_builder: Callable[..., Any] | None = None
+    forward_builder_args: Sequence[str] | None = None
     import_and_maybe_reload: tuple[str, Any, str | None] | None = None
+    applies_to_any_model: bool = False
 
     def __post_init__(self) -> None:
-        forwards = (self.forward is not None) + (self.forward_builder is not None)
-        if self.import_and_maybe_reload is not None:
-            if self.trigger is not None or forwards:
-                raise PatchError(
-                    f"rule '{self.rule_id}': import_and_maybe_reload excludes trigger/forward"
-                )
-            target, _, reload_name = self.import_and_maybe_reload
-            owner_module = target.rpartition(".")[0]
-            if reload_name is not None and reload_name == owner_module:
-                raise PatchError(
-                    f"rule '{self.rule_id}': reloading '{reload_name}' would undo the patch of "
-                    f"'{target}'; name the module that imports it instead"
-                )
-            return
-        if self.trigger is None or forwards != 1:
+        given = [
+            self.forward is not None,
+            self.forward_builder is not None,
+            self.import_and_maybe_reload is not None,
+        ]
+        if sum(given) > 1:
             raise PatchError(
-                f"rule '{self.rule_id}': needs a trigger and exactly one of forward / "
-                "forward_builder (or import_and_maybe_reload alone)"
+                f"Rule '{self.rule_id}' must only have at most one of forward, forward builder, "
+                "or import_and_maybe_reload, specified."
+            )
+        if self.import_and_maybe_reload is not None and self.trigger is not None:
+            raise PatchError(
+                f"Rule '{self.rule_id}' has import_and_maybe_reload specified, and trigger must "
+                "be None."
+            )
+        if self.forward_builder_args is not None and self.forward_builder is None:
+            raise PatchError(
+                f"Rule '{self.rule_id}' has forward_builder_args but no forward_builder."
+            )
+        if self.import_and_maybe_reload is not None:
+            self._check_import_rule()
+        elif self.trigger is None:
+            raise PatchError(
+                f"Rule '{self.rule_id}' needs a trigger with its forward / forward_builder (or "
+                "import_and_maybe_reload alone)"
+            )
+
+    def _check_import_rule(self) -> None:
+        spec = self.import_and_maybe_reload
+        if not (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[0], str)):
+            raise PatchError(
+                f"Rule '{self.rule_id}': import_and_maybe_reload must be a tuple "
+                f"(target path, replacement, module to reload or None), got {spec!r}"
+            )
+        target, _, reload_name = spec
+        if "." not in target:
+            raise PatchError(f"Rule '{self.rule_id}': target '{target}' has no object to patch")
+        if reload_name is not None and reload_name == target.rpartition(".")[0]:
+            raise PatchError(
+                f"Rule '{self.rule_id}': reloading '{reload_name}' would undo the patch of "
+                f"'{target}'; name the module that imports it instead"
             )
 
     @property
@@ -68,28 +150,40 @@ class ModelPatcherRule:
         return self.import_and_maybe_reload is not None
 
 
-@dataclass(frozen=True)
+@dataclass
 class PatchRecord:
-    """What one applied patch changed, enough to describe and revert it."""
+    """What one applied patch changed: enough to describe it and to revert it."""
 
     rule_id: str
     kind: str  # "forward" or "attribute"
     target: str
-    owner: Any
-    name: str
-    previous: Any
-    reload: str | None = None
+    cls: str = ""
+    module_name: str = ""
+    parent_cls: str = ""
+    parent_module_name: str = ""
+    instance: int = 0
+    _owner: Any = field(default=None, repr=False)
+    _name: str = field(default="", repr=False)
+    _previous: Any = field(default=_MISSING, repr=False)
+    _reload: str | None = field(default=None, repr=False)
 
     def undo(self) -> None:
-        if self.kind == "forward":
-            if self.previous is _MISSING:
-                self.owner.__dict__.pop("forward", None)
-            else:
-                self.owner.forward = self.previous
+        if self._owner is None and not self._reload:
+            return  # a record of a replacement made on a copy: nothing to restore
+        if self._reload:
+            importlib.reload(importlib.import_module(self._reload))
             return
-        _assign(self.owner, self.name, self.previous)
-        if self.reload:
-            importlib.reload(importlib.import_module(self.reload))
+        _assign(self._owner, self._name, self._previous)
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "cls": self.cls,
+            "parent_cls": self.parent_cls,
+            "module_name": self.module_name,
+            "parent_module_name": self.parent_module_name,
+            "rule_id": self.rule_id,
+        }
 
 
 def _assign(owner: Any, name: str, value: Any) -> None:
@@ -99,98 +193,316 @@ def _assign(owner: Any, name: str, value: Any) -> None:
         else:
             owner[name] = value
     elif value is _MISSING:
-        delattr(owner, name)
+        if name in getattr(owner, "__dict__", {}):
+            delattr(owner, name)
     else:
         setattr(owner, name, value)
+
+
+def _current_value(owner: Any, name: str) -> Any:
+    if isinstance(owner, MutableMapping):
+        return owner.get(name, _MISSING)
+    # an instance attribute: only what is in its own __dict__ is ours to restore
+    if not isinstance(owner, (type, types.ModuleType)) and hasattr(owner, "__dict__"):
+        return owner.__dict__.get(name, _MISSING)
+    return getattr(owner, name, _MISSING)
 
 
 def _resolve_owner(target: str) -> tuple[Any, str]:
     """Split 'pkg.module.Obj.attr' (or '...MAPPING.key') into the owning object and the leaf."""
     parts = target.split(".")
     for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
         try:
-            owner: Any = importlib.import_module(".".join(parts[:split]))
+            owner: Any = importlib.import_module(module_name)
         except ImportError:
             continue
-        for part in parts[split:-1]:
-            owner = owner[part] if isinstance(owner, MutableMapping) else getattr(owner, part)
+        try:
+            for part in parts[split:-1]:
+                owner = owner[part] if isinstance(owner, MutableMapping) else getattr(owner, part)
+        except (AttributeError, KeyError):
+            raise PatchError(f"patch target '{target}': '{module_name}' has no '{part}'") from None
         return owner, parts[-1]
     raise PatchError(f"cannot import any module of patch target '{target}'")
 
 
-class ModelPatcher:
+def swap_attribute(rule_id: str, target: str, replacement: Any) -> PatchRecord:
+    """Replace the object at dotted `target` until the returned record is undone."""
+    owner, name = _resolve_owner(target)
+    previous = _current_value(owner, name)
+    _assign(owner, name, replacement)
+    return PatchRecord(rule_id, "attribute", target, _owner=owner, _name=name, _previous=previous)
+
+
+def forward_like(
+    original: Callable[..., Any],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a new forward `f(self, ...)` so that, once bound to the module, it shows the
+    signature of `original` (a bound forward): the Trainer reads it to pick dataset columns."""
+
+    def decorate(forward: Callable[..., Any]) -> Callable[..., Any]:
+        functools.update_wrapper(forward, original)
+        signature = inspect.signature(original)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[self_param, *signature.parameters.values()]
+        )
+        return forward
+
+    return decorate
+
+
+def patch_target_module(to_patch: str, replace_with: Any, target_module: str | None = None) -> None:
+    """Replace `to_patch` with `replace_with`; with `target_module`, reload that module so it
+    picks the replacement up, then restore `to_patch` (the reference's semantics)."""
+    if "." not in to_patch:
+        raise PatchError(f"must have an object to patch: '{to_patch}'")
+    record = swap_attribute("patch_target_module", to_patch, replace_with)
+    if target_module is not None:
+        importlib.reload(importlib.import_module(target_module))
+        record.undo()
+
+
+def _module_path(model: torch.nn.Module) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__module__ if not isinstance(base, type) else base.__module__
+
+
+class ModelPatcher(Routable):
     """Holds rules, applies them to a model and to imported modules, and can undo them all."""
+
+    history = routed_attribute("_history")
+    rules = routed_attribute("_rules")
 
     def __init__(self) -> None:
         self._rules: dict[str, ModelPatcherRule] = {}
         self._applied: set[str] = set()
-        self.history: list[PatchRecord] = []
+        self._history: list[PatchRecord] = []
 
-    @property
-    def rules(self) -> tuple[ModelPatcherRule, ...]:
-        return tuple(self._rules.values())
-
+    @routed_method
     def register(self, rule: ModelPatcherRule) -> None:
         """Add a rule; its id must be unique in this patcher."""
+        if not isinstance(rule, ModelPatcherRule):
+            raise PatchTypeError(f"register expects a ModelPatcherRule, got {rule!r}")
         if rule.rule_id in self._rules:
-            raise PatchError(f"a patch rule with id '{rule.rule_id}' is already registered")
+            raise PatchError(f"patch rule '{rule.rule_id}' already exists")
         self._rules[rule.rule_id] = rule
 
-    def patch(self, model: torch.nn.Module | None = None) -> list[PatchRecord]:
-        """Apply every rule not applied yet; attribute swaps first, then forwards on `model`."""
+    @staticmethod
+    def load_patches(module_names: Sequence[str], reload: bool = False) -> None:
+        """Import (optionally reload) modules whose import registers patch rules."""
+        for name in module_names:
+            if importlib.util.find_spec(name):
+                module = importlib.import_module(name)
+                if reload:
+                    importlib.reload(module)
+
+    @routed_method
+    def patch(self, model: torch.nn.Module | None = None, **kwargs: Any) -> list[PatchRecord]:
+        """Apply every rule not applied yet: attribute swaps, then forwards on `model`.
+
+        Keyword arguments reach the forward builders that name them in forward_builder_args.
+        """
         pending = [r for r in self._rules.values() if r.rule_id not in self._applied]
-        records: list[PatchRecord] = []
-        for rule in sorted(pending, key=lambda r: not r.is_import_rule):
-            if rule.is_import_rule:
-                records.append(self._swap_attribute(rule))
-            elif model is not None:
-                records.extend(self._replace_forwards(rule, model))
-            else:
-                continue
-            self._applied.add(rule.rule_id)
-        self.history.extend(records)
+        records = self._apply_import_rules([r for r in pending if r.is_import_rule], model)
+        forward_rules = [r for r in pending if not r.is_import_rule]
+        if model is not None and forward_rules:
+            records += self._patch_forwards(model, forward_rules, kwargs)
+            self._applied.update(r.rule_id for r in forward_rules)
+        self._history.extend(records)
         return records
 
     def undo(self) -> None:
         """Revert every recorded patch, newest first, and forget the applied state."""
-        while self.history:
-            self.history.pop().undo()
+        while self._history:
+            self._history.pop().undo()
         self._applied.clear()
 
     def counts(self) -> dict[str, int]:
         """How many targets each applied rule patched."""
         out: dict[str, int] = {}
-        for record in self.history:
+        for record in self._history:
             out[record.rule_id] = out.get(record.rule_id, 0) + 1
         return out
 
-    def _swap_attribute(self, rule: ModelPatcherRule) -> PatchRecord:
-        target, replacement, reload_name = rule.import_and_maybe_reload  # type: ignore[misc]
-        owner, name = _resolve_owner(target)
-        if isinstance(owner, MutableMapping):
-            previous = owner.get(name, _MISSING)
-        else:
-            previous = getattr(owner, name, _MISSING)
-        _assign(owner, name, replacement)
-        if reload_name:
-            importlib.reload(importlib.import_module(reload_name))
-        return PatchRecord(rule.rule_id, "attribute", target, owner, name, previous, reload_name)
-
-    def _replace_forwards(
-        self, rule: ModelPatcherRule, model: torch.nn.Module
-    ) -> list[PatchRecord]:
-        records = []
-        assert rule.trigger is not None  # guaranteed by ModelPatcherRule.__post_init__
-        for name, module in model.named_modules():
-            if not rule.trigger.is_triggered(module, name):
-                continue
-            previous = module.__dict__.get("forward", _MISSING)
-            if rule.forward_builder is not None:
-                module.forward = rule.forward_builder(module)
-            else:
-                module.forward = types.MethodType(rule.forward, module)
-            qualified = f"{name or '<root>'} ({type(module).__name__})"
-            records.append(
-                PatchRecord(rule.rule_id, "forward", qualified, module, "forward", previous)
+    @routed_reader
+    def summary(self, raw: bool = False) -> Any:
+        """The reference's text summary (raw=True: one dict per patched target)."""
+        rows = [record.as_row() for record in self._history]
+        if raw:
+            return rows
+        if not rows:
+            return ""
+        grouped: dict[tuple[str, str, str], int] = {}
+        for row in rows:
+            key = (row["rule_id"], row["module_name"], row["cls"])
+            grouped[key] = grouped.get(key, 0) + 1
+        lines = ["***************** Module Forwards Patching *************"]
+        for (rule_id, module_name, cls), count in sorted(grouped.items()):
+            lines.append(
+                f"Rule: {rule_id:15s} Module: {module_name:25s} Class: {cls:15s} Num: {count:2d}"
             )
+        return "\n".join(lines)
+
+    # --- attribute swaps -------------------------------------------------------------------
+
+    def _apply_import_rules(
+        self, rules: list[ModelPatcherRule], model: torch.nn.Module | None
+    ) -> list[PatchRecord]:
+        if model is not None:
+            prefix = _module_path(model)
+            rules = [r for r in rules if r.applies_to_any_model or _touches(r, prefix)]
+        if not rules:
+            return []
+        by_reload: dict[str | None, list[ModelPatcherRule]] = {}
+        for rule in rules:
+            by_reload.setdefault(rule.import_and_maybe_reload[2], []).append(rule)  # type: ignore[index]
+        _refuse_nested_reloads(by_reload)
+        records: list[PatchRecord] = []
+        for rule in by_reload.pop(None, []):
+            target, replacement, _ = rule.import_and_maybe_reload  # type: ignore[misc]
+            records.append(swap_attribute(rule.rule_id, target, replacement))
+            self._applied.add(rule.rule_id)
+        for reload_name, group in by_reload.items():
+            swaps = [
+                swap_attribute(
+                    r.rule_id, r.import_and_maybe_reload[0], r.import_and_maybe_reload[1]
+                )  # type: ignore[index]
+                for r in group
+            ]
+            importlib.reload(importlib.import_module(reload_name))  # type: ignore[arg-type]
+            for swap in reversed(swaps):
+                swap.undo()
+                records.append(
+                    PatchRecord(swap.rule_id, "attribute", swap.target, _reload=reload_name)
+                )
+            self._applied.update(r.rule_id for r in group)
         return records
+
+    # --- forwards ----------------------------------------------------------------------------
+
+    def _patch_forwards(
+        self,
+        model: torch.nn.Module,
+        rules: list[ModelPatcherRule],
+        kwargs: dict[str, Any],
+        prefix: str = "",
+        done: set[int] | None = None,
+    ) -> list[PatchRecord]:
+        done = set() if done is None else done
+        records: list[PatchRecord] = []
+        for local_name, module in model.named_modules():
+            if id(module) in done:
+                continue
+            name = ".".join(p for p in (prefix, local_name) if p)
+            hits = [r for r in rules if r.trigger.is_triggered(module, name)]  # type: ignore[union-attr]
+            if not hits:
+                continue
+            rule = hits[0]
+            for ignored in hits[1:]:
+                warnings.warn(
+                    f"rule {ignored.rule_id} is ignored on {name or '<root>'} as an earlier rule "
+                    f"{rule.rule_id} has been applied",
+                    stacklevel=3,
+                )
+            forward = rule.forward
+            if rule.forward_builder is not None:
+                wanted = rule.forward_builder_args or ()
+                forward = rule.forward_builder(
+                    module, **{k: v for k, v in kwargs.items() if k in wanted}
+                )
+            if isinstance(forward, list):
+                sub_rules = [
+                    ModelPatcherRule(f"{rule.rule_id}-{i + 1}", trigger=trigger, forward=fwd)
+                    for i, (trigger, fwd) in enumerate(forward)
+                ]
+                records += self._patch_forwards(module, sub_rules, kwargs, name, done)
+                continue
+            records.append(self._set_forward(rule.rule_id, model, module, name, forward))
+            done.add(id(module))
+        return records
+
+    @staticmethod
+    def _set_forward(
+        rule_id: str, root: torch.nn.Module, module: torch.nn.Module, name: str, forward: Any
+    ) -> PatchRecord:
+        if not callable(forward):
+            raise PatchTypeError(
+                f"rule '{rule_id}' built a forward that is not callable: {forward!r}"
+            )
+        previous = module.__dict__.get("forward", _MISSING)
+        module.forward = types.MethodType(forward, module)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        return PatchRecord(
+            rule_id,
+            "forward",
+            f"{name or '<root>'} ({type(module).__name__})",
+            cls=type(module).__name__,
+            module_name=leaf or name,
+            parent_cls=type(parent).__name__ if parent is not module else "",
+            parent_module_name=parent_name,
+            instance=id(module),
+            _owner=module,
+            _name="forward",
+            _previous=previous,
+        )
+
+
+def _touches(rule: ModelPatcherRule, prefix: str) -> bool:
+    target, _, reload_name = rule.import_and_maybe_reload  # type: ignore[misc]
+    return target.startswith(prefix) or bool(reload_name and reload_name.startswith(prefix))
+
+
+def _refuse_nested_reloads(by_reload: dict[str | None, list[ModelPatcherRule]]) -> None:
+    names = sorted((n for n in by_reload if n), key=len)
+    for i, short in enumerate(names):
+        for long in names[i + 1 :]:
+            if long.startswith(short + "."):
+                raise PatchError(
+                    f"Attempting to reload a subpath `{short}` multiple times in "
+                    f"{by_reload[short][0].rule_id} and {by_reload[long][0].rule_id}: reloading "
+                    f"'{short}' could undo the patch that reloads '{long}'"
+                )
+
+
+# --- the reference's module-level helpers -------------------------------------------------------
+
+
+def patch_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+    """Apply the current patcher's rules to `model` and return it."""
+    ModelPatcher.patch(model, **kwargs)
+    return model
+
+
+def patch_model_summary() -> str:
+    """The current patcher's summary."""
+    return ModelPatcher.summary()
+
+
+def combine_triggers(*triggers: ModelPatcherTrigger, logic: str = "OR") -> ModelPatcherTrigger:
+    """One trigger that is the AND / OR of `triggers`."""
+    if logic not in ("AND", "OR"):
+        raise PatchError(
+            f"Only `AND`, `OR` logic implemented for combining triggers, got {logic!r}"
+        )
+    combine = all if logic == "AND" else any
+
+    def check(module: torch.nn.Module, module_name: str | None = None) -> bool:
+        return combine(t.is_triggered(module, module_name) for t in triggers)
+
+    return ModelPatcherTrigger(check=check)
+
+
+def combine_functions(*funcs: Callable[..., list], logic: str = "APPEND") -> Callable[..., list]:
+    """One function returning the concatenated lists of `funcs` (e.g. rule builders)."""
+    if logic != "APPEND":
+        raise PatchError(f"only APPEND logic implemented for combining functions, got {logic!r}")
+
+    def append(*args: Any, **kwargs: Any) -> list:
+        results: list = []
+        for func in funcs:
+            results += func(*args, **kwargs)
+        return results
+
+    return append

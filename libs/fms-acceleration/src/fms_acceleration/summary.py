@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -38,3 +39,14 @@ def ready_for_train_table(
     if passed_through:
         parts.append("passed through (package not installed): " + ", ".join(passed_through))
     return "\n".join(parts)
+
+
+def active_plugin_lines(plugins: Sequence[tuple[str, Any]]) -> str:
+    """The reference's banner and one `Active Plugin:` line per (class name, registration)."""
+    lines = ["***** FMS AccelerationFramework *****"]
+    for class_name, registration in plugins:
+        lines.append(
+            f"Active Plugin: {class_name}. Python package: {registration.package_name}. "
+            f"Version: {registration.package_version}."
+        )
+    return "\n".join(lines)

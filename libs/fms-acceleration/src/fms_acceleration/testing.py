@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .framework import AccelerationFramework
-from .plugin import AccelerationPlugin, registration_of
+from .framework_plugin import AccelerationPlugin, registration_of
 
 # Special token ids shared by every tiny config and by `tiny_tokenizer`.
 _SPECIAL_IDS = dict(pad_token_id=1, bos_token_id=2, eos_token_id=3)

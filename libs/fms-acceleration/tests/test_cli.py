@@ -1,4 +1,4 @@
-"""The CLI's listing commands and plugin subcommands; schema details; the testing helpers."""
+"""The CLI: listing, install, plugin subcommands; the testing helpers."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import sys
 import types
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
 
-from fms_acceleration import AccelerationPluginConfigError, Option, Stanza
 from fms_acceleration import cli as cli_module
 from fms_acceleration.cli import main
 from fms_acceleration.testing import TINY_ARCHS, save_tiny_model, tiny_dataset, tiny_model_config
@@ -21,12 +21,15 @@ def test_plugins_lists_installed_plugins(installed_fakes, capsys):
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].split() == ["plugin", "package", "version", "stanzas", "declared", "slots"]
-    rows = {line.split()[0]: line for line in lines[2:]}
-    assert len(rows) == 7
+    rows = {line.split()[0]: line for line in lines[2:] if not line.startswith("broken: ")}
+    # the fakes, plus any plugin that registered itself when imported (e.g. through its CLI
+    # subcommand's entry point)
+    fakes = {"and_plugin", "fake_kernels", "fake_loader", "needs_missing", "other_loader"}
+    assert fakes | {"other_loss", "restricted"} <= set(rows)
     assert "training.fake_kernels (or); peft.quantization.fake_kernels (or)" in rows["fake_kernels"]
     assert rows["fake_kernels"].rstrip().endswith("loss")
     assert "training.part_a (and); training.part_b (and)" in rows["and_plugin"]
-    assert "plugin 'broken' (no_such_module_xyz)" in captured.err
+    assert "broken: plugin 'broken' (no_such_module_xyz)" in captured.out
 
 
 def test_configs_lists_contents(tmp_path, capsys):
@@ -64,56 +67,15 @@ def test_plugin_subcommands_from_entry_points(monkeypatch, capsys):
         metadata.EntryPoint("broken-cmd", "no_such_cli_module:register", group),
         metadata.EntryPoint("check", "fms_fake_cli_plugin:register", group),
     ]
-    monkeypatch.setattr(cli_module.metadata, "entry_points", lambda group: fake_eps)
+    monkeypatch.setattr(cli_module, "entry_points_of", lambda group: fake_eps)
     assert main(["hello", "world"]) == 3
     captured = capsys.readouterr()
     assert captured.out == "hello world\n"
-    assert "CLI plugin 'broken-cmd' (no_such_cli_module:register) failed to load" in captured.err
-    assert "CLI plugin 'check' (fms_fake_cli_plugin:register) would shadow" in captured.err
-
-
-def test_option_coercion_nullable_check_and_nested_stanza():
-    schema = Stanza(
-        lr=Option(float, default=1e-5),
-        name=Option(str, nullable=True, default=None),
-        depth=Option(int, default=-1, check=lambda v: None if v >= -1 else "must be >= -1"),
-        early_stopping=Stanza(monitor=Option(str, default="eval_loss"), patience=Option(int)),
+    assert (
+        "CLI plugin 'broken-cmd' (no_such_cli_module:register) from package '<unknown>' "
+        "<unknown> failed to import: ModuleNotFoundError" in captured.err
     )
-    out = schema.validate({"lr": 3, "name": None, "early_stopping": {"patience": 2}}, "plugins.x")
-    assert out == {
-        "lr": 3.0,
-        "name": None,
-        "depth": -1,
-        "early_stopping": {"monitor": "eval_loss", "patience": 2},
-    }
-    assert isinstance(out["lr"], float)
-    assert schema.validate(None, "plugins.x")["early_stopping"] is None
-    with pytest.raises(AccelerationPluginConfigError, match=r"plugins.x.depth: -3 must be >= -1"):
-        schema.validate({"depth": -3}, "plugins.x")
-    with pytest.raises(
-        AccelerationPluginConfigError, match=r"plugins.x.early_stopping.patience: required key"
-    ):
-        schema.validate({"early_stopping": {}}, "plugins.x")
-    with pytest.raises(
-        AccelerationPluginConfigError, match=r"plugins.x: expected a mapping of options, got list"
-    ):
-        schema.validate([1], "plugins.x")
-    with pytest.raises(TypeError, match="must be an Option or a Stanza"):
-        Stanza(bad=3)
-
-
-def test_mutable_defaults_are_never_shared():
-    schema = Stanza(cfg=Option(dict, default={}))
-    first, second = schema.validate({}, "p"), schema.validate({}, "p")
-    first["cfg"]["x"] = 1
-    assert second["cfg"] == {} and schema.fields["cfg"].default == {}
-
-
-def test_choice_of_true_is_not_satisfied_by_one():
-    spec = Option((bool, str), default=False, choices=(True, False, "fused_ce_liger"))
-    assert spec.validate(True, "p") is True
-    with pytest.raises(AccelerationPluginConfigError, match="expected a boolean"):
-        spec.validate(1, "p")
+    assert "CLI plugin 'check' (fms_fake_cli_plugin:register) would shadow" in captured.err
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
@@ -144,3 +106,34 @@ def test_save_tiny_model_roundtrip_and_dataset(tmp_path):
     assert all(min(r["input_ids"]) >= 4 and max(r["input_ids"]) < 128 for r in rows)
     with pytest.raises(ValueError, match="unknown tiny arch 'gpt9'"):
         tiny_model_config("gpt9")
+
+
+def test_install_by_short_name_inside_and_outside_a_checkout(tmp_path):
+    repo = Path(__file__).resolve().parents[3]
+    inside = cli_module.install_command("peft", ["-q"], repo / "plugins")
+    assert inside[:5] == [sys.executable, "-m", "pip", "install", "-q"]
+    assert inside[5:] == [
+        "-c",
+        str(repo / "constraints.txt"),
+        str(repo / "plugins" / "accelerated-peft"),
+    ]
+    assert cli_module.install_command("fms_acceleration_foak", [], tmp_path)[-1] == (
+        "fms-acceleration-foak"
+    )
+    assert cli_module.install_command(str(tmp_path), [], tmp_path)[-1] == str(tmp_path)
+    with pytest.raises(Exception, match="unknown plugin 'nope'; known: aadp, adapters"):
+        cli_module.install_command("nope", [], tmp_path)
+
+
+def test_python_dash_m_cli_lists_plugins():
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fms_acceleration.cli", "plugins"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split()[:3] == ["plugin", "package", "version"]
+    assert "fms-acceleration-peft" in done.stdout

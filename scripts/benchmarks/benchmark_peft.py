@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seq_len = 512 if on_gpu else 64
 
     if args.model_dir is None:
-        from fms_acceleration.train_job.model_source import resolve_model
+        from fms_acceleration_train.model_source import resolve_model
 
         args.model_dir = str(resolve_model(None)[0])
     model_dir = Path(args.model_dir)

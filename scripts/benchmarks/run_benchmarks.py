@@ -3,7 +3,7 @@
     python scripts/benchmarks/run_benchmarks.py                      # scenarios for this device
     python scripts/benchmarks/run_benchmarks.py --only qlora-bnb --output-dir /tmp/bench
 
-Each run is `python -m fms_acceleration.train_job` (the same job as `fms-acceleration train`)
+Each run is `python -m fms_acceleration_train` (the same job as `fms-acceleration train`)
 with a sample configuration; its train_summary.json gives tokens/s, peak memory (process peak
 RSS on CPU, torch peak allocated on GPU) and the final loss. A run that fails or times out is
 recorded with its status and the rest go on. Results: a CSV, a markdown table with each
@@ -151,7 +151,7 @@ def execute(
     out_dir.mkdir(parents=True)
     log = out_dir / "log.txt"
     run.log = str(log)
-    command = [sys.executable, "-m", "fms_acceleration.train_job", "--output-dir", str(out_dir)]
+    command = [sys.executable, "-m", "fms_acceleration_train", "--output-dir", str(out_dir)]
     try:
         if shortname != BASELINE:
             overrides = scenario.config_overrides.get(shortname, {})

@@ -1,0 +1,143 @@
+"""`fms-acceleration train`: the argparse subcommand (entry point group fms_acceleration.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MissingDependencyError, TrainJobError
+from .runner import DEFAULT_TARGET_MODULES, TrainJobConfig
+
+_DEFAULTS = TrainJobConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the training job's options to `parser`."""
+    d = _DEFAULTS
+    parser.add_argument(
+        "--acceleration-config",
+        metavar="FILE",
+        help="framework YAML (a sample-configurations/*.yaml); omit for no acceleration",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local HF model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--dataset",
+        metavar="JSONL",
+        help='{"prompt": ..., "response": ...} per line (default: a built-in dataset whose '
+        "held-out prompts measure answer accuracy before and after training)",
+    )
+    parser.add_argument(
+        "--output-dir", default=d.output_dir, metavar="DIR", help="adapter and summary go here"
+    )
+    parser.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="max tokens per example")
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak lr")
+    parser.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA scale")
+    parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout")
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=list(DEFAULT_TARGET_MODULES),
+        metavar="NAME",
+        help="modules that get LoRA adapters",
+    )
+    parser.add_argument(
+        "--full-finetuning",
+        action="store_true",
+        help="train all parameters (or those a plugin such as finetuning_schedule thaws) "
+        "instead of LoRA adapters; saves the whole model",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bfloat16 on GPU, float32 on CPU",
+    )
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=d.cpu_threads,
+        help="torch threads on CPU; 0: $OMP_NUM_THREADS, else half the logical CPUs",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA init")
+    parser.add_argument(
+        "--no-eval", action="store_true", help="skip the before/after answer-accuracy check"
+    )
+    parser.add_argument("--log-every", type=int, default=d.log_every, help="print loss every N")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
+    """Build the job configuration from parsed arguments."""
+    return TrainJobConfig(
+        output_dir=args.output_dir,
+        acceleration_config=args.acceleration_config,
+        model=args.model,
+        dataset=args.dataset,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        learning_rate=args.learning_rate,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=tuple(args.target_modules),
+        full_finetuning=args.full_finetuning,
+        cpu_threads=args.cpu_threads,
+        dtype=args.dtype,
+        seed=args.seed,
+        evaluate=not args.no_eval,
+        log_every=args.log_every,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job; print the summary. Exit code 0, or 2 with a one-line error for bad input."""
+    from fms_acceleration import AccelerationFrameworkError, AccelerationPluginConfigError
+
+    from .runner import run_train_job
+
+    expected = (
+        TrainJobError,
+        MissingDependencyError,
+        AccelerationPluginConfigError,
+        AccelerationFrameworkError,
+    )
+    try:
+        summary = run_train_job(config_from_args(args))
+    except expected as e:
+        print(f"fms-acceleration train: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    print(f"summary written to {args.output_dir}/train_summary.json")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `train` subcommand (entry point of group fms_acceleration.cli)."""
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune with LoRA through the framework and print a summary",
+        description="Fine-tune a causal LM with LoRA using transformers.Trainer, accelerated by "
+        "the plugins an --acceleration-config enables; saves the adapter and writes "
+        "OUTPUT_DIR/train_summary.json (tokens/s, peak memory, loss, answer accuracy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fms_acceleration_train [options]`: the same as `fms-acceleration train`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fms_acceleration_train",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,24 @@
+"""Errors the training job raises for bad input or a missing optional package."""
+
+from __future__ import annotations
+
+
+class TrainJobError(ValueError):
+    """Bad input to the training job (a path, a dataset line, an option value)."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional package the training job needs is not installed."""
+
+
+def require(import_name: str, pip_name: str | None = None, purpose: str = "") -> None:
+    """Raise MissingDependencyError, saying what to pip install, if `import_name` is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(import_name) is not None:
+        return
+    what = f" (needed for {purpose})" if purpose else ""
+    raise MissingDependencyError(
+        f"the package '{import_name}' is not installed{what}; "
+        f"install it with: pip install {pip_name or import_name}"
+    )

@@ -1,0 +1,313 @@
+"""The training job: LoRA fine-tuning with transformers.Trainer, driven by the framework."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+
+from fms_acceleration import StanzaModel, choice
+from fms_acceleration.packages import installed_versions
+from fms_acceleration.validation import config_error
+
+from .data import Example, PaddingCollator, load_jsonl, pad_token_id, tokenize
+from .errors import TrainJobError, require
+from .evaluation import answer_accuracy
+from .summary import TrainSummary, peak_memory_mib
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+DEFAULT_DATASET = "built-in (sentiment / category / opposite, one-word answers)"
+_VERSIONED = (
+    "torch", "transformers", "peft", "accelerate", "fms-acceleration", "fms-acceleration-peft",
+    "fms-acceleration-foak", "fms-acceleration-fts", "bitsandbytes", "gptqmodel", "triton",
+)  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _positive(value: Any) -> Any:
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _existing_file(value: str | None) -> str | None:
+    if value is not None and not Path(value).is_file():
+        raise ValueError("file not found")
+    return value
+
+
+Positive = AfterValidator(_positive)
+
+
+class TrainJobConfig(StanzaModel):
+    """Options of `fms-acceleration train` (None model/dataset = the embedded defaults).
+
+    Errors name the command-line flag: `--max-steps: 0 must be > 0.`
+    """
+
+    model_config = ConfigDict(alias_generator=_flag, populate_by_name=True, frozen=True)
+
+    output_dir: str = "outputs/train"
+    acceleration_config: Annotated[str | None, AfterValidator(_existing_file)] = None
+    model: str | None = None
+    dataset: str | None = None
+    max_steps: Annotated[int, Positive] = 40
+    batch_size: Annotated[int, Positive] = 8
+    seq_len: Annotated[int, Field(ge=8)] = 64
+    learning_rate: Annotated[float, Positive] = 1e-3
+    lora_r: Annotated[int, Positive] = 8
+    lora_alpha: int = 16
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = DEFAULT_TARGET_MODULES
+    full_finetuning: bool = False
+    cpu_threads: Annotated[int, Field(ge=0)] = 0
+    dtype: choice("auto", "float32", "bfloat16", "float16") = "auto"
+    seed: Annotated[int, Field(ge=0)] = 42
+    evaluate: bool = True
+    eval_max_new_tokens: Annotated[int, Positive] = 6
+    log_every: Annotated[int, Positive] = 5
+
+    def __init__(self, **options: Any) -> None:
+        try:
+            # by flag, so that errors name the flag the user typed
+            super().__init__(**{_flag(name): value for name, value in options.items()})
+        except ValidationError as err:
+            raise config_error(err, "", type(self), TrainJobError) from None
+
+
+def _load_examples(config: TrainJobConfig) -> tuple[list[Example], list[Example], str]:
+    """(train, held_out, description); held-out prompts exist only for the built-in dataset."""
+    if config.dataset is None:
+        from .default_dataset import default_splits
+
+        train, held = default_splits()
+        return train, (held if config.evaluate else []), DEFAULT_DATASET
+    return load_jsonl(config.dataset), [], str(config.dataset)
+
+
+def _torch_dtype(name: str, device_type: str) -> Any:
+    import torch
+
+    if name == "auto":
+        # bf16 on GPU; fp32 on CPU, where bf16 matmuls are slow or emulated on many chips.
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _cpu_threads(requested: int) -> int:
+    """Torch threads on CPU: as asked, else $OMP_NUM_THREADS, else half the logical CPUs.
+
+    Half, because on shared or hyper-threaded machines one thread per logical CPU was measured
+    2.6x slower per step than half as many (2-vCPU machine, default job).
+    """
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _plugin_names(framework: Any) -> list[str]:
+    """Ids of the active plugins, in run order."""
+    return list(framework.plugins)
+
+
+def _make_callbacks(log_every: int, losses: list[float]) -> tuple[Any, Any]:
+    """(loss recorder, progress bar that prints the loss every `log_every` steps)."""
+    from transformers import ProgressCallback, TrainerCallback
+
+    class LossRecorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class SparseProgress(ProgressCallback):
+        # logging_steps is 1 so every step's loss is recorded; print only some of them.
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            last = state.global_step >= state.max_steps
+            if logs and ("loss" not in logs or state.global_step % log_every == 0 or last):
+                super().on_log(args, state, control, logs=logs, **kwargs)
+
+    return LossRecorder(), SparseProgress()
+
+
+def _build_model(model_dir: Path, framework: Any, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if framework is not None and framework.requires_custom_loading:
+        return framework.model_loader(str(model_dir), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def _place(model: Any, device_type: str) -> Any:
+    # Quantized or device-mapped models were placed by their loader; move only plain ones.
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_device_map", None)
+    if device_type == "cuda" and not quantized:
+        model = model.to("cuda")
+    return model
+
+
+def _training_arguments(config: TrainJobConfig, dtype: Any, device_type: str) -> Any:
+    """TrainingArguments of the job: per-step loss logging, no checkpoints, tokens counted."""
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, config.max_steps // 5),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device_type == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        # Half-precision weights train under autocast of the same type (plugins such as the
+        # fused LoRA kernels on quantized layers require mixed precision).
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+    )
+
+
+def _lora_config(config: TrainJobConfig) -> Any:
+    """The LoRA config handed to the framework (None for full fine-tuning)."""
+    if config.full_finetuning:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary:
+    """Fine-tune with LoRA through the framework; write the adapter and train_summary.json.
+
+    `framework` (an AccelerationFramework) is used as given instead of one built from
+    `config.acceleration_config`, e.g. one made by fms_acceleration.testing.build_framework.
+    """
+    for name, pip_name in (("torch", "torch"), ("transformers", "transformers>=5")):
+        require(name, pip_name, purpose="fms-acceleration train")
+    require("peft", "peft", purpose="LoRA fine-tuning in fms-acceleration train")
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, ProgressCallback, Trainer, set_seed
+
+    from .model_source import resolve_model
+
+    train, held_out, dataset_name = _load_examples(config)
+    model_dir, embedded = resolve_model(config.model)
+    if framework is None and config.acceleration_config is not None:
+        from fms_acceleration import AccelerationFramework
+
+        framework = AccelerationFramework(config.acceleration_config)
+
+    set_seed(config.seed)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _torch_dtype(config.dtype, device_type)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        torch.set_num_threads(_cpu_threads(config.cpu_threads))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = tokenize(train, tokenizer, config.seq_len)
+    model = _place(_build_model(model_dir, framework, dtype), device_type)
+
+    before = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
+
+    output_dir = Path(config.output_dir)
+    args = _training_arguments(config, dtype, device_type)
+    peft_config = _lora_config(config)
+    if framework is not None and framework.requires_augmentation:
+        model, (peft_config,) = framework.augmentation(model, args, modifiable_args=(peft_config,))
+    if peft_config is not None:
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as e:
+            raise TrainJobError(f"--target-modules {list(config.target_modules)}: {e}") from e
+    # else: full fine-tuning, or a plugin (e.g. quantized peft) put the LoRA layers in itself.
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise TrainJobError("the model has no trainable parameters after augmentation")
+
+    losses: list[float] = []
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=PaddingCollator(pad_token_id(tokenizer)),
+    )
+    recorder, progress = _make_callbacks(config.log_every, losses)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress)
+    trainer.add_callback(recorder)
+    if framework is not None:
+        for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+            trainer.add_callback(callback)
+
+    result = trainer.train()
+    runtime = float(result.metrics["train_runtime"])
+    tokens = int(trainer.state.num_input_tokens_seen)
+    peak, peak_kind = peak_memory_mib(device_type)
+
+    after = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
+
+    # A LoRA run saves the adapter; full fine-tuning saves the whole model.
+    saved_to = output_dir / ("adapter" if hasattr(model, "peft_config") else "model")
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(saved_to)
+    else:
+        trainer.save_model(str(saved_to))
+
+    summary = TrainSummary(
+        model=f"{model_dir}" + (" (embedded SmolLM2-135M-Instruct)" if embedded else ""),
+        dataset=dataset_name,
+        acceleration_config=config.acceleration_config,
+        active_plugins=_plugin_names(framework) if framework is not None else [],
+        device=torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+        dtype=str(dtype).removeprefix("torch."),
+        cpu_threads=torch.get_num_threads() if device_type == "cpu" else 0,
+        max_steps=config.max_steps,
+        steps=int(trainer.state.global_step),
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        train_examples=len(rows),
+        train_tokens=tokens,
+        # enough digits that tokens / runtime reproduces tokens/s even for sub-second runs
+        train_runtime_s=round(runtime, 6),
+        train_tokens_per_s=round(tokens / runtime, 2) if runtime > 0 else 0.0,
+        peak_memory_mib=round(peak, 1),
+        peak_memory_kind=peak_kind,
+        first_loss=losses[0] if losses else float("nan"),
+        last_loss=losses[-1] if losses else float("nan"),
+        losses=losses,
+        trainable_params=trainable,
+        saved_to=str(saved_to),
+        versions=installed_versions(_VERSIONED),
+    )
+    if held_out:
+        summary.accuracy_before = before.value
+        summary.accuracy_after = after.value
+        summary.eval_examples = before.total
+        summary.eval_samples = [
+            {"prompt": prompt, "expected": expected, "before": b[2], "after": answer}
+            for (prompt, expected, answer), b in zip(after.samples, before.samples)
+        ]
+    summary.write(output_dir)
+    return summary

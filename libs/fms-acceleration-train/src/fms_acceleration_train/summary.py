@@ -1,0 +1,103 @@
+"""The end-of-run summary: numbers measured during training, printed and written as JSON."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUMMARY_FILE = "train_summary.json"
+
+
+def peak_memory_mib(device_type: str) -> tuple[float, str]:
+    """Peak memory so far in MiB and what it measures (torch peak allocated on GPU, else RSS)."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20, "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "process peak RSS"
+
+
+@dataclass
+class TrainSummary:
+    """What a run measured; `to_json` is the content of OUTPUT_DIR/train_summary.json."""
+
+    model: str
+    dataset: str
+    acceleration_config: str | None
+    active_plugins: list[str]
+    device: str
+    dtype: str
+    cpu_threads: int
+    max_steps: int
+    steps: int
+    batch_size: int
+    seq_len: int
+    train_examples: int
+    train_tokens: int
+    train_runtime_s: float
+    train_tokens_per_s: float
+    peak_memory_mib: float
+    peak_memory_kind: str
+    first_loss: float
+    last_loss: float
+    losses: list[float]
+    trainable_params: int
+    saved_to: str | None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    eval_examples: int = 0
+    eval_samples: list[dict[str, str]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as a JSON-serializable dict."""
+        return asdict(self)
+
+    def write(self, output_dir: str | Path) -> Path:
+        """Write OUTPUT_DIR/train_summary.json and return its path."""
+        path = Path(output_dir) / SUMMARY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def format(self) -> str:
+        """Human-readable lines for the terminal."""
+        plugins = ", ".join(self.active_plugins) or "none (plain transformers + peft)"
+        lines = [
+            "=" * 64,
+            "fms-acceleration train: summary",
+            f"  model             {self.model}",
+            f"  dataset           {self.dataset} ({self.train_examples} examples)",
+            f"  acceleration      {self.acceleration_config or 'none'}",
+            f"  active plugins    {plugins}",
+            f"  device / dtype    {self.device}"
+            + (f" ({self.cpu_threads} threads)" if self.cpu_threads else "")
+            + f" / {self.dtype}",
+            f"  steps             {self.steps} x batch {self.batch_size}, "
+            f"seq-len <= {self.seq_len}",
+            f"  trainable params  {self.trainable_params:,}",
+            f"  train tokens/s    {self.train_tokens_per_s:,.1f} "
+            f"({self.train_tokens:,} tokens in {self.train_runtime_s:.1f} s)",
+            f"  peak memory       {self.peak_memory_mib:,.0f} MiB ({self.peak_memory_kind})",
+            f"  loss              {self.first_loss:.4f} (first step) -> "
+            f"{self.last_loss:.4f} (last step)",
+        ]
+        if self.accuracy_before is not None and self.accuracy_after is not None:
+            n = self.eval_examples
+            lines.append(
+                f"  answer accuracy   {self.accuracy_before:.1%} before -> "
+                f"{self.accuracy_after:.1%} after ({n} held-out prompts, greedy, exact match)"
+            )
+            for s in self.eval_samples:
+                prompt = s["prompt"].replace("\n", " ")
+                lines.append(f"    {prompt[:60]!r}: expected {s['expected']!r}, got {s['after']!r}")
+        if self.saved_to:
+            lines.append(f"  saved to          {self.saved_to}")
+        lines.append("=" * 64)
+        return "\n".join(lines)

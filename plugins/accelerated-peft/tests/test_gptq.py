@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,12 @@ def test_gptq_lora_trains_through_the_framework(
 def test_sharding_view_keeps_outputs_exact(gptq_dir):
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
+    from fms_acceleration import ModelPatcher, ModelPatcherRule, ModelPatcherTrigger
     from fms_acceleration_peft.gptq_loading import is_gptq_quant_linear, load_gptq_model
-    from fms_acceleration_peft.gptq_sharding import quantized_tensors_as_parameters
+    from fms_acceleration_peft.gptq_sharding import (
+        build_forward_with_original_views,
+        quantized_tensors_as_parameters,
+    )
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     with pytest.warns(UserWarning):
@@ -113,7 +118,18 @@ def test_sharding_view_keeps_outputs_exact(gptq_dir):
     ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    assert quantized_tensors_as_parameters(model, torch.bfloat16, is_gptq_quant_linear) == 14
+    converted = quantized_tensors_as_parameters(model, torch.bfloat16, is_gptq_quant_linear)
+    assert len(converted) == 14
+    patcher = ModelPatcher()
+    targets = {id(m) for m in converted}
+    patcher.register(
+        ModelPatcherRule(
+            "views",
+            trigger=ModelPatcherTrigger(check=lambda m: id(m) in targets),
+            forward_builder=build_forward_with_original_views,
+        )
+    )
+    patcher.patch(model)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, BaseQuantLinear)
     params = dict(layer.named_parameters())
@@ -131,10 +147,13 @@ def test_from_quantized_false_quantizes_before_loading(tiny_llama_dir):
 
     config = {"plugins": {"peft": {"quantization": {"auto_gptq": {"from_quantized": False}}}}}
     framework = build_framework(config, [AutoGPTQAccelerationPlugin])
+    scratch = Path(tempfile.gettempdir())
+    before = set(scratch.glob("fms_gptq_*"))
     with pytest.warns(UserWarning, match="needs CUDA"):
         model = framework.model_loader(tiny_llama_dir, dtype=torch.bfloat16)
-    plugin = framework.plugins["auto_gptq"]
-    written = json.loads((Path(plugin.quantized_checkpoint) / "quantize_config.json").read_text())
+    written = model.config.quantization_config
     # hidden 64 and MLP 128: 64 is the largest preferred group dividing both
     assert written["bits"] == 4 and written["group_size"] == 64
+    # the quantized copy was read and removed: nothing left in the temp folder
+    assert set(scratch.glob("fms_gptq_*")) == before
     assert sum(isinstance(m, BaseQuantLinear) for m in model.modules()) == BLOCK_LINEARS

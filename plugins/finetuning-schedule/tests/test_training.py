@@ -297,7 +297,7 @@ def test_plugin_config_errors_name_the_path(tmp_path, schedule, h):
     with pytest.raises(
         AccelerationPluginConfigError,
         match=r"plugins\.training\.finetuning_schedule: strategy_adapter_cfg\.phase_sise: unknown "
-        r"option .*did you mean 'phase_size'",
+        r"key 'phase_sise' \(did you mean 'phase_size'\?\)",
     ):
         framework.augmentation(h.tiny_model(), h.train_args(str(tmp_path)), modifiable_args=())
     path = tmp_path / "s.yaml"

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForSequenceClassification
 
-from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError, Option, Stanza
+from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError, StanzaModel
+from fms_acceleration.framework_plugin import isolated_registrations
 from fms_acceleration.testing import build_framework, tiny_model_config
 from fms_acceleration_foak import FastKernelsAccelerationPlugin
 
@@ -43,18 +44,27 @@ class FakeGptq(_FakeLoader):
     pass
 
 
-AccelerationPlugin.register_plugin(
-    FakeBnb,
-    configuration_and_paths=["peft.quantization.bitsandbytes"],
-    plugin_id="bitsandbytes",
-    schemas={"peft.quantization.bitsandbytes": Stanza(quant_type=Option(str, default="nf4"))},
-)
-AccelerationPlugin.register_plugin(
-    FakeGptq,
-    configuration_and_paths=["peft.quantization.auto_gptq"],
-    plugin_id="auto_gptq",
-    schemas={"peft.quantization.auto_gptq": Stanza(kernel=Option(str, default="triton_v2"))},
-)
+class BnbOptions(StanzaModel):
+    quant_type: str = "nf4"
+
+
+class GptqOptions(StanzaModel):
+    kernel: str = "triton_v2"
+
+
+with isolated_registrations():  # visible to build_framework only, never to other tests
+    AccelerationPlugin.register_plugin(
+        FakeBnb,
+        configuration_and_paths=["peft.quantization.bitsandbytes"],
+        plugin_id="bitsandbytes",
+        schemas={"peft.quantization.bitsandbytes": BnbOptions},
+    )
+    AccelerationPlugin.register_plugin(
+        FakeGptq,
+        configuration_and_paths=["peft.quantization.auto_gptq"],
+        plugin_id="auto_gptq",
+        schemas={"peft.quantization.auto_gptq": GptqOptions},
+    )
 
 
 def test_defaults_and_slots(foak_classes):
@@ -112,10 +122,42 @@ def test_legacy_fused_linear_loss(foak_classes):
         build_framework(_config({"fast_loss": True, "fused_linear_loss": True}), foak_classes)
 
 
-def test_both_stanzas_refused(foak_classes):
-    config = _config({}, extra={"fused_ops_and_kernels": {"fused_lora": False}})
-    with pytest.raises(AccelerationPluginConfigError, match="exactly one of"):
-        build_framework(config, foak_classes)
+def test_both_stanzas_combine_into_one_activation(foak_classes):
+    # what fms-hf-tuning writes for QLoRA + fused ops: fused LoRA under peft.quantization.,
+    # the kernel switches under training.
+    kernels = {"fast_loss": True, "fast_rms_layernorm": False, "fast_rope_embeddings": True}
+    fused = {"base_layer": "bitsandbytes", "fused_lora": True}
+    config = _config(kernels, extra={"fused_ops_and_kernels": fused, "bitsandbytes": {}})
+    framework = build_framework(config, [*foak_classes, FakeBnb])
+    assert [name for name, _ in framework.active_plugins] == [
+        "FakeBnb",
+        "FastKernelsAccelerationPlugin",
+    ]
+    assert framework.plugins["fused_ops_and_kernels"].options == {
+        "base_layer": "bitsandbytes",
+        "fused_lora": True,
+        "fast_loss": True,
+        "fast_rms_layernorm": False,
+        "fast_rope_embeddings": True,
+    }
+    # a switch turned on in either stanza is on
+    either = _config(
+        {"fast_rms_layernorm": False},
+        extra={"fused_ops_and_kernels": {"fast_rms_layernorm": True, "fused_lora": False}},
+    )
+    options = build_framework(either, foak_classes).plugins["fused_ops_and_kernels"].options
+    assert options["fast_rms_layernorm"] is True and options["fused_lora"] is False
+    # a value given differently in both is refused with both paths
+    clash = _config(
+        {"fast_loss": "fused_ce_liger"},
+        extra={"fused_ops_and_kernels": {"fast_loss": True, "fused_lora": False}},
+    )
+    with pytest.raises(AccelerationPluginConfigError) as err:
+        build_framework(clash, foak_classes)
+    assert (
+        "plugins.training.fused_ops_and_kernels.fast_loss: 'fused_ce_liger' conflicts with "
+        "plugins.peft.quantization.fused_ops_and_kernels.fast_loss: True" in str(err.value)
+    )
 
 
 def test_fused_lora_requires_matching_peft_loader(foak_classes):

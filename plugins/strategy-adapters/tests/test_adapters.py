@@ -23,18 +23,35 @@ PEFT_ONLY = (*LORA_SUFFIXES, "original_module.weight")  # logical names with no 
 
 # ------------------------------------------------------------------ base / single device
 def test_options_are_checked():
-    with pytest.raises(StrategyAdapterError, match=r"phase_sze: unknown option.*'phase_size'"):
+    with pytest.raises(StrategyAdapterError) as info:
         StrategyAdapter(phase_sze=3)
-    with pytest.raises(StrategyAdapterError, match=r"phase_size=True.*expected int"):
+    assert str(info.value) == (
+        "strategy_adapter_cfg.phase_sze: unknown key 'phase_sze' (did you mean 'phase_size'?); "
+        "allowed keys: peft, peft_adapter_name, phase_size. (adapter 'single_device', "
+        "StrategyAdapter)"
+    )
+    with pytest.raises(
+        StrategyAdapterError,
+        match=r"strategy_adapter_cfg.phase_size: expected an integer, got bool true",
+    ):
         StrategyAdapter(phase_size=True)
-    with pytest.raises(StrategyAdapterError, match=r"phase_size=0: must be >= 1"):
+    with pytest.raises(
+        StrategyAdapterError, match=r"strategy_adapter_cfg.phase_size: 0 must be greater than or"
+    ):
         StrategyAdapter(phase_size=0)
-    with pytest.raises(StrategyAdapterError, match=r"sync_thawed_grads='yes'.*expected bool"):
+    with pytest.raises(
+        StrategyAdapterError,
+        match=r"sync_thawed_grads: expected a boolean \(true/false\), got str 'yes'.*'ddp'",
+    ):
         DDPStrategyAdapter(sync_thawed_grads="yes")
     # options of base classes are inherited, subclass options are not leaked upwards
     assert DDPStrategyAdapter(phase_size=3).cfg["phase_size"] == 3
-    with pytest.raises(StrategyAdapterError, match="unknown option"):
+    with pytest.raises(StrategyAdapterError, match="unknown key 'sync_thawed_grads'"):
         StrategyAdapter(sync_thawed_grads=True)
+    # each adapter gets its own dict of options
+    first, second = StrategyAdapter(), StrategyAdapter()
+    first.cfg["phase_size"] = 7
+    assert second.cfg["phase_size"] == 2
 
 
 def test_single_device_names_and_default_schedule(llama):

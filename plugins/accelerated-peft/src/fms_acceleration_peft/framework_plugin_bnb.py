@@ -6,12 +6,7 @@ from typing import Any
 
 import torch
 
-from fms_acceleration import (
-    AccelerationPlugin,
-    AccelerationPluginConfigError,
-    Option,
-    Stanza,
-)
+from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError, StanzaModel, choice
 
 from .bnb_cpu_repack import disable_cpu_weight_repacking
 from .bnb_loading import QUANT_TYPES, load_4bit_model
@@ -23,13 +18,24 @@ BNB_STANZA = "peft.quantization.bitsandbytes"
 QUANTIZE_EMBEDDINGS_KEY = f"plugins.{BNB_STANZA}.quantize_embeddings"
 
 
+class BNBOptions(StanzaModel):
+    """The `peft.quantization.bitsandbytes` stanza."""
+
+    quant_type: choice(*QUANT_TYPES) = "nf4"
+    """4-bit data type of the base weights"""
+    no_peft_model: bool = False
+    """true: only load in 4-bit; the trainer applies PEFT itself"""
+    quantize_embeddings: bool = False
+    """true: input embedding and lm_head (tied or not) in 4-bit too, frozen"""
+
+
 class BNBAccelerationPlugin(QuantizedLoraPlugin):
     """Loads the model in 4-bit through BitsAndBytesConfig and applies the LoRA config itself."""
 
     require_packages = ("bitsandbytes", "peft")
 
-    def __init__(self, configurations: dict[str, Any], require_packages_check: bool = True):
-        super().__init__(configurations, require_packages_check)
+    def __init__(self, configurations: dict[str, Any]):
+        super().__init__(configurations)
         stanza = self.stanza(BNB_STANZA)
         self.quant_type: str = stanza["quant_type"]
         self.no_peft_model: bool = stanza["no_peft_model"]
@@ -101,21 +107,5 @@ AccelerationPlugin.register_plugin(
     configuration_and_paths=[BNB_STANZA],
     plugin_id="bitsandbytes",
     package_name="fms-acceleration-peft",
-    schemas={
-        BNB_STANZA: Stanza(
-            quant_type=Option(
-                str, default="nf4", choices=QUANT_TYPES, doc="4-bit data type of the base weights"
-            ),
-            no_peft_model=Option(
-                bool,
-                default=False,
-                doc="true: only load in 4-bit; the trainer applies PEFT itself",
-            ),
-            quantize_embeddings=Option(
-                bool,
-                default=False,
-                doc="true: input embedding and lm_head (tied or not) in 4-bit too, frozen",
-            ),
-        )
-    },
+    schemas={BNB_STANZA: BNBOptions},
 )

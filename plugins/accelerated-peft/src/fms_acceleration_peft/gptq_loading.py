@@ -61,8 +61,3 @@ def load_gptq_model(
             raise ValueError(f"{unsupported} must not be passed to the GPTQ loader")
     wrapper = GPTQModel.load(model_name, backend=backend, device=device, dtype=dtype, **kwargs)
     return wrapper.model
-
-
-def count_gptq_linears(model: nn.Module) -> int:
-    """How many gptqmodel quantized linear layers the model holds."""
-    return sum(is_gptq_quant_linear(m) for m in model.modules())

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError, Option, Stanza
+from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError
 from fms_acceleration_adapters import (
     StrategyAdapter,
     StrategyAdapterError,
@@ -16,7 +16,7 @@ from fms_acceleration_adapters import (
     select_strategy_adapter,
 )
 
-from .fts_config import FTSConfig
+from .fts_config import FTSConfig, FTSOptions
 from .schedule import FTSScheduleError, read_schedule, unscheduled_params, validate_schedule
 
 if TYPE_CHECKING:
@@ -26,43 +26,6 @@ logger = logging.getLogger(__name__)
 
 STANZA = "training.finetuning_schedule"
 PATH = f"plugins.{STANZA}"
-
-
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
-def _min_depth(value: Any) -> str | None:
-    return None if value >= -1 else "must be -1 (all phases) or a phase index >= 0"
-
-
-FTS_SCHEMA = Stanza(
-    doc="Fine-Tuning Scheduler: thaw the model phase by phase",
-    ft_schedule=Option(
-        (str, dict),
-        default=None,
-        nullable=True,
-        doc="schedule YAML file or inline mapping; absent: generate the default and write it "
-        "to output_dir/<ModelClass>_ft_schedule.yaml",
-    ),
-    max_depth=Option(int, default=-1, check=_min_depth, doc="last phase to reach; -1: all"),
-    base_max_lr=Option(float, default=1e-5, check=_positive, doc="lr of phases without lr"),
-    epoch_transitions_only=Option(
-        bool, default=False, doc="transition on max_transition_epoch only (no early stopping)"
-    ),
-    restore_best=Option(bool, default=False, doc="load the best checkpoint at each transition"),
-    early_stopping=Stanza(
-        doc="per-phase early stopping on an evaluation metric",
-        monitor=Option(str, default="eval_loss", doc="metric name from Trainer.evaluate"),
-        patience=Option(int, default=3, check=_positive, doc="evaluations without improvement"),
-        min_delta=Option(float, default=0.0, doc="smallest change counted as improvement"),
-        mode=Option(str, default="min", choices=("min", "max"), doc="min: lower is better"),
-    ),
-    custom_strategy_adapters=Option(
-        dict, default={}, doc="strategy name -> adapter ('module:Class' or entry-point name)"
-    ),
-    strategy_adapter_cfg=Option(dict, default={}, doc="keyword options of the adapter"),
-)
 
 
 def _is_peft_config(arg: Any) -> bool:
@@ -79,27 +42,16 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
     slots = frozenset({"param_freezing"})
     order = 90  # after loaders and patchers: it freezes the final model
 
-    def __init__(self, configurations: dict, require_packages_check: bool = True) -> None:
-        super().__init__(configurations, require_packages_check)
-        cfg = self.stanza(STANZA)
-        es = cfg.get("early_stopping") or {}
-        self.ft_schedule = cfg.get("ft_schedule")
-        self.custom_strategy_adapters = dict(cfg.get("custom_strategy_adapters") or {})
-        self.strategy_adapter_cfg = dict(cfg.get("strategy_adapter_cfg") or {})
-        self.fts_config = FTSConfig(
-            max_depth=cfg.get("max_depth", -1),
-            base_max_lr=float(cfg.get("base_max_lr", 1e-5)),
-            epoch_transitions_only=cfg.get("epoch_transitions_only", False),
-            restore_best=cfg.get("restore_best", False),
-            monitor=es.get("monitor", "eval_loss"),
-            patience=es.get("patience", 3),
-            min_delta=float(es.get("min_delta", 0.0)),
-            mode=es.get("mode", "min"),
-        )
+    def __init__(self, configurations: dict) -> None:
+        super().__init__(configurations)
+        self.options = FTSOptions.model_validate(self.stanza(STANZA))
+        self.ft_schedule = self.options.ft_schedule
+        self.custom_strategy_adapters = dict(self.options.custom_strategy_adapters)
+        self.strategy_adapter_cfg = dict(self.options.strategy_adapter_cfg)
+        self.fts_config = FTSConfig.from_options(self.options)
         self.adapter: StrategyAdapter | None = None
         self.distributed_type: Any = "single_device"
         self.callback: Any = None  # FinetuningScheduleCallback once augmentation ran
-        self._undo: list = []
 
     @property
     def requires_augmentation(self) -> bool:
@@ -132,7 +84,8 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
     def augmentation(self, model: Any, train_args: Any, modifiable_args: tuple) -> tuple:
         """Validate the schedule against the model and freeze it to phase 0."""
         self.distributed_type = self._distributed_type(train_args)
-        self.fts_config.weight_decay = float(getattr(train_args, "weight_decay", 0.0) or 0.0)
+        weight_decay = float(getattr(train_args, "weight_decay", 0.0) or 0.0)
+        self.fts_config = FTSConfig.from_options(self.options, weight_decay)
         if any(_is_peft_config(arg) for arg in modifiable_args):
             # The client applies PEFT after augmentation (get_peft_model resets requires_grad),
             # so the schedule is validated and frozen against the wrapped model later.
@@ -212,7 +165,7 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
                 self.callback.adapter = wanted
                 wanted.connect(self.callback)
             self.adapter.connect(self.callback, accelerator)
-            self._hook_prepare_optimizer(accelerator)
+            self._hook_prepare_optimizer()
         else:
             logger.warning(
                 "%s: no accelerator passed; resuming a checkpoint taken after a phase transition "
@@ -221,22 +174,20 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
             )
         return [self.callback]
 
-    def _hook_prepare_optimizer(self, accelerator: Any) -> None:
-        original = accelerator.prepare_optimizer
+    def _hook_prepare_optimizer(self) -> None:
+        """Through the framework's accelerator patcher, so undo_patches() reverts it."""
         callback = self.callback
 
-        def prepare_optimizer(optimizer, *args, **kwargs):
-            # the Trainer loads optimizer.pt after prepare: the hook thaws saved phases first
-            callback.install_resume_hook(optimizer)
-            return original(optimizer, *args, **kwargs)
+        def builder(original: Any) -> Any:
+            def prepare_optimizer(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+                # the Trainer loads optimizer.pt after prepare: the hook thaws saved phases first
+                callback.install_resume_hook(optimizer)
+                return original(optimizer, *args, **kwargs)
 
-        accelerator.prepare_optimizer = prepare_optimizer
-        self._undo.append(lambda: accelerator.__dict__.pop("prepare_optimizer", None))
+            return prepare_optimizer
 
-    def undo(self) -> None:
-        """Remove the accelerator hook installed by get_callbacks_and_ready_for_train."""
-        while self._undo:
-            self._undo.pop()()
+        if "fts-resume-depth" not in {r.rule_id for r in self.accelerator_patcher.method_rules}:
+            self.accelerator_patcher.wrap_method("fts-resume-depth", "prepare_optimizer", builder)
 
 
 def _register() -> None:
@@ -244,7 +195,7 @@ def _register() -> None:
         FinetuningSchedulePlugin,
         configuration_and_paths=[STANZA],
         plugin_id="finetuning_schedule",
-        schemas={STANZA: FTS_SCHEMA},
+        schemas={STANZA: FTSOptions},
         package_name="fms-acceleration-fts",
     )
 

@@ -9,9 +9,9 @@ import torch
 from fms_acceleration import (
     AccelerationPlugin,
     AccelerationPluginConfigError,
-    Option,
     Requirement,
-    Stanza,
+    StanzaModel,
+    choice,
 )
 
 from .models import arch_spec_for, build_kernel_rules
@@ -23,60 +23,81 @@ PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
 BASE_LAYERS = ("auto_gptq", "bitsandbytes")
 
 
-def _schema(fused_lora_default: bool) -> Stanza:
-    return Stanza(
-        base_layer=Option(
-            str,
-            default="auto_gptq",
-            choices=BASE_LAYERS,
-            doc="quantized base layer the fused LoRA kernels target (the peft plugin's loader)",
-        ),
-        fused_lora=Option(
-            bool,
-            default=fused_lora_default,
-            doc="fused LoRA forward/backward on quantized base layers",
-        ),
-        fast_loss=Option(
-            (bool, str),
-            default=True,
-            choices=(True, False, FUSED_CE),
-            doc="true: Triton cross-entropy; fused_ce_liger: fused lm_head + cross-entropy",
-        ),
-        fast_rms_layernorm=Option(bool, default=True, doc="Triton RMSNorm"),
-        fast_rope_embeddings=Option(bool, default=True, doc="Triton rotary embedding of q, k"),
-        fused_linear_loss=Option(
-            bool,
-            default=False,
-            doc="legacy spelling of fast_loss: fused_ce_liger (needs fast_loss: false)",
-        ),
-    )
+class FusedOpsOptions(StanzaModel):
+    """Either stanza; a key left out (null) takes its default once both stanzas are merged."""
+
+    base_layer: choice(*BASE_LAYERS) | None = None
+    """quantized base layer the fused LoRA kernels target (the peft plugin's loader); default
+    auto_gptq"""
+    fused_lora: bool | None = None
+    """fused LoRA forward/backward on quantized base layers; default false under training.,
+    true under peft.quantization."""
+    fast_loss: choice(True, False, FUSED_CE) | None = None
+    """true: Triton cross-entropy; fused_ce_liger: fused lm_head + cross-entropy; default true"""
+    fast_rms_layernorm: bool | None = None
+    """Triton RMSNorm; default true"""
+    fast_rope_embeddings: bool | None = None
+    """Triton rotary embedding of q, k; default true"""
+    fused_linear_loss: bool | None = None
+    """legacy spelling of fast_loss: fused_ce_liger (needs fast_loss: false); default false"""
+
+
+DEFAULTS = {
+    "base_layer": "auto_gptq",
+    "fast_loss": True,
+    "fast_rms_layernorm": True,
+    "fast_rope_embeddings": True,
+    "fused_linear_loss": False,
+}
+
+
+def merge_stanzas(stanzas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One set of options from one or both stanzas: switches are on if either turns them on;
+    a value given differently in both is refused; what neither gives takes its default."""
+    merged: dict[str, Any] = {}
+    for path, body in stanzas.items():
+        for key, value in body.items():
+            if value is None:
+                continue
+            if key not in merged or merged[key] == value:
+                merged[key] = value
+            elif isinstance(value, bool) and isinstance(merged[key], bool):
+                merged[key] = True
+            else:
+                first = next(p for p in stanzas if stanzas[p].get(key) == merged[key])
+                raise AccelerationPluginConfigError(
+                    f"plugins.{path}.{key}: {value!r} conflicts with plugins.{first}.{key}: "
+                    f"{merged[key]!r}; give it once, or the same in both stanzas."
+                )
+    options = {**DEFAULTS, "fused_lora": PEFT_PATH in stanzas, **merged}
+    if options.pop("fused_linear_loss"):
+        if options["fast_loss"] is True and "fast_loss" in merged:
+            raise AccelerationPluginConfigError(
+                f"plugins.{next(iter(stanzas))}.fused_linear_loss: true conflicts with fast_loss: "
+                f"true; set fast_loss: {FUSED_CE} (or fast_loss: false) and drop "
+                "fused_linear_loss."
+            )
+        options["fast_loss"] = FUSED_CE
+    return options
 
 
 class FastKernelsAccelerationPlugin(AccelerationPlugin):
-    """Patches norms, rotary embeddings, the loss and (optionally) LoRA forwards with kernels."""
+    """Patches norms, rotary embeddings, the loss and (optionally) LoRA forwards with kernels.
+
+    Both stanzas may be given (fms-hf-tuning writes the fused-LoRA switches under
+    peft.quantization. and the kernel switches under training.): they combine into one set.
+    """
 
     require_packages = ("triton",)
     restricted_model_archs = SUPPORTED_CAUSAL_LMS
     order = 50
 
-    def __init__(self, configurations: dict[str, Any], require_packages_check: bool = True):
-        super().__init__(configurations, require_packages_check)
-        present = [p for p in (TRAINING_PATH, PEFT_PATH) if self.stanza(p) is not None]
-        if len(present) != 1:
-            raise AccelerationPluginConfigError(
-                f"plugins: give exactly one of {TRAINING_PATH} and {PEFT_PATH}, "
-                f"found {', '.join(present) or 'neither'}."
-            )
-        self.path = present[0]
-        cfg = dict(self.stanza(self.path))
-        if cfg.pop("fused_linear_loss"):
-            if cfg["fast_loss"] is True:
-                raise AccelerationPluginConfigError(
-                    f"plugins.{self.path}.fused_linear_loss: true conflicts with fast_loss: true; "
-                    f"set fast_loss: {FUSED_CE} (or fast_loss: false) and drop fused_linear_loss."
-                )
-            cfg["fast_loss"] = FUSED_CE
-        self.options: dict[str, Any] = cfg
+    def __init__(self, configurations: dict[str, Any]):
+        super().__init__(configurations)
+        stanzas = {p: self.stanza(p) for p in (PEFT_PATH, TRAINING_PATH) if self.stanza(p)}
+        stanzas = stanzas or {TRAINING_PATH: {}}
+        self.path = next(iter(stanzas))
+        self.options: dict[str, Any] = merge_stanzas(stanzas)
 
     @property
     def requires_augmentation(self) -> bool:
@@ -143,6 +164,6 @@ AccelerationPlugin.register_plugin(
     FastKernelsAccelerationPlugin,
     configuration_or_paths=[TRAINING_PATH, PEFT_PATH],
     plugin_id="fused_ops_and_kernels",
-    schemas={TRAINING_PATH: _schema(False), PEFT_PATH: _schema(True)},
+    schemas={TRAINING_PATH: FusedOpsOptions, PEFT_PATH: FusedOpsOptions},
     package_name="fms-acceleration-foak",
 )

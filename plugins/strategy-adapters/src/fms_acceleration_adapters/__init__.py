@@ -1,6 +1,6 @@
 """Strategy adapters: per-distributed-strategy naming, schedule checks and checkpoint keys."""
 
-from .base import AdapterOption, StrategyAdapter
+from .base import AdapterOptions, StrategyAdapter
 from .ddp import DDPStrategyAdapter
 from .errors import StrategyAdapterError
 from .fsdp import FSDPStrategyAdapter
@@ -21,7 +21,7 @@ from .registry import (
 __all__ = [
     "BUILTIN_ADAPTERS",
     "ENTRY_POINT_GROUP",
-    "AdapterOption",
+    "AdapterOptions",
     "DDPStrategyAdapter",
     "FSDPStrategyAdapter",
     "PeftStrategyAdapter",

@@ -9,38 +9,30 @@ checkpoints, and does what its strategy needs when parameters thaw mid-training.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import Field
+
+from fms_acceleration import StanzaModel, validate_model
+from fms_acceleration.validation import suggestion
 
 from .errors import StrategyAdapterError
 from .peft_names import PEFT_PREFIX, peft_logical_name
 
 
-class AdapterOption:
-    """One keyword option an adapter accepts from ``strategy_adapter_cfg``."""
+class AdapterOptions(StanzaModel):
+    """Keyword options every adapter accepts from ``strategy_adapter_cfg``; an adapter adds its
+    own by subclassing its parent's ``Options``."""
 
-    def __init__(self, types: type | tuple[type, ...], default: Any, doc: str = "") -> None:
-        self.types = types if isinstance(types, tuple) else (types,)
-        self.default = default
-        self.doc = doc
-
-    def check(self, adapter: str, key: str, value: Any) -> Any:
-        """Return ``value`` if it has an allowed type, else raise naming ``key``."""
-        ok = any(
-            (value is None and t is type(None))
-            or (isinstance(value, t) and not (isinstance(value, bool) and t is int))
-            for t in self.types
-        )
-        if not ok:
-            allowed = " | ".join("None" if t is type(None) else t.__name__ for t in self.types)
-            raise StrategyAdapterError(
-                f"strategy_adapter_cfg.{key}={value!r} for adapter {adapter!r}: expected {allowed}"
-            )
-        return value
+    peft: bool | None = None
+    """translate PEFT names to base-model names; None: when the model is peft-wrapped"""
+    peft_adapter_name: str = "default"
+    """PEFT adapter whose name segment is dropped from logical names"""
+    phase_size: Annotated[int, Field(ge=1)] = 2
+    """tensors per phase in the generated schedule"""
 
 
 class StrategyAdapter:
@@ -59,47 +51,21 @@ class StrategyAdapter:
     wrapper_segments: ClassVar[tuple[str, ...]] = ("_orig_mod.",)
     # Prefixes that outer wrappers put in front of every name (stripped only at the start).
     wrapper_prefixes: ClassVar[tuple[str, ...]] = ()
-    # Options accepted as keyword arguments (merged along the MRO; subclasses add their own).
-    options: ClassVar[Mapping[str, AdapterOption]] = {
-        "peft": AdapterOption(
-            (bool, type(None)),
-            None,
-            "translate PEFT names to base-model names; None: when the model is peft-wrapped",
-        ),
-        "peft_adapter_name": AdapterOption(
-            str, "default", "PEFT adapter whose name segment is dropped from logical names"
-        ),
-        "phase_size": AdapterOption(int, 2, "tensors per phase in the generated schedule"),
-    }
+    # Options accepted as keyword arguments (a pydantic model; subclasses extend it).
+    Options: ClassVar[type[AdapterOptions]] = AdapterOptions
 
     def __init__(self, **adapter_cfg: Any) -> None:
-        allowed = self.all_options()
-        for key, value in adapter_cfg.items():
-            if key not in allowed:
-                close = difflib.get_close_matches(key, list(allowed), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise StrategyAdapterError(
-                    f"strategy_adapter_cfg.{key}: unknown option for adapter "
-                    f"{self.strategy_name!r} ({type(self).__name__}); allowed: "
-                    f"{sorted(allowed)}{hint}"
-                )
-            allowed[key].check(self.strategy_name, key, value)
-        self.cfg: dict[str, Any] = {k: o.default for k, o in allowed.items()}
-        self.cfg.update(adapter_cfg)
-        if self.cfg["phase_size"] < 1:
-            raise StrategyAdapterError(
-                f"strategy_adapter_cfg.phase_size={self.cfg['phase_size']}: must be >= 1"
+        try:
+            options = validate_model(
+                self.Options, adapter_cfg, "strategy_adapter_cfg", StrategyAdapterError
             )
+        except StrategyAdapterError as err:
+            raise StrategyAdapterError(
+                f"{err} (adapter {self.strategy_name!r}, {type(self).__name__})"
+            ) from None
+        self.cfg: dict[str, Any] = options.model_dump()
         self.parent: Any = None
         self.accelerator: Any = None
-
-    @classmethod
-    def all_options(cls) -> dict[str, AdapterOption]:
-        """Options this adapter accepts, including those of its base classes."""
-        merged: dict[str, AdapterOption] = {}
-        for klass in reversed(cls.__mro__):
-            merged.update(getattr(klass, "options", {}) or {})
-        return merged
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(strategy_name={self.strategy_name!r}, cfg={self.cfg!r})"
@@ -170,11 +136,9 @@ class StrategyAdapter:
         raise StrategyAdapterError(self._unknown_name_message(logical_name, mapping))
 
     def _unknown_name_message(self, name: str, mapping: Mapping[str, str]) -> str:
-        close = difflib.get_close_matches(name, list(mapping), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         return (
             f"{type(self).__name__}: no parameter with logical name {name!r} in "
-            f"{len(mapping)} model parameters{hint}"
+            f"{len(mapping)} model parameters{suggestion(name, list(mapping))}"
         )
 
     def named_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

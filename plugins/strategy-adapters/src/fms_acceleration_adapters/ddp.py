@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from .base import AdapterOption, StrategyAdapter
+from .base import StrategyAdapter
 
 
 class DDPStrategyAdapter(StrategyAdapter):
@@ -25,14 +24,12 @@ class DDPStrategyAdapter(StrategyAdapter):
 
     strategy_name: ClassVar[str] = "ddp"
     wrapper_prefixes: ClassVar[tuple[str, ...]] = ("module.",)
-    options: ClassVar[Mapping[str, AdapterOption]] = {
-        "sync_thawed_grads": AdapterOption(
-            bool, True, "average gradients of parameters thawed after DDP was built"
-        ),
-        "separate_process_group": AdapterOption(
-            bool, True, "average on a dedicated process group, apart from DDP's bucket traffic"
-        ),
-    }
+
+    class Options(StrategyAdapter.Options):
+        sync_thawed_grads: bool = True
+        """average gradients of parameters thawed after DDP was built"""
+        separate_process_group: bool = True
+        """average on a dedicated process group, apart from DDP's bucket traffic"""
 
     def __init__(self, **adapter_cfg: Any) -> None:
         super().__init__(**adapter_cfg)

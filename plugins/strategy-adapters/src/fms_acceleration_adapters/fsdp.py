@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import AdapterOption, StrategyAdapter
+from .base import StrategyAdapter
 from .errors import StrategyAdapterError
 
 
@@ -67,7 +67,6 @@ class FSDPStrategyAdapter(StrategyAdapter):
         "_checkpoint_wrapped_module.",
         "_orig_mod.",
     )
-    options: ClassVar[Mapping[str, AdapterOption]] = {}
 
     def validate_schedule(self, schedule: Mapping[int, Mapping], model: torch.nn.Module) -> None:
         """FSDP1 without ``use_orig_params`` cannot thaw part of a flat parameter."""

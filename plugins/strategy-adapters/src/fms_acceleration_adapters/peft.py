@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import AdapterOption, StrategyAdapter
+from .base import StrategyAdapter
 from .errors import StrategyAdapterError
 from .peft_names import PEFT_PREFIX
 
@@ -22,15 +22,13 @@ class PeftStrategyAdapter(StrategyAdapter):
     """
 
     strategy_name: ClassVar[str] = "peft"
-    options: ClassVar[Mapping[str, AdapterOption]] = {
-        "peft": AdapterOption((bool, type(None)), True, "translate PEFT names (always on here)"),
-        "default_schedule_trainable_only": AdapterOption(
-            bool,
-            True,
-            "generated schedule lists only the parameters trainable when it is generated "
-            "(the adapter weights), so frozen base weights stay frozen",
-        ),
-    }
+
+    class Options(StrategyAdapter.Options):
+        peft: bool | None = True
+        """translate PEFT names (always on here)"""
+        default_schedule_trainable_only: bool = True
+        """generated schedule lists only the parameters trainable when it is generated (the
+        adapter weights), so frozen base weights stay frozen"""
 
     def validate_schedule(self, schedule: Mapping[int, Mapping], model: torch.nn.Module) -> None:
         """Refuse actual peft names in a schedule, pointing at the logical name to use."""

@@ -8,10 +8,13 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
+from fms_acceleration.constants import STRATEGY_ADAPTER_GROUP
+from fms_acceleration.packages import BrokenEntryPoint, entry_points_of, load_entry_points
+
 from .base import StrategyAdapter
 from .errors import StrategyAdapterError
 
-ENTRY_POINT_GROUP = "fms_acceleration.strategy_adapters"
+ENTRY_POINT_GROUP = STRATEGY_ADAPTER_GROUP
 
 # The one place built-in adapters are registered (name -> "module:Class", imported on demand).
 BUILTIN_ADAPTERS: Mapping[str, str] = {
@@ -32,14 +35,11 @@ class StrategyAdapterWarning(UserWarning):
 def strategy_adapter_entry_points() -> dict[str, metadata.EntryPoint]:
     """Entry points of group ``fms_acceleration.strategy_adapters`` by lowercased name, unloaded.
 
-    Duplicates keep the first distribution (sorted by name) and warn naming both.
+    Duplicates keep the first (by package name) and warn naming both; a name that shadows a
+    built-in adapter is ignored with a warning.
     """
     found: dict[str, metadata.EntryPoint] = {}
-    eps = sorted(
-        metadata.entry_points(group=ENTRY_POINT_GROUP),
-        key=lambda ep: (_dist_name(ep), ep.name),
-    )
-    for ep in eps:
+    for ep in entry_points_of(ENTRY_POINT_GROUP):
         name = ep.name.lower()
         if name in BUILTIN_ADAPTERS:
             warnings.warn(
@@ -72,17 +72,20 @@ def discover_strategy_adapters() -> dict[str, type[StrategyAdapter]]:
     adapters: dict[str, type[StrategyAdapter]] = {
         name: _load_reference(ref, name) for name, ref in BUILTIN_ADAPTERS.items()
     }
-    for name, ep in strategy_adapter_entry_points().items():
+    loaded, broken = load_entry_points(strategy_adapter_entry_points().values())
+    for entry in loaded:
         try:
-            adapters[name] = _check_adapter_class(ep.load(), name)
-        except Exception as exc:
-            warnings.warn(
-                f"strategy adapter entry point {ep.name!r} = {ep.value!r} from "
-                f"{_dist_name(ep)!r} could not be loaded and is skipped: "
-                f"{type(exc).__name__}: {exc}",
-                StrategyAdapterWarning,
-                stacklevel=2,
+            adapters[entry.name.lower()] = _check_adapter_class(entry.obj, entry.name)
+        except StrategyAdapterError as exc:
+            broken.append(
+                BrokenEntryPoint(entry.name, entry.value, entry.package, entry.version, str(exc))
             )
+    for entry in broken:
+        warnings.warn(
+            f"strategy adapter entry point {entry.describe()}; it is skipped",
+            StrategyAdapterWarning,
+            stacklevel=2,
+        )
     return adapters
 
 
@@ -101,14 +104,12 @@ def resolve_strategy_adapter(ref: str | type[StrategyAdapter]) -> type[StrategyA
         return _load_reference(BUILTIN_ADAPTERS[name], ref)
     eps = strategy_adapter_entry_points()
     if name in eps:
-        try:
-            obj = eps[name].load()
-        except Exception as exc:
+        loaded, broken = load_entry_points([eps[name]])
+        if broken:
             raise StrategyAdapterError(
-                f"strategy adapter {ref!r}: entry point {eps[name].value!r} failed to load: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        return _check_adapter_class(obj, ref)
+                f"strategy adapter {ref!r}: entry point {broken[0].describe()}"
+            )
+        return _check_adapter_class(loaded[0].obj, ref)
     if ":" in ref or "." in ref:
         return _load_reference(ref, ref)
     known = sorted({*BUILTIN_ADAPTERS, *eps})

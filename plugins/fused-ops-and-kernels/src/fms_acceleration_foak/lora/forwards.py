@@ -8,6 +8,7 @@ patched model always computes what the unpatched one would.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ class FusedProjectionGroup:
         """The forward that replaces the projection `role` of this group."""
         source, fallback = self.sources[role], self.fallbacks[role]
 
-        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        def forward(module: Any, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if args or kwargs:
                 return fallback(x, *args, **kwargs)
             if self._input is x and role in self._pending:
@@ -67,7 +68,7 @@ class FusedProjectionGroup:
 def fused_linear_forward(source: LoRAProjectionSource, fallback: Forward) -> Forward:
     """Forward for a single LoRA projection (the attention output, or a lone projection)."""
 
-    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(module: Any, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not source.ready():
             return fallback(x, *args, **kwargs)
         return fused_lora_linear(x, source())
@@ -83,7 +84,7 @@ def fused_mlp_forward(
 ) -> Forward:
     """Forward for a SwiGLU MLP module: down(silu(gate(x)) * up(x)) with LoRA on all three."""
 
-    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(module: Any, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not (gate.ready() and up.ready() and down.ready()):
             return fallback(x, *args, **kwargs)
         return fused_lora_swiglu_mlp(x, gate(), up(), down())

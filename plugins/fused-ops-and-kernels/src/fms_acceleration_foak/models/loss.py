@@ -10,13 +10,14 @@ from those hidden states and lm_head's weight without materialising the logits.
 from __future__ import annotations
 
 import contextvars
-import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from fms_acceleration.model_patcher import forward_like
 
 from ..kernels import cross_entropy, fused_linear_cross_entropy
 
@@ -40,8 +41,8 @@ def build_deferrable_lm_head(lm_head: torch.nn.Module) -> Callable[..., torch.Te
     """lm_head forward that returns its input unchanged while the fused loss path is running."""
     original = lm_head.forward
 
-    @functools.wraps(original)
-    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    @forward_like(original)
+    def forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if _DEFER_LM_HEAD.get():
             return hidden_states
         return original(hidden_states, *args, **kwargs)
@@ -80,8 +81,8 @@ def build_fused_ce_forward(model: torch.nn.Module) -> Callable[..., Any]:
 
     # keep the original signature visible: the Trainer inspects it to keep dataset columns and
     # to decide whether to pass num_items_in_batch
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    @forward_like(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         positional = labels_position is not None and len(args) > labels_position
         labels = args[labels_position] if positional else kwargs.get("labels")
         # Evaluation and generation need real logits: run the model untouched.

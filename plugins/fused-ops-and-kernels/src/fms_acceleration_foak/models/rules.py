@@ -19,14 +19,14 @@ FIXED_CROSS_ENTROPY = "transformers.loss.loss_utils.fixed_cross_entropy"
 FUSED_CE = "fused_ce_liger"
 
 
-def _rms_norm_forward(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _rms_norm_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         eps = module.eps
 
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         # read the weight at call time: FSDP / device moves may replace the Parameter object
-        return rms_norm(hidden_states, module.weight, eps)
+        return rms_norm(hidden_states, self.weight, eps)
 
     return forward
 
@@ -66,6 +66,7 @@ def fast_loss_rules() -> list[ModelPatcherRule]:
         ModelPatcherRule(
             rule_id="foak.loss.cross_entropy",
             import_and_maybe_reload=(FIXED_CROSS_ENTROPY, fast_fixed_cross_entropy, None),
+            applies_to_any_model=True,
         )
     ]
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fms_acceleration_adapters import AdapterOption, StrategyAdapter, StrategyAdapterError
+from fms_acceleration_adapters import StrategyAdapter, StrategyAdapterError
 
 # (HF name pattern, TL name template); {i} is the layer index.
 _LAYER_NAMES = {
@@ -68,11 +68,14 @@ class TransformerLensAdapter(StrategyAdapter):
 
     strategy_name: ClassVar[str] = "transformerlens"
     wrapper_prefixes: ClassVar[tuple[str, ...]] = ("module.",)
-    options: ClassVar[Mapping[str, AdapterOption]] = {
-        "tl_shapes": AdapterOption(bool, False, "checkpoints use TransformerLens tensor layouts"),
-        "n_heads": AdapterOption((int, type(None)), None, "attention heads (default: config)"),
-        "n_kv_heads": AdapterOption((int, type(None)), None, "key/value heads (default: config)"),
-    }
+
+    class Options(StrategyAdapter.Options):
+        tl_shapes: bool = False
+        """checkpoints use TransformerLens tensor layouts"""
+        n_heads: int | None = None
+        """attention heads (default: config)"""
+        n_kv_heads: int | None = None
+        """key/value heads (default: config)"""
 
     def on_before_init_client(self, model: torch.nn.Module) -> None:
         """Read head counts from the model config unless given as options."""

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fms_acceleration.yaml_loading import read_text_file
+
 # Varied plain English (prose, dialogue, code, numbers) so activations cover common token kinds.
 BUILTIN_CALIBRATION = (
     "The river rose slowly through the night, and by morning the lower fields were under water. "
@@ -41,9 +43,10 @@ BUILTIN_CALIBRATION = (
 )
 
 
-def read_calibration_file(path: str | Path) -> list[str]:
-    """Samples from a text file: blocks separated by blank lines (a line each if none are)."""
-    text = Path(path).read_text(encoding="utf-8")
+def read_calibration_file(path: str | Path, error_type: type[Exception] = ValueError) -> list[str]:
+    """Samples from a UTF-8 text file: blocks separated by blank lines (a line each if none
+    are); a missing or non-UTF-8 file is `error_type` naming the path."""
+    text = read_text_file(path, "calibration", error_type)
     blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
     if len(blocks) == 1:
         blocks = [line.strip() for line in text.splitlines() if line.strip()]

@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from fms_acceleration.yaml_loading import read_text_file
 
 from .calibration import BUILTIN_CALIBRATION, read_calibration_file, tokenize_calibration
 from .dtypes import resolve_dtype
@@ -39,6 +42,12 @@ def check_arguments(
         raise QuantizeArgumentError(
             f"--model {model}: not a checkpoint directory (no config.json found there)"
         )
+    try:
+        json.loads(read_text_file(model / "config.json", "model config", QuantizeArgumentError))
+    except json.JSONDecodeError as err:
+        raise QuantizeArgumentError(
+            f"--model {model}: config.json is not valid JSON (line {err.lineno}: {err.msg})"
+        ) from None
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise QuantizeArgumentError(f"--output {output}: exists and is not an empty directory")
     if output.resolve() == model.resolve():
@@ -53,7 +62,8 @@ def check_arguments(
             "per row)"
         )
     if calibration is not None and not Path(calibration).is_file():
-        raise QuantizeArgumentError(f"--calibration {calibration}: no such file")
+        what = "is a folder, expected a text file" if Path(calibration).is_dir() else "no such file"
+        raise QuantizeArgumentError(f"--calibration {calibration}: {what}")
     if max_length < 16:
         raise QuantizeArgumentError(f"--max-length {max_length}: must be at least 16 tokens")
 
@@ -77,8 +87,18 @@ def quantize_checkpoint(
         raise QuantizeArgumentError(f"--dtype {dtype}: use bfloat16 or float16")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    texts = read_calibration_file(calibration) if calibration else list(BUILTIN_CALIBRATION)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    except (OSError, ValueError, TypeError) as err:
+        raise QuantizeArgumentError(
+            f"--model {model}: no usable tokenizer there ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}); the GPTQ checkpoint needs one for calibration"
+        ) from None
+    texts = (
+        read_calibration_file(calibration, QuantizeArgumentError)
+        if calibration
+        else list(BUILTIN_CALIBRATION)
+    )
     samples = tokenize_calibration(texts, tokenizer, max_length)
     if not samples:
         where = f"--calibration {calibration}" if calibration else "the built-in calibration text"
@@ -89,7 +109,14 @@ def quantize_checkpoint(
 
     config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True)
     device = default_device()
-    quantized = GPTQModel.load(str(model), config, device=device, dtype=compute_dtype)
+    try:
+        quantized = GPTQModel.load(str(model), config, device=device, dtype=compute_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise QuantizeArgumentError(
+            f"--model {model}: the checkpoint cannot be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); check its config.json "
+            "and weight files"
+        ) from None
     quantized.quantize(samples, tokenizer=tokenizer)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,79 @@ BAD_CONFIGS = {
         "plugins:\n  training:\n    other_loss:\n      scale: " + "[" * 200 + "]" * 200 + "\n",
         "nesting is",
     ),
+    "document is a list": (
+        "- plugins\n",
+        "expected a mapping with a top-level 'plugins:' key, got list",
+    ),
+    "plugins is a list": ("plugins: [a, b]\n", "'plugins' must be a mapping of stanzas, got list"),
+    "plugins is a string": ("plugins: fast\n", "'plugins' must be a mapping of stanzas, got str"),
+    "second top-level key": (
+        "plugins:\n  training:\n    other_loss: {}\nplugin_options: {}\n",
+        "unknown top-level key 'plugin_options' (did you mean 'plugins'?)",
+    ),
+    "stanza body is a string": (
+        "plugins:\n  training:\n    fake_kernels: fast\n",
+        "plugins.training.fake_kernels: expected a mapping of options, got str 'fast'.",
+    ),
+    "parent of stanzas is a list": (
+        "plugins:\n  training: [fake_kernels]\n",
+        "plugins.training: expected a mapping with one or more of the stanzas",
+    ),
+    "unknown stanza at the top": (
+        "plugins:\n  trainng:\n    fake_kernels: {}\n",
+        "plugins.trainng: unknown stanza 'trainng' (did you mean 'training'?)",
+    ),
+    "unknown nested option": (
+        "plugins:\n  training:\n    fake_kernels:\n      chunk_size: 3\n      chunck: 4\n",
+        "plugins.training.fake_kernels.chunck: unknown key 'chunck' (did you mean 'chunk_size'?)",
+    ),
+    "choice with a typo": (
+        "plugins:\n  training:\n    fake_kernels:\n      fast_loss: fused_ce_ligr\n",
+        "plugins.training.fake_kernels.fast_loss: 'fused_ce_ligr' is not an allowed value "
+        "(did you mean 'fused_ce_liger'?); allowed: true, false, 'fused_ce_liger'.",
+    ),
+    "one is not true": (
+        "plugins:\n  training:\n    fake_kernels:\n      fast_loss: 1\n",
+        "plugins.training.fake_kernels.fast_loss: 1 is not an allowed value",
+    ),
+    "number as a quoted string": (
+        "plugins:\n  training:\n    fake_kernels:\n      chunk_size: '12'\n",
+        "plugins.training.fake_kernels.chunk_size: expected an integer, got str '12'; YAML read "
+        "12 as a string (remove the quotes).",
+    ),
+    "float where an integer is expected": (
+        "plugins:\n  training:\n    fake_kernels:\n      chunk_size: 1.5\n",
+        "plugins.training.fake_kernels.chunk_size: expected an integer, got float 1.5.",
+    ),
+    "not a number": (
+        "plugins:\n  training:\n    other_loss:\n      scale: .nan\n",
+        "plugins.training.other_loss.scale: .nan is not a finite number.",
+    ),
+    "null option": (
+        "plugins:\n  training:\n    other_loss:\n      scale: null\n",
+        "plugins.training.other_loss.scale: expected a number, got NoneType null.",
+    ),
+    "tab indentation": (
+        "plugins:\n\ttraining: {}\n",
+        "YAML syntax error at line 2, column 1",
+    ),
+    "unterminated quote": (
+        "plugins:\n  training:\n    other_loss: {scale: '1.0}\n",
+        "YAML syntax error at line 4",
+    ),
+    "self-referencing alias": (
+        "plugins: &a\n  training: *a\n",
+        "an alias at line 1, column 10 refers to itself.",
+    ),
+    "one loader and an unknown stanza": (
+        "plugins:\n  peft:\n    quantization:\n      fake_loader: {}\n  training:\n    odd: {}\n",
+        "plugins.training.odd: unknown stanza 'odd'",
+    ),
+    "AND plugin with one part": (
+        "plugins:\n  training:\n    part_a: {}\n",
+        "No plugins could be configured. Please check the acceleration framework configuration "
+        "file",
+    ),
     "list as a key": (
         "plugins:\n  ? [a, b]\n  : 1\n",
         "a mapping key at line 2, column 5 is a sequence",

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fms_acceleration.yaml_loading import read_text_file
+
 from .errors import TrainJobError
 
 IGNORE_INDEX = -100
@@ -23,29 +25,29 @@ class Example:
 def load_jsonl(path: str | Path) -> list[Example]:
     """Read a JSONL file of {"prompt": str, "response": str} objects, one per line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise TrainJobError(f"dataset file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainJobError(f"{path} line {number}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
+    text = read_text_file(path, "dataset", TrainJobError)
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainJobError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise TrainJobError(
+                f"{path} line {number}: expected an object with 'prompt' and 'response', "
+                f"got {type(record).__name__}"
+            )
+        for key in ("prompt", "response"):
+            if not isinstance(record.get(key), str) or not record[key]:
                 raise TrainJobError(
-                    f"{path} line {number}: expected an object with 'prompt' and 'response', "
-                    f"got {type(record).__name__}"
+                    f"{path} line {number}: '{key}' must be a non-empty string, "
+                    f"got {record.get(key)!r}"
                 )
-            for key in ("prompt", "response"):
-                if not isinstance(record.get(key), str) or not record[key]:
-                    raise TrainJobError(
-                        f"{path} line {number}: '{key}' must be a non-empty string, "
-                        f"got {record.get(key)!r}"
-                    )
-            examples.append(Example(record["prompt"], record["response"]))
+        examples.append(Example(record["prompt"], record["response"]))
     if not examples:
         raise TrainJobError(f"{path}: no examples (the file has no non-blank lines)")
     return examples

@@ -162,18 +162,24 @@ def test_quantize_embeddings_must_be_a_bool():
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["u8", "bf16"])
-def test_chunked_quantization_equals_one_call(quant_type, storage):
-    """Quantizing the table 64 rows at a time gives the codes and absmax of one call."""
+@pytest.mark.parametrize("width", [576, 200], ids=["realistic", "odd"])
+def test_chunked_quantization_equals_one_call(bnb_dequant_kind, width, quant_type, storage):
+    """Quantizing the table 64 rows at a time gives the codes and absmax of one call, at a width
+    as in real models and at one whose 64-blocks straddle rows (bnb is right on it everywhere)."""
+    from fms_acceleration_peft.bnb_dequant_check import decode_4bit
     from fms_acceleration_peft.bnb_embeddings import quantize_table
 
-    weight = torch.randn(200, 96, generator=torch.Generator().manual_seed(11)).bfloat16()
+    weight = torch.randn(200, width, generator=torch.Generator().manual_seed(11)).bfloat16()
     whole = quantize_table(weight, quant_type, storage, rows_per_chunk=256)
     chunked = quantize_table(weight, quant_type, storage, rows_per_chunk=64)
     assert torch.equal(chunked.data.view(torch.uint8), whole.data.view(torch.uint8))
-    assert chunked.quant_state.absmax.shape == (200 * 96 // 64,)
-    assert torch.equal(chunked.quant_state.absmax, whole.quant_state.absmax)
-    restored = bnb.functional.dequantize_4bit(chunked.data, chunked.quant_state)
-    assert restored.shape == (200, 96)
+    state = chunked.quant_state
+    assert state.absmax.shape == (200 * width // 64,)
+    assert torch.equal(state.absmax, whole.quant_state.absmax)
+    restored = bnb.functional.dequantize_4bit(chunked.data, state)
+    assert restored.shape == (200, width)
+    decoded = decode_4bit(chunked.data, state.absmax, state.code, 64, (200, width), torch.bfloat16)
+    assert torch.equal(restored, decoded)
     error = (restored.float() - weight.float()).abs().max() / weight.float().abs().max()
     assert 0 < error < 0.2
     with pytest.raises(ValueError, match="rows_per_chunk=100"):

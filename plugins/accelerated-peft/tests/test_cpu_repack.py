@@ -2,10 +2,13 @@
 
 bitsandbytes 0.50 decides per `Linear4bit` instance (`support_avx512bf16_for_cpu`, set from the
 CPU flags in `__init__`) whether an eval/no-grad CPU forward repacks the weight into an
-inference layout. This machine may lack AVX512-BF16, so the tests make bitsandbytes believe it
-has it (`bitsandbytes.nn.modules.has_avx512bf16`), which is exactly what such a CPU reports.
-After a repack, later training forwards take `gemv_4bit`, which has no autograd (and on a CPU
-without the AVX512 kernel also misreads the layout): the loss and the LoRA gradients change.
+inference layout; later forwards, training included, then go through `gemv_4bit`. What that
+does depends on the CPU (`bnb_gemv_kind` runs each test under both kinds):
+- with AVX512-BF16, bnb's compiled kernel computes the right values but autograd cannot see into
+  it: every LoRA gradient upstream of a repacked layer is None (not merely different);
+- without it (where the flag can only be faked), bnb's pure-torch default kernel is traced but
+  reads the packed layout as the standard one: the loss and every LoRA gradient change.
+The guard must keep training exact on both.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ CONFIG = {"plugins": {"peft": {"quantization": {"bitsandbytes": {"quant_type": "
 
 @pytest.fixture
 def cpu_with_avx512bf16(monkeypatch):
-    """Linear4bit instances created from now on believe the CPU has AVX512-BF16."""
+    """Linear4bit instances created from now on believe the CPU has AVX512-BF16 (for tests of
+    the repacked layout itself, which is the same on both kinds)."""
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
 
 
@@ -53,7 +57,11 @@ def _loss_and_grads(model, input_ids):
     model.zero_grad()
     loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {
+        n: None if p.grad is None else p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     return loss.detach(), grads
 
 
@@ -75,8 +83,9 @@ def _assert_same(before, after, rtol=0.0, atol=0.0):
         torch.testing.assert_close(grads1[name], grads0[name], rtol=rtol, atol=atol, msg=name)
 
 
-def test_trap_is_real_without_the_guard(cpu_with_avx512bf16, tiny_llama_dir):
-    """Shows what the guard prevents: a repack after eval changes loss and gradients."""
+def test_trap_is_real_without_the_guard(bnb_gemv_kind, tiny_llama_dir):
+    """Shows what the guard prevents, on both kinds: after an eval forward repacks every layer,
+    LoRA gradients are None (AVX512-BF16 kernel) or wrong (default kernel)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -88,14 +97,23 @@ def test_trap_is_real_without_the_guard(cpu_with_avx512bf16, tiny_llama_dir):
     torch.manual_seed(0)
     model = get_peft_model(model, _lora())
     ids = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    before = _loss_and_grads(model, ids)
+    loss0, grads0 = _loss_and_grads(model, ids)
+    assert len(grads0) == 8 and all(g is not None and g.abs().max() > 0 for g in grads0.values())
     _eval_forward(model, ids)
     assert all(is_repacked_for_cpu(m) for m in _linears(model))
-    with pytest.raises(AssertionError):
-        _assert_same(before, _loss_and_grads(model, ids))
+    loss1, grads1 = _loss_and_grads(model, ids)
+    change = abs(loss1.item() - loss0.item()) / loss0.item()
+    if bnb_gemv_kind == "avx512bf16":
+        # the forward is right up to absmax's bf16 rounding, but training learns nothing
+        assert change < 1e-3, change
+        assert all(g is None for g in grads1.values()), grads1
+    else:
+        assert change > 2e-3, change
+        for name, g in grads1.items():
+            assert g is not None and not torch.allclose(g, grads0[name], rtol=1e-2), name
 
 
-def test_plugin_guard_keeps_training_exact_after_eval(cpu_with_avx512bf16, tiny_llama_dir):
+def test_plugin_guard_keeps_training_exact_after_eval(bnb_gemv_kind, tiny_llama_dir):
     framework = build_framework(CONFIG, [BNBAccelerationPlugin])
     model = framework.model_loader(tiny_llama_dir, dtype=torch.bfloat16)
     assert len(_linears(model)) == 14
@@ -110,7 +128,7 @@ def test_plugin_guard_keeps_training_exact_after_eval(cpu_with_avx512bf16, tiny_
     _assert_same(before, _loss_and_grads(model, ids))
 
 
-def test_guard_undoes_a_repack_that_already_happened(cpu_with_avx512bf16, tiny_llama_dir):
+def test_guard_undoes_a_repack_that_already_happened(bnb_gemv_kind, tiny_llama_dir):
     model = load_4bit_model(tiny_llama_dir, "nf4", torch.bfloat16)
     for module in _linears(model):  # as if loaded elsewhere, without the guard
         module.support_avx512bf16_for_cpu = True

@@ -3,6 +3,12 @@
 Shapes are odd on purpose (hidden 96, kv 32, intermediate 160, batch 3, seq 7, rank 8); lora_B
 is randomised (peft initialises it to zero, which would hide every LoRA term). Errors are
 measured relative to the largest reference value, with per-dtype tolerances.
+
+bitsandbytes bases use widths bnb dequantizes right on every CPU: multiples of its 64-blocks as
+in real models (hidden 192, kv 64, intermediate 320), and one odd set (72, 24, 200) whose blocks
+straddle rows but whose input widths are not multiples of 16. On CPUs with AVX512F, bnb 0.50.2
+misreads widths such as 96 or 160 (a multiple of 16, not of 64), and both paths compared here
+would then share the same corrupted base.
 """
 
 from __future__ import annotations
@@ -12,39 +18,45 @@ import torch
 import torch.nn.functional as F
 
 HIDDEN, KV, INTER, RANK = 96, 32, 160, 8
+# (hidden, kv, intermediate) per case; bitsandbytes gets widths it dequantizes right (see above).
+ODD = (HIDDEN, KV, INTER)
+BNB_REALISTIC = (192, 64, 320)
+BNB_ODD = (72, 24, 200)
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Relative tolerance per compute dtype: fp32 only sees summation-order differences; half types
 # see that peft computes LoRA in the fp32 adapter dtype while the fused path stays in x's dtype.
 REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-# (base, dtype) pairs: bnb 4-bit on CPU computes in fp32/bf16; GPTQ's torch kernel in fp32/fp16.
+# (base, dtype, dims): bnb 4-bit on CPU computes in fp32/bf16; GPTQ's torch kernel in fp32/fp16.
 CASES = [
-    ("plain", torch.float32),
-    ("plain", torch.float16),
-    ("plain", torch.bfloat16),
-    ("bitsandbytes", torch.float32),
-    ("bitsandbytes", torch.bfloat16),
-    ("auto_gptq", torch.float32),
-    ("auto_gptq", torch.float16),
+    ("plain", torch.float32, ODD),
+    ("plain", torch.float16, ODD),
+    ("plain", torch.bfloat16, ODD),
+    ("bitsandbytes", torch.float32, BNB_REALISTIC),
+    ("bitsandbytes", torch.bfloat16, BNB_REALISTIC),
+    ("bitsandbytes", torch.float32, BNB_ODD),
+    ("auto_gptq", torch.float32, ODD),
+    ("auto_gptq", torch.float16, ODD),
 ]
 
 
 class Block(torch.nn.Module):
     """The seven projections of a decoder layer, with Llama-like shapes (GQA: k/v narrower)."""
 
-    def __init__(self, bias: bool):
+    def __init__(self, bias: bool, dims: tuple[int, int, int] = ODD):
         super().__init__()
-        self.q_proj = torch.nn.Linear(HIDDEN, HIDDEN, bias=bias)
-        self.k_proj = torch.nn.Linear(HIDDEN, KV, bias=bias)
-        self.v_proj = torch.nn.Linear(HIDDEN, KV, bias=bias)
-        self.o_proj = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
-        self.gate_proj = torch.nn.Linear(HIDDEN, INTER, bias=False)
-        self.up_proj = torch.nn.Linear(HIDDEN, INTER, bias=False)
-        self.down_proj = torch.nn.Linear(INTER, HIDDEN, bias=False)
+        hidden, kv, inter = dims
+        self.q_proj = torch.nn.Linear(hidden, hidden, bias=bias)
+        self.k_proj = torch.nn.Linear(hidden, kv, bias=bias)
+        self.v_proj = torch.nn.Linear(hidden, kv, bias=bias)
+        self.o_proj = torch.nn.Linear(hidden, hidden, bias=False)
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
         # GPTQ layers hold only buffers; peft needs one parameter to find the model's device.
-        self.norm = torch.nn.LayerNorm(HIDDEN)
+        self.norm = torch.nn.LayerNorm(hidden)
 
 
-def _lora_block(base: str, dtype: torch.dtype, bias: bool = True):
+def _lora_block(base: str, dtype: torch.dtype, bias: bool = True, dims=ODD):
     from peft import LoraConfig, get_peft_model
 
     from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
@@ -52,7 +64,7 @@ def _lora_block(base: str, dtype: torch.dtype, bias: bool = True):
     if base != "plain":  # optional dependencies of the quantized bases
         pytest.importorskip({"bitsandbytes": "bitsandbytes", "auto_gptq": "gptqmodel"}[base])
         pytest.importorskip("fms_acceleration_peft")  # the [bnb]/[gptq] extras bring it
-    block = Block(bias=bias)
+    block = Block(bias=bias, dims=dims)
     if base == "plain":
         block.to(dtype)
     elif base == "bitsandbytes":
@@ -121,16 +133,18 @@ def record(request):
         print(f"\n{request.node.name}: max abs diff {worst['abs']:.3g}, max rel {worst['rel']:.3g}")
 
 
-@pytest.mark.parametrize(("base", "dtype"), CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CASES])
-def test_fused_qkv_o_mlp_match_peft(base, dtype, seed, record):
+@pytest.mark.parametrize(
+    ("base", "dtype", "dims"), CASES, ids=[f"{b}-{str(d)[6:]}-{w[0]}" for b, d, w in CASES]
+)
+def test_fused_qkv_o_mlp_match_peft(base, dtype, dims, seed, record):
     from fms_acceleration_foak.kernels.fused_lora import (
         fused_lora_linear,
         fused_lora_projections,
         fused_lora_swiglu_mlp,
     )
 
-    block = _lora_block(base, dtype)
-    x = torch.randn(3, 7, HIDDEN, dtype=dtype)
+    block = _lora_block(base, dtype, dims=dims)
+    x = torch.randn(3, 7, dims[0], dtype=dtype)
     qkv = ("q_proj", "k_proj", "v_proj")
     _compare(
         lambda xi: fused_lora_projections(xi, _sources(block, qkv)),
@@ -154,16 +168,17 @@ def test_base_weight_is_not_saved_for_backward(seed):
     """Only x, the rank-r activations and the adapters are saved: never a dequantized weight."""
     from fms_acceleration_foak.kernels.fused_lora import fused_lora_projections
 
-    block = _lora_block("bitsandbytes", torch.float32)
-    x = torch.randn(3, 7, HIDDEN, requires_grad=True)
+    hidden, kv, _ = BNB_REALISTIC
+    block = _lora_block("bitsandbytes", torch.float32, dims=BNB_REALISTIC)
+    x = torch.randn(3, 7, hidden, requires_grad=True)
     saved_shapes = []
     with torch.autograd.graph.saved_tensors_hooks(
         lambda t: saved_shapes.append(tuple(t.shape)) or t, lambda t: t
     ):
         fused_lora_projections(x, _sources(block, ("q_proj", "k_proj", "v_proj")))
-    weight_shapes = {(HIDDEN, HIDDEN), (KV, HIDDEN)}
+    weight_shapes = {(hidden, hidden), (kv, hidden)}
     assert not weight_shapes & set(saved_shapes), saved_shapes
-    assert (21, HIDDEN) in saved_shapes and saved_shapes.count((21, RANK)) == 3
+    assert (21, hidden) in saved_shapes and saved_shapes.count((21, RANK)) == 3
 
 
 def test_frozen_base_rejects_unsupported_layers():

@@ -9,6 +9,7 @@ import torch
 from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError, StanzaModel, choice
 
 from .bnb_cpu_repack import disable_cpu_weight_repacking
+from .bnb_dequant_check import check_4bit_dequantize
 from .bnb_loading import QUANT_TYPES, load_4bit_model
 from .dtypes import pop_requested_dtype, resolve_dtype
 from .lora import lora_hits_on_embeddings
@@ -57,15 +58,26 @@ class BNBAccelerationPlugin(QuantizedLoraPlugin):
             raise AccelerationPluginConfigError(
                 f"plugins.{BNB_STANZA}: model_loader: {err}"
             ) from None
+        _refuse_wrong_dequantize(
+            model.named_modules(),
+            f"plugins.{BNB_STANZA}",
+            "train on a GPU or on a CPU without AVX512F, or without this stanza (unquantized)",
+        )
         if self.quantize_embeddings:
             from .bnb_embeddings import quantize_embeddings
 
             try:
                 # quant storage = compute dtype, as bnb_4bit_config does for the block linears
-                quantize_embeddings(model, self.quant_type, dtype, dtype)
+                quantized = quantize_embeddings(model, self.quant_type, dtype, dtype)
             except ValueError as err:
                 raise AccelerationPluginConfigError(f"{QUANTIZE_EMBEDDINGS_KEY}: {err}") from None
             disable_cpu_weight_repacking(model)  # the new lm_head is a Linear4bit too
+            new = (quantized.embedding, quantized.lm_head)
+            _refuse_wrong_dequantize(
+                ((n, m) for n, m in model.named_modules() if any(m is x for x in new)),
+                QUANTIZE_EMBEDDINGS_KEY,
+                "set quantize_embeddings: false, or train on a GPU or on a CPU without AVX512F",
+            )
         return model
 
     def augmentation(self, model, train_args, modifiable_args: tuple):
@@ -100,6 +112,16 @@ class BNBAccelerationPlugin(QuantizedLoraPlugin):
                 f"LoraConfig targets or saves {', '.join(hits)}; drop them from "
                 "target_modules/modules_to_save or set quantize_embeddings: false"
             )
+
+
+def _refuse_wrong_dequantize(modules, key: str, remedy: str) -> None:
+    """Raise naming the module when bitsandbytes' CPU dequantize is wrong for its shape."""
+    mismatches = check_4bit_dequantize(modules)
+    if not mismatches:
+        return
+    first, *rest = mismatches
+    also = "".join(f" Also wrong: {m.module} [{', '.join(map(str, m.case.shape))}]." for m in rest)
+    raise AccelerationPluginConfigError(f"{key}: {first.describe()}{also} To proceed: {remedy}.")
 
 
 AccelerationPlugin.register_plugin(

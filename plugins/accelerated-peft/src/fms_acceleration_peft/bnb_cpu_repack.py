@@ -9,38 +9,16 @@ the layer silently stops receiving gradients after the first evaluation.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-# The instance attribute `Linear4bit.__init__` sets and `Linear4bit.forward` checks.
-REPACK_FLAG = "support_avx512bf16_for_cpu"
+from fms_acceleration.bnb_cpu_layout import REPACK_FLAG, is_repacked_for_cpu, unpack_cpu_repacked
 
-
-def is_repacked_for_cpu(module: nn.Module) -> bool:
-    """True when the module's 4-bit weight is in the CPU inference (no backward) layout."""
-    state = getattr(getattr(module, "weight", None), "quant_state", None)
-    return bool(getattr(state, "packing_format_for_cpu", False))
-
-
-def unpack_cpu_repacked(module: nn.Module) -> bool:
-    """Restore a repacked `Linear4bit` weight to the standard 4-bit layout in place; True if it was.
-
-    bitsandbytes 0.50's `_convert_weight_packed_for_cpu_inverse` re-quantizes a double-quantized
-    absmax, but leaves a single-quantized one as the repack stored it: bf16, in a 2-D
-    (K/blocksize, N) layout that `dequantize_4bit` misreads (max error ~7% of the weight scale).
-    Undo that layout here; the bf16 rounding of absmax done by the repack cannot be undone.
-    """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    if not is_repacked_for_cpu(module):
-        return False
-    with torch.no_grad():
-        weight = module.weight
-        data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        if not state.nested and state.absmax.dim() == 2:
-            state.absmax = state.absmax.t().reshape(-1).float()
-        weight.data, weight.quant_state = data, state
-    return True
+__all__ = [
+    "REPACK_FLAG",
+    "disable_cpu_weight_repacking",
+    "is_repacked_for_cpu",
+    "unpack_cpu_repacked",
+]
 
 
 def disable_cpu_weight_repacking(model: nn.Module) -> int:

@@ -75,9 +75,9 @@ def _bnb_dequantizer(layer: torch.nn.Module):
         layer.support_avx512bf16_for_cpu = False
 
     def dequantize() -> torch.Tensor:
-        # fms_acceleration_peft owns the repack inverse (and bnb 0.50's absmax fix-up); a bnb
-        # base layer is only reachable through its loader, so it is installed here.
-        from fms_acceleration_peft.bnb_cpu_repack import unpack_cpu_repacked
+        # the repack inverse (and bnb 0.50's absmax fix-up) is the core's, shared with the
+        # accelerated-peft loader that guards against the repack
+        from fms_acceleration.bnb_cpu_layout import unpack_cpu_repacked
 
         fix_4bit_weight_quant_state_from_module(layer)
         unpack_cpu_repacked(layer)

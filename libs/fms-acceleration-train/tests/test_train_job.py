@@ -281,3 +281,63 @@ def test_cpu_threads_default_to_env_then_half_the_cpus(monkeypatch):
     assert runner._cpu_threads(0) == 8
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 1)
     assert runner._cpu_threads(0) == 1
+
+
+def test_refuses_to_overwrite_results_unless_asked(tmp_path, tiny_model, dataset):
+    run_train_job(_config(tmp_path, tiny_model, dataset=str(dataset), max_steps=1))
+    summary = (tmp_path / "out" / "train_summary.json").read_text()
+    with pytest.raises(TrainJobError, match="--output-dir .*out: is not empty .*--overwrite"):
+        run_train_job(_config(tmp_path, tiny_model, dataset=str(dataset), max_steps=1))
+    assert (tmp_path / "out" / "train_summary.json").read_text() == summary
+    run_train_job(_config(tmp_path, tiny_model, dataset=str(dataset), max_steps=2, overwrite=True))
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["steps"] == 2
+
+
+def test_damaged_model_is_named_before_loading(tmp_path, tiny_model):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:9999])
+    with pytest.raises(TrainJobError, match=r"model.safetensors: truncated \(999 of"):
+        run_train_job(_config(tmp_path, broken))
+
+
+class _InterruptAtStep(AccelerationPlugin):
+    """Sends this process SIGINT as step 2 begins (a user pressing Ctrl-C)."""
+
+    def get_callbacks_and_ready_for_train(self, model=None, accelerator=None):
+        import os
+        import signal
+
+        from transformers import TrainerCallback
+
+        class Interrupt(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        return [Interrupt()]
+
+
+with isolated_registrations():
+    AccelerationPlugin.register_plugin(
+        _InterruptAtStep,
+        configuration_and_paths=["training.interrupt"],
+        schemas={"training.interrupt": _TracingOptions},
+    )
+
+
+def test_ctrl_c_saves_a_checkpoint_and_ends_with_one_line(tmp_path, tiny_model, dataset, capsys):
+    from fms_acceleration_train.interrupt import TrainingInterrupted
+
+    framework = build_framework({"plugins": {"training": {"interrupt": {}}}}, [_InterruptAtStep])
+    with pytest.raises(TrainingInterrupted) as info:
+        run_train_job(_config(tmp_path, tiny_model, dataset=str(dataset)), framework)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert str(info.value) == (
+        f"interrupted at step 2 of 3: checkpoint saved to {checkpoint}; continue with "
+        f"--resume-from-checkpoint {checkpoint}"
+    )
+    assert (checkpoint / "trainer_state.json").is_file()
+    assert not (tmp_path / "out" / "train_summary.json").exists()

@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "instead of LoRA adapters; saves the whole model",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output-dir, replacing the results there",
+    )
+    parser.add_argument(
         "--dtype",
         default=d.dtype,
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -88,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
         lora_dropout=args.lora_dropout,
         target_modules=tuple(args.target_modules),
         full_finetuning=args.full_finetuning,
+        overwrite=args.overwrite,
         cpu_threads=args.cpu_threads,
         dtype=args.dtype,
         seed=args.seed,
@@ -100,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the job; print the summary. Exit code 0, or 2 with a one-line error for bad input."""
     from fms_acceleration import AccelerationFrameworkError, AccelerationPluginConfigError
 
+    from .interrupt import TrainingInterrupted
     from .runner import run_train_job
 
     expected = (
@@ -113,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     except expected as e:
         print(f"fms-acceleration train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"fms-acceleration train: {e}", file=sys.stderr)
+        return 130
     print(summary.format())
     print(f"summary written to {args.output_dir}/train_summary.json")
     return 0

@@ -15,6 +15,7 @@ from fms_acceleration.validation import config_error
 from .data import Example, PaddingCollator, load_jsonl, pad_token_id, tokenize
 from .errors import TrainJobError, require
 from .evaluation import answer_accuracy
+from .preflight import check_model_dir, check_output_dir
 from .summary import TrainSummary, peak_memory_mib
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -65,6 +66,7 @@ class TrainJobConfig(StanzaModel):
     lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = DEFAULT_TARGET_MODULES
     full_finetuning: bool = False
+    overwrite: bool = False
     cpu_threads: Annotated[int, Field(ge=0)] = 0
     dtype: choice("auto", "float32", "bfloat16", "float16") = "auto"
     seed: Annotated[int, Field(ge=0)] = 42
@@ -208,10 +210,14 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     from peft import get_peft_model
     from transformers import AutoTokenizer, ProgressCallback, Trainer, set_seed
 
+    from .interrupt import TrainingInterrupted, checkpoint_on_interrupt
     from .model_source import resolve_model
 
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, config.overwrite, resuming=False)
     train, held_out, dataset_name = _load_examples(config)
     model_dir, embedded = resolve_model(config.model)
+    check_model_dir(model_dir)
     if framework is None and config.acceleration_config is not None:
         from fms_acceleration import AccelerationFramework
 
@@ -231,7 +237,6 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
 
     before = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
 
-    output_dir = Path(config.output_dir)
     args = _training_arguments(config, dtype, device_type)
     peft_config = _lora_config(config)
     if framework is not None and framework.requires_augmentation:
@@ -261,7 +266,11 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
         for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
             trainer.add_callback(callback)
 
-    result = trainer.train()
+    with checkpoint_on_interrupt() as interrupt:
+        trainer.add_callback(interrupt)
+        result = trainer.train()
+    if interrupt.requested:
+        raise TrainingInterrupted(interrupt.outcome(config.max_steps))
     runtime = float(result.metrics["train_runtime"])
     tokens = int(trainer.state.num_input_tokens_seen)
     peak, peak_kind = peak_memory_mib(device_type)

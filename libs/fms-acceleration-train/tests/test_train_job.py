@@ -299,7 +299,7 @@ def test_damaged_model_is_named_before_loading(tmp_path, tiny_model):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:9999])
-    with pytest.raises(TrainJobError, match=r"model.safetensors: truncated \(999 of"):
+    with pytest.raises(TrainJobError, match=r"model.safetensors: truncated \(9999 of"):
         run_train_job(_config(tmp_path, broken))
 
 

@@ -76,7 +76,9 @@ def show(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    if isinstance(value, str) or len(text) <= 120:  # a path or a name is shown whole
+        return text
+    return text[:117] + "..."
 
 
 def type_name(kind: type) -> str:

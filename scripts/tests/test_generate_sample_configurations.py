@@ -81,6 +81,7 @@ def plugins_tree(tmp_path, monkeypatch):
                 {
                     "peft.quantization.bitsandbytes": gen.REMOVE,
                     "peft.quantization.fused_ops_and_kernels.base_layer": "bitsandbytes",
+                    "peft.quantization.fused_ops_and_kernels.fused_lora": False,
                     "peft.quantization.fused_ops_and_kernels.fast_loss": gen.COMMENT_OUT,
                     "peft.quantization.fused_ops_and_kernels.chunk_size": 1e-5,
                 },
@@ -100,6 +101,7 @@ EXPECTED_BOTH = """\
 #   plugins/foak/configs/fused.yaml
 #     with peft.quantization.bitsandbytes removed
 #     with peft.quantization.fused_ops_and_kernels.base_layer: bitsandbytes
+#     with peft.quantization.fused_ops_and_kernels.fused_lora: false
 #     with peft.quantization.fused_ops_and_kernels.fast_loss commented out
 #     with peft.quantization.fused_ops_and_kernels.chunk_size: 1.0e-05
 # Do not edit by hand: change the plugin's configs/*.yaml and re-run the generator.
@@ -122,7 +124,7 @@ plugins:
       # fused kernels on the quantized base layer
       fused_ops_and_kernels:
         base_layer: bitsandbytes
-        fused_lora: true
+        fused_lora: false
         targets:
         - q_proj  # a list keeps its comments
         - v_proj
@@ -143,7 +145,7 @@ def test_merge_keeps_the_comments_of_both_files_and_applies_every_override(plugi
         "bitsandbytes": {"quant_type": "fp4", "quantize_embeddings": False},
         "fused_ops_and_kernels": {
             "base_layer": "bitsandbytes",
-            "fused_lora": True,
+            "fused_lora": False,
             "targets": ["q_proj", "v_proj"],
             "note": "kept as written\n",
             "chunk_size": 1e-5,

@@ -5,27 +5,38 @@
 
 A named configuration is one plugin YAML plus key overrides (e.g. bnb.yaml with quant_type nf4);
 a sample combines one or more of them into `sample-configurations/<name>-sample-configuration.yaml`
-and is listed in `sample-configurations/CONTENTS.yaml`. The YAMLs are merged as text so their
-comments survive (no comment-preserving YAML library is needed); every merge is checked against
-the same merge done with yaml.safe_load, so the text merger cannot silently drift.
+and is listed in `sample-configurations/CONTENTS.yaml`. Each plugin YAML is first read with the
+core's strict loader (duplicate keys and syntax errors name the file, line and column), then
+round-tripped with ruamel.yaml so its comments survive the merge (see commented_yaml.py). Every
+sample is checked against the same merge done on the plain data, so comment handling cannot
+change a value.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from commented_yaml import (
+    comment_out,
+    copy_key,
+    dump,
+    load,
+    one_line,
+    remove,
+    set_comments_before,
+)
+from ruamel.yaml.comments import CommentedMap
+
+from fms_acceleration.yaml_loading import load_yaml, read_text_file
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "sample-configurations"
 CONTENTS = "CONTENTS.yaml"
-INDENT = 2
+INDENT = 2  # what commented_yaml.dump indents each mapping level by
 
 # An override value that comments the key out (the plugin then uses its default).
 COMMENT_OUT = "<comment out>"
@@ -94,189 +105,7 @@ HEADER = """\
 
 
 class MergeError(ValueError):
-    """Two plugin YAMLs or an override cannot be merged as asked."""
-
-
-# ---------------------------------------------------------------------------------------------
-# A comment-keeping tree over block-style YAML mappings (what plugin configs are written in).
-# Mapping keys become nodes; anything else under a key (lists, block scalars) is kept verbatim.
-
-
-@dataclass
-class Node:
-    """One mapping key with the comment lines above it and its value, children or raw lines."""
-
-    key: str | None
-    comments: list[str] = field(default_factory=list)  # stripped; "" is a blank line
-    value: str = ""  # scalar text after "key:", "" when it has children
-    inline: str = ""  # "# ..." after the value
-    children: dict[str, Node] = field(default_factory=dict)
-    raw: list[tuple[int, str]] = field(default_factory=list)  # (indent below key, text) verbatim
-    commented_out: bool = False  # rendered as "# key: value"
-    trailer: list[str] = field(default_factory=list)  # comment lines after the children
-
-
-_KEY_LINE = re.compile(r"^(?P<key>[A-Za-z_][\w.\-]*)\s*:(?:\s+(?P<rest>.*))?$")
-
-
-def _split_inline_comment(text: str) -> tuple[str, str]:
-    """Split `value  # comment` at the first ' #' outside quotes."""
-    quote = None
-    for i, ch in enumerate(text):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
-            return text[:i].rstrip(), text[i:]
-    return text.rstrip(), ""
-
-
-def parse(text: str, source: str) -> Node:
-    """Parse block-mapping YAML into a Node tree that keeps comments and blank lines."""
-    root = Node(key=None)
-    lines = text.splitlines()
-    stack: list[tuple[int, Node]] = [(-1, root)]
-    pending: list[str] = []
-    pending_indent: int | None = None  # indentation of the first pending comment
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            if stripped and pending_indent is None:
-                pending_indent = len(line) - len(line.lstrip(" "))
-            pending.append(stripped)
-            i += 1
-            continue
-        indent = len(line) - len(line.lstrip(" "))
-        while stack[-1][0] >= indent:
-            stack.pop()
-        parent = stack[-1][1]
-        match = _KEY_LINE.match(stripped)
-        if match is None:
-            raise MergeError(f"{source} line {i + 1}: expected 'key: value', got {stripped!r}")
-        value, inline = _split_inline_comment(match["rest"] or "")
-        node = Node(key=match["key"], comments=pending, value=value, inline=inline)
-        pending, pending_indent = [], None
-        if node.key in parent.children:
-            raise MergeError(f"{source} line {i + 1}: duplicate key {node.key!r}")
-        parent.children[node.key] = node
-        i += 1
-        if value in ("", "|", ">", "|-", ">-"):
-            # Lines below that are not "key:" mappings (a list, a block scalar) stay verbatim.
-            j, block = i, []
-            while j < len(lines):
-                nxt = lines[j]
-                nxt_indent = len(nxt) - len(nxt.lstrip(" "))
-                if nxt.strip() and nxt_indent <= indent:
-                    break
-                block.append(nxt)
-                j += 1
-            content = [b for b in block if b.strip() and not b.strip().startswith("#")]
-            if content and (value or content[0].strip().startswith("- ") or content[0] == "-"):
-                base = min(len(b) - len(b.lstrip(" ")) for b in content)
-                while block and not block[-1].strip():
-                    block.pop()  # trailing blanks belong to what follows
-                node.raw = [(max(len(b) - len(b.lstrip(" ")) - base, 0), b.strip()) for b in block]
-                i += len(block)
-                continue
-            stack.append((indent, node))
-    # Comments after the last key belong to the innermost mapping they are indented under.
-    while pending and not pending[-1]:
-        pending.pop()
-    owner = next((n for ind, n in reversed(stack) if ind < (pending_indent or 0)), root)
-    owner.trailer = [c for c in pending if c or owner is not root]
-    return root
-
-
-def render(node: Node, depth: int = 0) -> list[str]:
-    """Lines of `node`'s children at `depth` (two spaces per level)."""
-    out = []
-    pad = " " * (INDENT * depth)
-    for child in node.children.values():
-        out += [pad + c if c else "" for c in child.comments]
-        hide = "# " if child.commented_out else ""
-        line = f"{pad}{hide}{child.key}:" + (f" {child.value}" if child.value else "")
-        out.append(line + (f"  {child.inline}" if child.inline else ""))
-        if child.raw:
-            sub = " " * (INDENT * (depth + 1))
-            out += [sub + " " * extra + text if text else "" for extra, text in child.raw]
-        else:
-            out += render(child, depth + 1)
-        sub = " " * (INDENT * (depth + 1))
-        out += [sub + c if c else "" for c in child.trailer]
-    return out
-
-
-def _scalar(value: Any) -> str:
-    """YAML text of a scalar override."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = yaml.safe_dump(value, default_flow_style=True).strip()
-    return text.removesuffix("\n...").removesuffix("...").strip()
-
-
-def apply_override(root: Node, dotted: str, value: Any, source: str) -> None:
-    """Set the scalar at `dotted` (under `plugins:`); its parent mapping must exist."""
-    node = root.children.get("plugins")
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        if node is None or part not in node.children:
-            raise MergeError(f"{source}: override {dotted!r}: no mapping 'plugins.{dotted}'")
-        node = node.children[part]
-    leaf = node.children.get(parts[-1])
-    if value == REMOVE:
-        if leaf is None:
-            raise MergeError(f"{source}: override {dotted!r}: nothing to remove")
-        del node.children[parts[-1]]
-        return
-    if value == COMMENT_OUT:
-        if leaf is None or leaf.children or leaf.raw:
-            raise MergeError(f"{source}: override {dotted!r}: no scalar to comment out")
-        leaf.commented_out = True
-        return
-    if leaf is None:
-        leaf = node.children[parts[-1]] = Node(key=parts[-1])
-    elif leaf.children or leaf.raw:
-        raise MergeError(f"{source}: override {dotted!r} replaces a mapping, not a scalar")
-    leaf.value = _scalar(value)
-
-
-def merge_into(target: Node, other: Node, where: str) -> None:
-    """Merge `other`'s children into `target`; equal scalars are fine, different ones are not."""
-    for key, node in other.children.items():
-        mine = target.children.get(key)
-        if mine is None:
-            target.children[key] = copy.deepcopy(node)
-            continue
-        path = f"{where}.{key}" if where else key
-        if mine.children and node.children:
-            merge_into(mine, node, path)
-        elif (mine.value, mine.raw) != (node.value, node.raw) or mine.children or node.children:
-            raise MergeError(f"conflicting values for '{path}' in the merged configurations")
-
-
-def _dict_override(data: dict, dotted: str, value: Any) -> None:
-    node = data["plugins"]
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node[part]
-    if value in (COMMENT_OUT, REMOVE):
-        del node[leaf]
-    else:
-        node[leaf] = value
-
-
-def _dict_merge(target: dict, other: dict) -> None:
-    for key, value in other.items():
-        if isinstance(target.get(key), dict) and isinstance(value, dict):
-            _dict_merge(target[key], value)
-        else:
-            target[key] = copy.deepcopy(value)
-
-
-# ---------------------------------------------------------------------------------------------
+    """A plugin YAML, an override or a merge of two plugin YAMLs is not what the tables say."""
 
 
 def plugin_config_path(name: str) -> Path:
@@ -285,35 +114,103 @@ def plugin_config_path(name: str) -> Path:
     return ROOT / "plugins" / folder / "configs" / filename
 
 
+def read_plugin_config(path: Path, source: str) -> tuple[CommentedMap, dict]:
+    """(the commented tree, the plain data) of a plugin YAML, strictly checked."""
+    text = read_text_file(path, "plugin configuration", MergeError)
+    data = load_yaml(text, source, MergeError)
+    if not isinstance(data, dict) or not isinstance(data.get("plugins"), dict):
+        raise MergeError(f"{source}: no top-level 'plugins:' mapping")
+    return load(text), data
+
+
+def _parent(tree: CommentedMap, dotted: str, source: str) -> tuple[Any, str]:
+    """(the mapping that holds the last key of `dotted` under `plugins:`, that key)."""
+    *parents, leaf = dotted.split(".")
+    node = tree["plugins"]
+    for depth, part in enumerate(parents):
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            missing = ".".join(["plugins", *parents[: depth + 1]])
+            raise MergeError(f"{source}: override {dotted!r}: no mapping '{missing}'")
+    return node, leaf
+
+
+def apply_override(tree: CommentedMap, data: dict, dotted: str, value: Any, source: str) -> None:
+    """Set, comment out or remove the key at `dotted` (under `plugins:`) in the commented tree
+    and the same way in its plain data."""
+    node, leaf = _parent(tree, dotted, source)
+    plain, _ = _parent(data, dotted, source)
+    if value == REMOVE:
+        if leaf not in node:
+            raise MergeError(f"{source}: override {dotted!r}: nothing to remove")
+        remove(node, leaf)
+        del plain[leaf]
+    elif value == COMMENT_OUT:
+        if leaf not in node or isinstance(node[leaf], (dict, list)):
+            raise MergeError(f"{source}: override {dotted!r}: no scalar to comment out")
+        comment_out(node, leaf, column=INDENT * len(dotted.split(".")))
+        del plain[leaf]
+    elif isinstance(node.get(leaf), (dict, list)):
+        raise MergeError(f"{source}: override {dotted!r} replaces a mapping, not a scalar")
+    else:
+        node[leaf] = plain[leaf] = value
+
+
+def _same(mine: Any, other: Any) -> bool:
+    """Equal plain values (true and 1 are not the same setting)."""
+    return mine == other and isinstance(mine, bool) == isinstance(other, bool)
+
+
+def merge_into(target: CommentedMap, other: CommentedMap, where: str) -> None:
+    """Merge `other`'s keys (with their comments) into `target`; a key both have must be a
+    mapping in both or the same value in both."""
+    for key, value in other.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in target:
+            copy_key(other, key, target)
+        elif isinstance(target[key], dict) and isinstance(value, dict):
+            merge_into(target[key], value, path)
+        elif (
+            isinstance(target[key], dict)
+            or isinstance(value, dict)
+            or not _same(target[key], value)
+        ):
+            raise MergeError(f"conflicting values for '{path}' in the merged configurations")
+
+
+def _plain_merge(target: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(target.get(key), dict) and isinstance(value, dict):
+            _plain_merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
 def build_sample(shortname: str, names: tuple[str, ...]) -> str:
-    """Text of one sample configuration (comments kept), checked against a yaml.safe_load merge."""
-    merged, expected = Node(key=None), {}
+    """Text of one sample configuration (comments kept), checked against the plain-data merge."""
+    merged, expected = CommentedMap(), {}
     sources = []
     for name in names:
         overrides = CONFIGURATIONS[name][2]
         path = plugin_config_path(name)
         rel = path.relative_to(ROOT).as_posix()
-        text = path.read_text(encoding="utf-8")
-        tree, data = parse(text, rel), yaml.safe_load(text)
-        if "plugins" not in tree.children or not isinstance(data, dict):
-            raise MergeError(f"{rel}: no top-level 'plugins:' mapping")
+        tree, data = read_plugin_config(path, rel)
         for dotted, value in overrides.items():
-            apply_override(tree, dotted, value, rel)
-            _dict_override(data, dotted, value)
-        tree.children["plugins"].comments = []  # the file header is replaced by ours
+            apply_override(tree, data, dotted, value, rel)
+        set_comments_before(tree, "plugins", [])  # the file's header is replaced by ours
         merge_into(merged, tree, "")
-        _dict_merge(expected, data)
+        _plain_merge(expected, data)
         sources.append(f"#   {rel}")
         shown = {COMMENT_OUT: " commented out", REMOVE: " removed"}
         sources += [
-            f"#     with {k}{shown[v]}" if v in shown else f"#     with {k}: {_scalar(v)}"
+            f"#     with {k}{shown[v]}" if v in shown else f"#     with {one_line(k, v)}"
             for k, v in overrides.items()
         ]
     filename = sample_filename(shortname)
     header = HEADER.format(shortname=shortname, sources="\n".join(sources), filename=filename)
-    text = header + "\n" + "\n".join(render(merged)) + "\n"
-    if yaml.safe_load(text) != expected:
-        raise MergeError(f"{shortname}: the comment-keeping merge differs from the YAML merge")
+    text = header + "\n" + dump(merged)
+    if load_yaml(text, filename, MergeError) != expected:
+        raise MergeError(f"{shortname}: the comment-keeping merge differs from the plain merge")
     return text
 
 
@@ -339,7 +236,7 @@ def build_all(skip_missing: bool) -> tuple[dict[str, str], list[str]]:
         )
     files[CONTENTS] = (
         "# Sample configurations generated by scripts/generate_sample_configurations.py.\n"
-        + yaml.safe_dump({"framework_configs": contents}, sort_keys=False)
+        + dump({"framework_configs": contents})
     )
     return files, skipped
 
@@ -357,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         files, skipped = build_all(args.skip_missing)
-    except (MergeError, OSError, yaml.YAMLError) as e:
+    except (MergeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for item in skipped:

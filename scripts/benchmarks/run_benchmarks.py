@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from fms_acceleration.yaml_loading import read_yaml_file
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SAMPLES = ROOT / "sample-configurations"
@@ -68,7 +70,7 @@ class Scenario:
 
 def load_scenarios(path: Path) -> list[Scenario]:
     """Parse scenarios.yaml; raise ValueError naming the scenario and key that is wrong."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_yaml_file(path, "scenarios", ValueError) or {}
     out = []
     for index, raw in enumerate(data.get("scenarios") or []):
         name = raw.get("name") or f"#{index}"
@@ -116,7 +118,7 @@ def config_file(shortname: str, overrides: dict[str, Any], work: Path) -> Path:
         raise FileNotFoundError(f"no sample configuration {sample.relative_to(ROOT)}")
     if not overrides:
         return sample
-    data = yaml.safe_load(sample.read_text(encoding="utf-8"))
+    data = read_yaml_file(sample, "sample configuration", ValueError)
     for dotted, value in overrides.items():
         _set_dotted(data["plugins"], dotted, value)
     path = work / f"{shortname}-override.yaml"

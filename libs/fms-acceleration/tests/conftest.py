@@ -93,63 +93,30 @@ class Empty(StanzaModel):
     pass
 
 
+KERNEL_PATHS = ["training.fake_kernels", "peft.quantization.fake_kernels"]
+# (class, plugin id, its stanza paths, their schema, whether either path alone turns it on),
+# in registration order: that order is the order of plugins with equal `order`
+FAKE_REGISTRATIONS = [
+    (FakeLoader, "fake_loader", ["peft.quantization.fake_loader"], LoaderSchema, False),
+    (OtherLoader, "other_loader", ["peft.quantization.other_loader"], BitsSchema, False),
+    (FakeKernels, "fake_kernels", KERNEL_PATHS, KernelSchema, True),
+    (OtherLoss, "other_loss", ["training.other_loss"], ScaleSchema, False),
+    (AndPlugin, "and_plugin", ["training.part_a", "training.part_b"], Empty, False),
+    (NeedsMissingPackage, "needs_missing", ["training.needs_missing"], Empty, False),
+    (RestrictedAugmenter, "restricted", ["training.restricted"], Empty, False),
+]
+
 # registered in a scope of their own, so other packages' tests never see the fakes
 with isolated_registrations():
-    AccelerationPlugin.register_plugin(
-        FakeLoader,
-        configuration_and_paths=["peft.quantization.fake_loader"],
-        plugin_id="fake_loader",
-        schemas={"peft.quantization.fake_loader": LoaderSchema},
-    )
-    AccelerationPlugin.register_plugin(
-        OtherLoader,
-        configuration_and_paths=["peft.quantization.other_loader"],
-        plugin_id="other_loader",
-        schemas={"peft.quantization.other_loader": BitsSchema},
-    )
-    AccelerationPlugin.register_plugin(
-        FakeKernels,
-        configuration_or_paths=["training.fake_kernels", "peft.quantization.fake_kernels"],
-        plugin_id="fake_kernels",
-        schemas={
-            "training.fake_kernels": KernelSchema,
-            "peft.quantization.fake_kernels": KernelSchema,
-        },
-    )
-    AccelerationPlugin.register_plugin(
-        OtherLoss,
-        configuration_and_paths=["training.other_loss"],
-        plugin_id="other_loss",
-        schemas={"training.other_loss": ScaleSchema},
-    )
-    AccelerationPlugin.register_plugin(
-        AndPlugin,
-        configuration_and_paths=["training.part_a", "training.part_b"],
-        plugin_id="and_plugin",
-        schemas={"training.part_a": Empty, "training.part_b": Empty},
-    )
-    AccelerationPlugin.register_plugin(
-        NeedsMissingPackage,
-        configuration_and_paths=["training.needs_missing"],
-        plugin_id="needs_missing",
-        schemas={"training.needs_missing": Empty},
-    )
-    AccelerationPlugin.register_plugin(
-        RestrictedAugmenter,
-        configuration_and_paths=["training.restricted"],
-        plugin_id="restricted",
-        schemas={"training.restricted": Empty},
-    )
+    for cls, plugin_id, paths, schema, either in FAKE_REGISTRATIONS:
+        AccelerationPlugin.register_plugin(
+            cls,
+            **{"configuration_or_paths" if either else "configuration_and_paths": paths},
+            plugin_id=plugin_id,
+            schemas=dict.fromkeys(paths, schema),
+        )
 
-ALL_FAKES = [
-    FakeLoader,
-    OtherLoader,
-    FakeKernels,
-    OtherLoss,
-    AndPlugin,
-    NeedsMissingPackage,
-    RestrictedAugmenter,
-]
+ALL_FAKES = [cls for cls, *_ in FAKE_REGISTRATIONS]
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """A real transformers.Trainer on a tiny random-init Llama, driven through the framework:
-model_loader -> augmentation -> callbacks (+ accelerator patch) -> 3 training steps."""
+model_loader (conftest's FakeLoader) -> augmentation -> callbacks (+ accelerator patch) -> 3
+training steps."""
 
 from __future__ import annotations
 
@@ -20,17 +21,6 @@ from fms_acceleration import (
 )
 from fms_acceleration.framework_plugin import isolated_registrations
 from fms_acceleration.testing import build_framework, tiny_dataset
-
-
-class TinyLoader(AccelerationPlugin):
-    @property
-    def requires_custom_loading(self) -> bool:
-        return True
-
-    def model_loader(self, model_name: str, **kwargs):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
 
 
 class StepCounter(TrainerCallback):
@@ -63,7 +53,7 @@ class TinyLora(AccelerationPlugin):
         return True
 
     def requirements(self):
-        return [Requirement("model_loader", ("tiny_loader",))]
+        return [Requirement("model_loader", ("fake_loader",))]
 
     def augmentation(self, model, train_args, modifiable_args):
         from peft import get_peft_model
@@ -95,21 +85,11 @@ class TinyLora(AccelerationPlugin):
         return [self.counter]
 
 
-class NoOptions(StanzaModel):
-    pass
-
-
 class LoraOptions(StanzaModel):
     rank: int = 4
 
 
 with isolated_registrations():
-    AccelerationPlugin.register_plugin(
-        TinyLoader,
-        configuration_and_paths=["peft.quantization.tiny_loader"],
-        plugin_id="tiny_loader",
-        schemas={"peft.quantization.tiny_loader": NoOptions},
-    )
     AccelerationPlugin.register_plugin(
         TinyLora,
         configuration_and_paths=["training.tiny_lora"],
@@ -119,18 +99,18 @@ with isolated_registrations():
 
 
 @pytest.mark.slow
-def test_trainer_runs_three_steps_through_the_framework(tmp_path, tiny_llama_dir, caplog):
+def test_trainer_runs_three_steps_through_the_framework(tmp_path, tiny_llama_dir, caplog, fakes):
     framework = build_framework(
         {
             "plugins": {
-                "peft": {"quantization": {"tiny_loader": {}}},
+                "peft": {"quantization": {"fake_loader": {}}},
                 "training": {"tiny_lora": {"rank": 2}},
             }
         },
-        [TinyLora, TinyLoader],
+        [TinyLora, fakes.FakeLoader],
     )
-    assert list(framework.plugins) == ["tiny_loader", "tiny_lora"]
-    assert [name for name, _ in framework.active_plugins] == ["TinyLoader", "TinyLora"]
+    assert list(framework.plugins) == ["fake_loader", "tiny_lora"]
+    assert [name for name, _ in framework.active_plugins] == ["FakeLoader", "TinyLora"]
     assert framework.requires_custom_loading and framework.requires_augmentation
 
     model = framework.model_loader(str(tiny_llama_dir), dtype=torch.float32)
@@ -171,8 +151,8 @@ def test_trainer_runs_three_steps_through_the_framework(tmp_path, tiny_llama_dir
             trainer.add_callback(callback)
     summary = caplog.text
     assert "fms-acceleration: ready for train" in summary
-    assert "Active Plugin: TinyLoader." in summary and "Active Plugin: TinyLora." in summary
-    assert "tiny_loader" in summary and "tiny_lora" in summary
+    assert "Active Plugin: FakeLoader." in summary and "Active Plugin: TinyLora." in summary
+    assert "fake_loader" in summary and "tiny_lora" in summary
     assert "plain-rms-norm" in summary and "count-batches" in summary
 
     result = trainer.train()

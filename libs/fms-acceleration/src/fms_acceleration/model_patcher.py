@@ -268,16 +268,29 @@ def _module_path(model: torch.nn.Module) -> str:
     return type(base).__module__ if not isinstance(base, type) else base.__module__
 
 
-class ModelPatcher(Routable):
-    """Holds rules, applies them to a model and to imported modules, and can undo them all."""
+class RecordingPatcher(Routable):
+    """What every patcher shares: the record of the patches it applied, reverted by undo."""
 
     history = routed_attribute("_history")
+
+    def __init__(self) -> None:
+        self._history: list[PatchRecord] = []
+
+    def undo(self) -> None:
+        """Revert every recorded patch, newest first."""
+        while self._history:
+            self._history.pop().undo()
+
+
+class ModelPatcher(RecordingPatcher):
+    """Holds rules, applies them to a model and to imported modules, and can undo them all."""
+
     rules = routed_attribute("_rules")
 
     def __init__(self) -> None:
+        super().__init__()
         self._rules: dict[str, ModelPatcherRule] = {}
         self._applied: set[str] = set()
-        self._history: list[PatchRecord] = []
 
     @routed_method
     def register(self, rule: ModelPatcherRule) -> None:
@@ -314,8 +327,7 @@ class ModelPatcher(Routable):
 
     def undo(self) -> None:
         """Revert every recorded patch, newest first, and forget the applied state."""
-        while self._history:
-            self._history.pop().undo()
+        super().undo()
         self._applied.clear()
 
     def counts(self) -> dict[str, int]:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PatchError, PatchTypeError
-from .model_patcher import PatchRecord, _assign, _current_value
-from .routing import Routable, routed_attribute
+from .model_patcher import PatchRecord, RecordingPatcher, _assign, _current_value
 
 
 @dataclass(frozen=True)
@@ -25,15 +24,14 @@ class MethodRule:
     builder: Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-class MethodPatcher(Routable):
+class MethodPatcher(RecordingPatcher):
     """Method rules, installed on objects of one kind and undone together."""
 
     kind = "object"
-    history = routed_attribute("_history")
 
     def __init__(self) -> None:
+        super().__init__()
         self._method_rules: dict[str, MethodRule] = {}
-        self._history: list[PatchRecord] = []
         self._installed: set[tuple[int, str]] = set()
 
     @property
@@ -91,8 +89,7 @@ class MethodPatcher(Routable):
 
     def undo(self) -> None:
         """Restore every wrapped method, newest first."""
-        while self._history:
-            self._history.pop().undo()
+        super().undo()
         self._installed.clear()
 
 

@@ -1,0 +1,225 @@
+"""Every sample configuration, applied to a tiny Llama and a real Trainer, changes only what its
+patchers record, and `undo_patches()` puts back every forward, accelerator and Trainer method and
+module-level function it changed (one training step runs in between)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+SAMPLES = Path(__file__).resolve().parents[3] / "sample-configurations"
+CONTENTS = SAMPLES / "CONTENTS.yaml"
+
+if not CONTENTS.is_file():  # installed outside the monorepo: nothing to check
+    pytest.skip("sample-configurations/ is not beside this checkout", allow_module_level=True)
+
+ENTRIES = yaml.safe_load(CONTENTS.read_text())["framework_configs"]
+
+# Where a plugin could patch a function or a class attribute: every loaded module of these.
+# (torch's own internals are left out: dynamo rebinds nn.Module.__init__ the first time it runs.)
+WATCHED_MODULES = ("transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel")
+WATCHED_EXACT = ("torch.nn.functional",)
+LORA = dict(
+    r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    task_type="CAUSAL_LM",
+)
+
+
+def _watched(name: str) -> bool:
+    return name in WATCHED_EXACT or name.split(".")[0] in WATCHED_MODULES
+
+
+def module_level_objects() -> dict[tuple[str, ...], Any]:
+    """Every function and class of the watched modules, the functions and descriptors of their
+    classes, and the entries of their upper-case dict tables (e.g. LOSS_MAPPING), by location."""
+    found: dict[tuple[str, ...], Any] = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not _watched(name):
+            continue
+        for attr, value in list(vars(module).items()):
+            if inspect.isroutine(value) or inspect.isclass(value):
+                found[(name, attr)] = value
+                if inspect.isclass(value) and value.__module__ == name:
+                    for key, member in list(vars(value).items()):
+                        if inspect.isroutine(member) or isinstance(
+                            member, (staticmethod, classmethod, property)
+                        ):
+                            found[(name, attr, key)] = member
+            elif type(value) is dict and attr.isupper():  # not transformers' lazy mappings
+                for key, member in list(value.items()):
+                    if inspect.isroutine(member) or inspect.isclass(member):
+                        found[(name, attr, str(key))] = member
+    return found
+
+
+def changed_locations(before: dict, after: dict) -> set[str]:
+    """Dotted locations whose object is another one now (locations new since are not compared)."""
+    return {".".join(key) for key, value in before.items() if after.get(key, value) is not value}
+
+
+def method_overrides(obj: Any) -> dict[str, Any]:
+    """Instance attributes that shadow a method of the object's class."""
+    return {k: v for k, v in vars(obj).items() if inspect.isroutine(getattr(type(obj), k, None))}
+
+
+def instance_forward(module: torch.nn.Module) -> Any:
+    """The forward set on this instance (None: its class's), seen through the wrapper accelerate
+    puts around the trained model's forward for mixed precision."""
+    attrs = vars(module)
+    forward = attrs.get("_original_forward", attrs.get("forward"))
+    if (
+        inspect.ismethod(forward)
+        and forward.__self__ is module
+        and forward.__func__ is type(module).forward
+    ):
+        return None
+    return forward
+
+
+def recorded(patcher: Any, kind: str | None = None) -> list[Any]:
+    return [r for r in patcher.history if kind is None or r.kind == kind]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from fms_acceleration.testing import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama"))
+
+
+@pytest.fixture(scope="module")
+def gptq_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny Llama GPTQ-quantized (4 bits) by the accelerated-peft plugin's quantizer."""
+    pytest.importorskip("gptqmodel")
+    from fms_acceleration_peft.quantize import quantize_checkpoint
+
+    work = tmp_path_factory.mktemp("gptq")
+    calibration = work / "calibration.txt"
+    # words of the tiny tokenizer, so that calibration activations differ
+    words = [f"tok{i}" for i in range(120)]
+    calibration.write_text("\n".join(" ".join(words[s : s + 24]) for s in range(0, 96, 6)))
+    with torch._dynamo.config.patch(disable=True):
+        return str(quantize_checkpoint(tiny_model_dir, work / "q", 4, 32, calibration))
+
+
+@pytest.fixture(autouse=True)
+def eager_gptq_dequantization():
+    """gptqmodel torch.compiles its dequantization; inductor takes seconds per shape on CPU."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def third_party_imports_done():
+    """gptqmodel rebinds transformers and accelerate functions when it is first imported (peft
+    imports it lazily): that is the environment every sample starts from, not a plugin's patch."""
+    if importlib.util.find_spec("gptqmodel") is not None:
+        importlib.import_module("gptqmodel")
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["shortname"] for e in ENTRIES])
+def test_sample_is_undone_completely(entry, request, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    from fms_acceleration import AccelerationFramework
+    from fms_acceleration.testing import tiny_dataset
+
+    path = SAMPLES / entry["filename"]
+    peft_stanzas = yaml.safe_load(path.read_text())["plugins"].get("peft", {})
+    loaders = {"bitsandbytes", "auto_gptq"} & set(peft_stanzas.get("quantization", {}))
+    if "bitsandbytes" in loaders:
+        pytest.importorskip("bitsandbytes")
+    fixture = "gptq_model_dir" if "auto_gptq" in loaders else "tiny_model_dir"
+    model_dir = request.getfixturevalue(fixture)
+
+    framework = AccelerationFramework(str(path))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        bf16=bool(loaders),  # quantized base layers (and fused LoRA on them) train in bf16
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    if framework.requires_custom_loading:
+        model = framework.model_loader(model_dir, dtype=torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert framework.requires_custom_loading == bool(loaders)
+
+    functions_before = module_level_objects()
+    loaded = {id(m): (m, instance_forward(m)) for m in model.modules()}
+
+    def original_forward(module: torch.nn.Module) -> Any:
+        """What the module's own forward was when loaded (None for modules made since)."""
+        return loaded.get(id(module), (module, None))[1]
+
+    model, (peft_config,) = framework.augmentation(model, args, (LoraConfig(**LORA),))
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(n=2, seq_len=8),
+        data_collator=default_data_collator,
+    )
+    accelerator = trainer.accelerator
+    accelerator_before, trainer_before = method_overrides(accelerator), method_overrides(trainer)
+    for callback in framework.get_callbacks_and_ready_for_train(model, accelerator, trainer):
+        trainer.add_callback(callback)
+
+    # Ready for train: what changed is exactly what the patchers recorded.
+    names = {id(m): name or "<root>" for name, m in model.named_modules()}
+    assert {
+        names[id(m)] for m in model.modules() if instance_forward(m) is not original_forward(m)
+    } == {names[r.instance] for r in recorded(framework.model_patcher, "forward")}
+    assert changed_locations(functions_before, module_level_objects()) == {
+        r.target for r in recorded(framework.model_patcher, "attribute")
+    }
+    assert set(method_overrides(accelerator)) - set(accelerator_before) == {
+        r.module_name for r in recorded(framework.accelerator_patcher, "method")
+    }
+    assert set(method_overrides(trainer)) - set(trainer_before) == {
+        r.module_name for r in recorded(framework.trainer_patcher, "method")
+    }
+    model_records = recorded(framework.model_patcher)
+    # the kernels patch the model; the schedule wraps accelerator.prepare_optimizer
+    assert bool(model_records) == ("fused_ops_and_kernels" in framework.plugins)
+    has_schedule = "finetuning_schedule" in framework.plugins
+    assert bool(recorded(framework.accelerator_patcher)) == has_schedule
+
+    trainer.train()
+    assert trainer.state.global_step == 1
+    framework.undo_patches()
+
+    assert changed_locations(functions_before, module_level_objects()) == set()
+    assert [
+        name for name, m in model.named_modules() if instance_forward(m) is not original_forward(m)
+    ] == []
+    assert method_overrides(accelerator) == accelerator_before
+    assert method_overrides(trainer) == trainer_before
+    for rule in framework.model_patcher.rules.values():
+        if rule.is_import_rule:
+            target = rule.import_and_maybe_reload[0]
+            owner, _, name = target.rpartition(".")
+            assert functions_before[(owner, name)] is getattr(sys.modules[owner], name), target

@@ -1,0 +1,57 @@
+"""The benchmark runner's scenario file and tables (`tox -e run-benches` does the runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import generate_sample_configurations as gen
+import pytest
+import run_benchmarks as bench
+
+SCENARIOS = Path(bench.__file__).resolve().parent / "scenarios.yaml"
+
+
+def test_scenarios_file_of_the_repo_parses_and_names_known_samples():
+    scenarios = bench.load_scenarios(SCENARIOS)
+    assert {s.device for s in scenarios} == {"cpu", "cuda"}
+    known = set(gen.SAMPLES) | {bench.BASELINE}
+    for s in scenarios:
+        assert set(s.framework_configs) <= known, s.name
+        assert s.baseline in s.framework_configs
+
+
+def test_bad_scenario_names_the_scenario(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("scenarios:\n  - name: x\n    device: tpu\n")
+    with pytest.raises(ValueError, match="scenario x: device must be cpu or cuda"):
+        bench.load_scenarios(path)
+    path.write_text("scenarios:\n  - name: y\n    device: cpu\n    baseline: b\n")
+    with pytest.raises(ValueError, match="scenario y: baseline 'b' is not one of"):
+        bench.load_scenarios(path)
+
+
+def test_cli_arguments_and_markdown_ratios():
+    assert bench._cli_arguments({"max_steps": 8, "no_eval": True, "full_finetuning": False}) == [
+        "--max-steps",
+        "8",
+        "--no-eval",
+    ]
+    scenario = bench.Scenario("s", "cpu", ("none", "fast"), "none", {}, (None,), {}, 60)
+    runs = [
+        bench.Run("s", "none", "m", "ok", 100.0, 10.0, 9.0, 2000.0, 0.5, 1.0),
+        bench.Run("s", "fast", "m", "ok", 150.0, 8.0, 6.0, 1500.0, 0.5, 1.0),
+        bench.Run("s", "broken", "m", "failed (exit 1)", error="boom"),
+    ]
+    env = {"date": "d", "device": "cpu: x", "python": "3", "versions": "v"}
+    table = bench.markdown(runs, [scenario], env, "noisy")
+    assert "| s | none* | m | ok | 100.0 | 1.00x | 2000 | 1.00x |" in table
+    assert "| s | fast | m | ok | 150.0 | 1.50x | 1500 | 0.75x |" in table
+    assert "| s | broken | m | failed (exit 1): boom | - | - | - | - |" in table
+    assert "- note: noisy" in table
+
+
+def test_scenarios_are_read_with_the_strict_loader(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("scenarios:\n  - name: x\n    device: cpu\n    device: cuda\n")
+    with pytest.raises(ValueError, match=r"s\.yaml: duplicate key 'device' at line 4 \(first"):
+        bench.load_scenarios(path)

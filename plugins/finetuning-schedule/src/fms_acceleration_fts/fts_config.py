@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 from fms_acceleration import StanzaModel, choice
 
@@ -52,9 +52,9 @@ class FTSOptions(StanzaModel):
     """load the best checkpoint at each transition"""
     early_stopping: EarlyStoppingOptions = EarlyStoppingOptions()
     """per-phase early stopping on an evaluation metric"""
-    custom_strategy_adapters: dict[str, str] = {}
+    custom_strategy_adapters: dict[str, str] = Field(default_factory=dict)
     """strategy name -> adapter ('module:Class' or entry-point name)"""
-    strategy_adapter_cfg: dict[str, Any] = {}
+    strategy_adapter_cfg: dict[str, Any] = Field(default_factory=dict)
     """keyword options of the adapter"""
 
 

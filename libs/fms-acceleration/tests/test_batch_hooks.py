@@ -196,8 +196,8 @@ def test_overriding_a_batch_hook_without_its_slot_fails_at_construction(plugin, 
         build_framework(_config(stanza), [plugin])
     assert str(err.value) == (
         f"<dict configuration>: plugin '{stanza}' ({plugin.__name__}) overrides {hook} but "
-        f"does not declare the slot '{slot}': add it to the class attribute `slots` (only one active plugin may "
-        "process these batches)."
+        f"does not declare the slot '{slot}': add it to the class attribute `slots` (only one "
+        "active plugin may process these batches)."
     )
 
 

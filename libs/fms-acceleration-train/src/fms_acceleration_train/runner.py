@@ -14,6 +14,12 @@ from fms_acceleration.validation import config_error
 
 from .data import Example, PaddingCollator, load_jsonl, pad_token_id, tokenize
 from .errors import TrainJobError, require
+from .eval_and_checkpoints import (
+    eval_steps_need_a_split,
+    resolve_resume,
+    schedule_arguments,
+    split_for_evaluation,
+)
 from .evaluation import answer_accuracy
 from .summary import TrainSummary, peak_memory_mib
 
@@ -30,7 +36,7 @@ def _flag(name: str) -> str:
 
 
 def _positive(value: Any) -> Any:
-    if value <= 0:
+    if value is not None and value <= 0:
         raise ValueError("must be > 0")
     return value
 
@@ -71,6 +77,11 @@ class TrainJobConfig(StanzaModel):
     evaluate: bool = True
     eval_max_new_tokens: Annotated[int, Positive] = 6
     log_every: Annotated[int, Positive] = 5
+    # --- evaluation split, periodic evaluation and checkpoints, resume (eval_and_checkpoints.py)
+    eval_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    eval_steps: Annotated[int | None, Positive, AfterValidator(eval_steps_need_a_split)] = None
+    save_steps: Annotated[int | None, Positive] = None
+    resume_from_checkpoint: str | None = None  # a checkpoint-N folder, or "last" in output_dir
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -165,7 +176,9 @@ def _training_arguments(config: TrainJobConfig, dtype: Any, device_type: str) ->
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(5, config.max_steps // 5),
         logging_steps=1,
-        save_strategy="no",
+        **schedule_arguments(
+            config.eval_steps, config.save_steps, config.eval_split > 0, config.batch_size
+        ),
         report_to="none",
         seed=config.seed,
         data_seed=config.seed,
@@ -211,6 +224,8 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     from .model_source import resolve_model
 
     train, held_out, dataset_name = _load_examples(config)
+    train, evaluation = split_for_evaluation(train, config.eval_split, config.seed)
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     model_dir, embedded = resolve_model(config.model)
     if framework is None and config.acceleration_config is not None:
         from fms_acceleration import AccelerationFramework
@@ -251,6 +266,7 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
         model=model,
         args=args,
         train_dataset=rows,
+        eval_dataset=tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None,
         data_collator=PaddingCollator(pad_token_id(tokenizer)),
     )
     recorder, progress = _make_callbacks(config.log_every, losses)
@@ -258,10 +274,12 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     trainer.add_callback(progress)
     trainer.add_callback(recorder)
     if framework is not None:
-        for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+        for callback in framework.get_callbacks_and_ready_for_train(
+            model, trainer.accelerator, trainer=trainer
+        ):
             trainer.add_callback(callback)
 
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     runtime = float(result.metrics["train_runtime"])
     tokens = int(trainer.state.num_input_tokens_seen)
     peak, peak_kind = peak_memory_mib(device_type)

@@ -97,7 +97,8 @@ class StudyStorage:
             from filelock import FileLock
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(f"{self.path}.lock"):
+            # not `<file>.lock`: that name is the journal backend's own lock
+            with FileLock(f"{self.path}.study-lock"):
                 yield
             return
         if self.url.startswith("postgresql"):

@@ -72,13 +72,12 @@ def apply_values(
             continue
         *parents, key = target.split(".")
         node: Any = config.get("plugins")
-        for depth, part in enumerate(parents):
+        for part in parents:
             if not isinstance(node, dict) or part not in node:
-                stanza = ".".join(parents[: depth + 1])
                 raise SearchError(
                     f"{PATH}.search_space[{index}].target: '{target}' is a key of the stanza "
-                    f"plugins.{'.'.join(parents)}, which the configuration does not have "
-                    f"(no plugins.{stanza}); add the stanza to tune one of its keys"
+                    f"plugins.{'.'.join(parents)}, which the configuration does not have; add "
+                    "the stanza to tune one of its keys"
                 )
             node = node[part]
         node[key] = value

@@ -185,13 +185,24 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def _init_distributed() -> None:
-    """Under torchrun, join the process group before the first trial (the Trainer reuses it)."""
+def _init_distributed() -> bool:
+    """Under torchrun, join the process group before the first trial (the Trainer reuses it);
+    True when this call created it."""
     import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def _leave_distributed() -> None:
+    import torch.distributed as dist
+
+    # exiting with a live gloo group can abort the process in teardown
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _check_fresh_output(search: _Search, study: optuna.Study) -> None:
@@ -224,11 +235,11 @@ def _follow(search: _Search) -> None:
 
 def run_search(request: SearchRequest) -> SearchResult | None:
     """Run this worker's share of the study; the result on rank 0, None on the other ranks."""
-    _init_distributed()
-    search = _Search(request)
+    joined = _init_distributed()
     framework_logger = logging.getLogger("fms_acceleration")
     level = framework_logger.level
     try:
+        search = _Search(request)
         if search.rank != 0:
             _follow(search)
             return None
@@ -239,6 +250,8 @@ def run_search(request: SearchRequest) -> SearchResult | None:
                 _broadcast(_STOP)
     finally:
         framework_logger.setLevel(level)
+        if joined:
+            _leave_distributed()
 
 
 def _lead(search: _Search) -> SearchResult:

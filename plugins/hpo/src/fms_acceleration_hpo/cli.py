@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 _DESCRIPTION = """\
@@ -68,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
         AccelerationPluginConfigError,
         AccelerationFrameworkError,
     )
-    # one line per finished trial is the progress report: no per-trial progress bars
-    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         if args.acceleration_config:
             raise TrainJobError(

@@ -61,6 +61,8 @@ class OptunaPlugin(AccelerationPlugin):
         self.last_value: float | None = None
         self.last_step: int | None = None
         self.pruned_at: int | None = None
+        # the search prints one line per trial: it turns the Trainer's progress bar off
+        self.quiet_progress = False
 
     # --- the trial -------------------------------------------------------------------------
 
@@ -143,4 +145,8 @@ class OptunaPlugin(AccelerationPlugin):
             )
         from .trial_callback import TrialCallback
 
+        if self.quiet_progress and trainer is not None:
+            from transformers import ProgressCallback
+
+            trainer.remove_callback(ProgressCallback)  # a subclass too (the train job's)
         return [TrialCallback(self)]

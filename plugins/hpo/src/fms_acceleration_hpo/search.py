@@ -154,6 +154,7 @@ class _Search:
             logging.getLogger("fms_acceleration").setLevel(logging.WARNING)
         plugin: OptunaPlugin = framework.plugins[PLUGIN_ID]
         plugin.attach_trial(shared)
+        plugin.quiet_progress = True
         try:
             summary = run_train_job(train_config, framework=framework)
             plugin.check_pruned()  # under torch.distributed nothing was raised in the Trainer

@@ -73,3 +73,41 @@ def test_two_workers_share_a_postgresql_server(tmp_path):
         pytest.skip(reason)
     with postgres_cluster() as url:
         _check(url, tmp_path)
+
+
+def test_timeout_and_failures_in_one_worker(tmp_path):
+    import time
+
+    from fake_worker import OPTIONS
+    from fms_acceleration_hpo import StudyStorage
+    from fms_acceleration_hpo.worker import open_study, run_worker
+
+    storage = StudyStorage.parse(f"sqlite:///{tmp_path / 'study.db'}")
+    opened = open_study(storage, "t", OPTIONS, tmp_path)
+
+    def objective(trial):
+        x = trial.suggest_float("x", -1.0, 1.0)
+        time.sleep(0.4)
+        if trial.number == 1:
+            raise RuntimeError("out of memory")
+        return x
+
+    run_worker(opened, storage, "t", 50, objective, timeout=1.0)
+    trials = opened.study.get_trials()
+    # the worker starts no trial after the timeout, and a failing trial does not stop it
+    assert 2 <= len(trials) <= 4
+    assert [t.state for t in trials[:3]] == [TrialState.COMPLETE, TrialState.FAIL,
+                                             TrialState.COMPLETE][: len(trials[:3])]  # fmt: skip
+    assert trials[1].user_attrs["error"] == "RuntimeError: out of memory"
+
+    # the next worker re-enqueues the failed trial with its params; it runs although the
+    # total (2) is already reached
+    again = open_study(storage, "t", OPTIONS, tmp_path)
+    assert again.resumed.retries == [1]
+    seen = []
+    run_worker(
+        again, storage, "t", 2, lambda trial: seen.append(trial.suggest_float("x", -1, 1)) or 0.0
+    )
+    assert seen == [trials[1].params["x"]]
+    retry = again.study.get_trials()[-1]
+    assert retry.user_attrs["retry_of"] == 1 and retry.state == TrialState.COMPLETE

@@ -38,13 +38,7 @@ def tunable_train_options() -> list[str]:
     return sorted(set(TrainJobConfig.model_fields) - FIXED_TRAIN_OPTIONS)
 
 
-def _positive(value: Any) -> Any:
-    if value is not None and value <= 0:
-        raise ValueError("must be > 0")
-    return value
-
-
-Positive = AfterValidator(_positive)
+Positive = Field(gt=0)
 
 
 def _kind(info: ValidationInfo) -> str | None:

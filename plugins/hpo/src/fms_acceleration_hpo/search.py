@@ -27,6 +27,7 @@ import optuna
 
 from fms_acceleration import AccelerationFramework
 from fms_acceleration.config_file import read_configuration
+from fms_acceleration.framework_plugin import stanza_at
 from fms_acceleration.validation import validate_model
 
 from .errors import SearchError
@@ -77,7 +78,7 @@ class _Search:
         self.request = request
         body, self.source = read_configuration(request.config)
         self.configuration = {"plugins": body}
-        stanza = _lookup(body, STANZA)
+        stanza = stanza_at(body, STANZA)
         if stanza is None:
             raise SearchError(
                 f"{self.source}: no {PATH} stanza; the search reads its metric, sampler, pruner "
@@ -167,15 +168,6 @@ class _Search:
             )
         shared.set_user_attr(STEPS_ATTR, summary.steps)
         return plugin.last_value
-
-
-def _lookup(body: Mapping[str, Any], path: str) -> Any:
-    node: Any = body
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _broadcast(value: Any) -> Any:

@@ -75,7 +75,7 @@ def test_two_workers_share_a_postgresql_server(tmp_path):
         _check(url, tmp_path)
 
 
-def test_timeout_and_failures_in_one_worker(tmp_path):
+def test_failures_timeout_and_a_retry_past_the_total(tmp_path):
     import time
 
     from fake_worker import OPTIONS
@@ -87,27 +87,34 @@ def test_timeout_and_failures_in_one_worker(tmp_path):
 
     def objective(trial):
         x = trial.suggest_float("x", -1.0, 1.0)
-        time.sleep(0.4)
-        if trial.number == 1:
+        if trial.number == 0:
             raise RuntimeError("out of memory")
         return x
 
-    run_worker(opened, storage, "t", 50, objective, timeout=1.0)
+    # a failing trial does not stop the worker, nor count towards the total
+    run_worker(opened, storage, "t", 3, objective)
     trials = opened.study.get_trials()
-    # the worker starts no trial after the timeout, and a failing trial does not stop it
-    assert 2 <= len(trials) <= 4
-    assert [t.state for t in trials[:3]] == [TrialState.COMPLETE, TrialState.FAIL,
-                                             TrialState.COMPLETE][: len(trials[:3])]  # fmt: skip
-    assert trials[1].user_attrs["error"] == "RuntimeError: out of memory"
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    assert trials[0].user_attrs["error"] == "RuntimeError: out of memory"
 
     # the next worker re-enqueues the failed trial with its params; it runs although the
-    # total (2) is already reached
+    # total (3) is already reached, and nothing else does
     again = open_study(storage, "t", OPTIONS, tmp_path)
-    assert again.resumed.retries == [1]
+    assert again.resumed.retries == [0]
     seen = []
     run_worker(
-        again, storage, "t", 2, lambda trial: seen.append(trial.suggest_float("x", -1, 1)) or 0.0
+        again, storage, "t", 3, lambda trial: seen.append(trial.suggest_float("x", -1, 1)) or 0.0
     )
-    assert seen == [trials[1].params["x"]]
+    assert seen == [trials[0].params["x"]]
     retry = again.study.get_trials()[-1]
-    assert retry.user_attrs["retry_of"] == 1 and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["retry_of"] == 0 and retry.state == TrialState.COMPLETE
+
+    # --timeout: no trial starts after it (each takes 0.3 s; 50 would take 15 s)
+    def slow(trial):
+        time.sleep(0.3)
+        return trial.suggest_float("x", -1.0, 1.0)
+
+    started = time.monotonic()
+    run_worker(again, storage, "t", 55, slow, timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert 1 <= len(again.study.get_trials()) - 5 < 50

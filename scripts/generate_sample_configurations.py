@@ -79,6 +79,8 @@ CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "finetuning_schedule.yaml",
         {"training.finetuning_schedule.ft_schedule": COMMENT_OUT},
     ),
+    "hpo": ("hpo", "hpo.yaml", {}),
+    "hpo-fts": ("hpo", "hpo_fts.yaml", {}),
 }
 
 # sample shortname -> named configurations it merges, in order
@@ -91,7 +93,14 @@ SAMPLES: dict[str, tuple[str, ...]] = {
     "foak-fast-kernels": ("foak-fast-kernels",),
     "fts-default": ("fts-default",),
     "fts-foak-fast-kernels": ("fts-default", "foak-fast-kernels"),
+    "hpo-lora": ("hpo",),
+    "hpo-fts": ("fts-default", "hpo-fts"),
 }
+
+# how a sample is run, when not by `fms-acceleration train` (samples with a search stanza)
+_SEARCH = "fms-acceleration search sample-configurations/{filename} --trials 6 \\\n#     --storage sqlite:///study.db"
+USAGE: dict[str, str] = {"hpo-lora": _SEARCH, "hpo-fts": _SEARCH + " --full-finetuning"}
+_TRAIN = "fms-acceleration train --acceleration-config sample-configurations/{filename}"
 
 HEADER = """\
 # FMS Acceleration plugin configuration: {shortname}
@@ -100,7 +109,7 @@ HEADER = """\
 # Do not edit by hand: change the plugin's configs/*.yaml and re-run the generator.
 #
 # Use it with:
-#   fms-acceleration train --acceleration-config sample-configurations/{filename}
+#   {usage}
 """
 
 
@@ -207,7 +216,8 @@ def build_sample(shortname: str, names: tuple[str, ...]) -> str:
             for k, v in overrides.items()
         ]
     filename = sample_filename(shortname)
-    header = HEADER.format(shortname=shortname, sources="\n".join(sources), filename=filename)
+    usage = USAGE.get(shortname, _TRAIN).format(filename=filename)
+    header = HEADER.format(shortname=shortname, sources="\n".join(sources), usage=usage)
     text = header + "\n" + dump(merged)
     if load_yaml(text, filename, MergeError) != expected:
         raise MergeError(f"{shortname}: the comment-keeping merge differs from the plain merge")

@@ -75,6 +75,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-eval", action="store_true", help="skip the before/after answer-accuracy check"
     )
     parser.add_argument("--log-every", type=int, default=d.log_every, help="print loss every N")
+    # --- evaluation split, periodic evaluation and checkpoints, resume
+    parser.add_argument(
+        "--eval-split",
+        type=float,
+        default=d.eval_split,
+        metavar="FRACTION",
+        help="hold out this fraction of the training examples to report eval_loss on",
+    )
+    parser.add_argument(
+        "--eval-steps", type=int, help="evaluate every N steps (default: once per epoch)"
+    )
+    parser.add_argument("--save-steps", type=int, help="save a checkpoint every N steps")
+    parser.add_argument(
+        "--resume-from-checkpoint",
+        metavar="DIR|last",
+        help="continue from a checkpoint-N folder, or 'last': the newest one in --output-dir",
+    )
+    parser.add_argument(
+        "--allow-partial-resume",
+        action="store_true",
+        help="resume even if the checkpoint lacks the optimizer or scheduler state (the run "
+        "then differs from an uninterrupted one)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
@@ -99,6 +122,11 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
         seed=args.seed,
         evaluate=not args.no_eval,
         log_every=args.log_every,
+        eval_split=args.eval_split,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        allow_partial_resume=args.allow_partial_resume,
     )
 
 

@@ -14,8 +14,14 @@ from fms_acceleration.validation import config_error
 
 from .data import Example, PaddingCollator, load_jsonl, pad_token_id, tokenize
 from .errors import TrainJobError, require
+from .eval_and_checkpoints import (
+    eval_steps_need_a_split,
+    resolve_resume,
+    schedule_arguments,
+    split_for_evaluation,
+)
 from .evaluation import answer_accuracy
-from .preflight import check_model_dir, check_output_dir
+from .preflight import check_checkpoint, check_model_dir, check_output_dir
 from .summary import TrainSummary, peak_memory_mib
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -31,7 +37,7 @@ def _flag(name: str) -> str:
 
 
 def _positive(value: Any) -> Any:
-    if value <= 0:
+    if value is not None and value <= 0:
         raise ValueError("must be > 0")
     return value
 
@@ -73,6 +79,12 @@ class TrainJobConfig(StanzaModel):
     evaluate: bool = True
     eval_max_new_tokens: Annotated[int, Positive] = 6
     log_every: Annotated[int, Positive] = 5
+    # --- evaluation split, periodic evaluation and checkpoints, resume (eval_and_checkpoints.py)
+    eval_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    eval_steps: Annotated[int | None, Positive, AfterValidator(eval_steps_need_a_split)] = None
+    save_steps: Annotated[int | None, Positive] = None
+    resume_from_checkpoint: str | None = None  # a checkpoint-N folder, or "last" in output_dir
+    allow_partial_resume: bool = False  # resume even without the optimizer/scheduler state
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -167,7 +179,9 @@ def _training_arguments(config: TrainJobConfig, dtype: Any, device_type: str) ->
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(5, config.max_steps // 5),
         logging_steps=1,
-        save_strategy="no",
+        **schedule_arguments(
+            config.eval_steps, config.save_steps, config.eval_split > 0, config.batch_size
+        ),
         report_to="none",
         seed=config.seed,
         data_seed=config.seed,
@@ -214,8 +228,12 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     from .model_source import resolve_model
 
     output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, config.overwrite, resuming=False)
+    check_output_dir(output_dir, config.overwrite, config.resume_from_checkpoint is not None)
     train, held_out, dataset_name = _load_examples(config)
+    train, evaluation = split_for_evaluation(train, config.eval_split, config.seed)
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    if resume is not None:
+        check_checkpoint(Path(resume), config.allow_partial_resume)
     model_dir, embedded = resolve_model(config.model)
     check_model_dir(model_dir)
     if framework is None and config.acceleration_config is not None:
@@ -256,6 +274,7 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
         model=model,
         args=args,
         train_dataset=rows,
+        eval_dataset=tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None,
         data_collator=PaddingCollator(pad_token_id(tokenizer)),
     )
     recorder, progress = _make_callbacks(config.log_every, losses)
@@ -263,12 +282,14 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     trainer.add_callback(progress)
     trainer.add_callback(recorder)
     if framework is not None:
-        for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+        for callback in framework.get_callbacks_and_ready_for_train(
+            model, trainer.accelerator, trainer=trainer
+        ):
             trainer.add_callback(callback)
 
     with checkpoint_on_interrupt() as interrupt:
         trainer.add_callback(interrupt)
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume)
     if interrupt.requested:
         raise TrainingInterrupted(interrupt.outcome(config.max_steps))
     runtime = float(result.metrics["train_runtime"])

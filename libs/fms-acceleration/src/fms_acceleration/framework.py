@@ -12,6 +12,16 @@ from types import MappingProxyType
 from typing import Any
 
 from .accelerator_patcher import AcceleratorPatcher
+from .batch_hooks import (
+    TRAINING_BATCH_RULE,
+    VALIDATION_BATCH_RULE,
+    BatchCounter,
+    check_hook_slots,
+    hooks_callback,
+    overrides,
+    training_batch_builder,
+    validation_batch_builder,
+)
 from .compatibility import check_requirements, refuse_duplicate_ids, run_order, slot_owners
 from .config_file import read_configuration, resolve_configuration_source
 from .constants import KEY_PLUGINS
@@ -25,6 +35,8 @@ from .errors import (
 )
 from .framework_plugin import (
     MODEL_LOADER_SLOT,
+    TRAINING_BATCH_SLOT,
+    VALIDATION_BATCH_SLOT,
     AccelerationPlugin,
     PluginRegistration,
     relevant_sections,
@@ -78,6 +90,7 @@ class AccelerationFramework:
         self.model_patcher = ModelPatcher()
         self.accelerator_patcher = AcceleratorPatcher()
         self.trainer_patcher = TrainerPatcher()
+        self._validation_batches = BatchCounter()
         try:
             catalogue = plugin_catalogue(plugin_classes)
             validated = validate_plugins_tree(body, catalogue.registrations, catalogue.broken)
@@ -87,6 +100,7 @@ class AccelerationFramework:
                     self._construct(reg, validated, require_packages_check) for reg in chosen
                 ]
             refuse_duplicate_ids(plugins)
+            check_hook_slots(plugins)
             owners = slot_owners(plugins)
             check_requirements(plugins, owners)
         except NoPluginsConfiguredError:
@@ -245,7 +259,8 @@ class AccelerationFramework:
     def get_callbacks_and_ready_for_train(
         self, model: Any = None, accelerator: Any = None, trainer: Any = None
     ) -> list:
-        """Collect every plugin's callbacks, install all patches, log the summary."""
+        """Collect every plugin's callbacks (and the one applying their stop requests), install
+        all patches (batch hooks on `trainer`), log the summary."""
         callbacks: list = []
         with self._running():
             for plugin in self._ordered:
@@ -254,6 +269,7 @@ class AccelerationFramework:
                     callbacks.extend(hook(model, accelerator, trainer=trainer))
                 else:
                     callbacks.extend(hook(model, accelerator))
+            callbacks.extend(self._plugin_hooks(trainer))
             if model is not None:
                 self.model_patcher.patch(model)
             if accelerator is not None:
@@ -263,6 +279,39 @@ class AccelerationFramework:
         if accelerator is None or getattr(accelerator, "is_main_process", True):
             logger.info("\n%s", self.summary())
         return callbacks
+
+    def _plugin_hooks(self, trainer: Any) -> list:
+        """Register the batch-hook rules of the slot owners; the callback for stop requests."""
+        batch_owners = {
+            slot: self._slot_owners[slot]
+            for slot in (TRAINING_BATCH_SLOT, VALIDATION_BATCH_SLOT)
+            if slot in self._slot_owners
+        }
+        if batch_owners and trainer is None:
+            owner = next(iter(batch_owners.values()))
+            raise AccelerationFrameworkError(
+                f"plugin '{owner.plugin_id}' processes batches (slot "
+                f"'{next(iter(batch_owners))}'): pass the Trainer, "
+                "get_callbacks_and_ready_for_train(model, trainer.accelerator, trainer=trainer)"
+            )
+        registered = {rule.rule_id for rule in self.trainer_patcher.method_rules}
+        rules = {
+            TRAINING_BATCH_SLOT: (TRAINING_BATCH_RULE, "get_batch_samples", training_batch_builder),
+            VALIDATION_BATCH_SLOT: (
+                VALIDATION_BATCH_RULE,
+                "prediction_step",
+                lambda plugin: validation_batch_builder(plugin, self._validation_batches),
+            ),
+        }
+        for slot, owner in batch_owners.items():
+            rule_id, method, make_builder = rules[slot]
+            if rule_id not in registered:
+                self.trainer_patcher.wrap_method(rule_id, method, make_builder(owner))
+        stoppers = [p for p in self._ordered if overrides(p, "should_training_stop")]
+        validating = VALIDATION_BATCH_SLOT in batch_owners
+        if not stoppers and not validating:
+            return []
+        return [hooks_callback(stoppers, self._validation_batches if validating else None)]
 
     def undo_patches(self) -> None:
         """Revert every model, accelerator and Trainer patch the plugins applied."""

@@ -281,12 +281,7 @@ class AccelerationPlugin:
 
     def stanza(self, path: str) -> Any:
         """The (validated) body of the stanza at dotted `path`, or None when absent."""
-        node: Any = self.configurations
-        for part in path.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                return None
-            node = node[part]
-        return node
+        return stanza_at(self.configurations, path)
 
     def _check_config_and_maybe_check_values(
         self, key: str, values: Sequence[Any] | None = None, default: Any = None
@@ -370,7 +365,8 @@ class AccelerationPlugin:
         return False
 
 
-def _trace(configuration: Mapping[str, Any], path: str) -> Any:
+def stanza_at(configuration: Mapping[str, Any], path: str) -> Any:
+    """The body at dotted `path` of a `plugins:` body, or None when absent."""
     node: Any = configuration
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -383,7 +379,7 @@ def relevant_sections(configuration: Mapping[str, Any], paths: Sequence[str]) ->
     """The nested sub-tree holding only `paths` (those present) of `configuration`."""
     out: dict[str, Any] = {}
     for path in paths:
-        body = _trace(configuration, path)
+        body = stanza_at(configuration, path)
         if body is None:
             continue
         *parents, leaf = path.split(".")
@@ -401,7 +397,7 @@ def get_relevant_configuration_sections(
     in registration order (the reference's helper)."""
     results = []
     for registration in sorted(active_registry().snapshot(), key=lambda r: r.sequence):
-        present = {p for p in registration.paths if _trace(configuration, p) is not None}
+        present = {p for p in registration.paths if stanza_at(configuration, p) is not None}
         if registration.is_activated_by(present):
             results.append(
                 (relevant_sections(configuration, registration.paths), registration.plugin)

@@ -255,6 +255,10 @@ def describe_error(error: Mapping[str, Any], path: str, model: type[BaseModel]) 
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):
             message = message[len(prefix) :]
+    if isinstance(value, Mapping):
+        # a check across the keys of a mapping: its message says which keys; the whole
+        # mapping would only bury it
+        return f"{where}: {message.rstrip('.')}."
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         message = message.replace("Input should be ", "must be ")
     return f"{where}: {show(value)} {message.rstrip('.')}."

@@ -112,6 +112,7 @@ def run_fts(
     resume: str | bool | None = None,
     extra_callbacks: list[TrainerCallback] | None = None,
     before_train: Callable[[Trainer], None] | None = None,
+    first_callbacks: list[TrainerCallback] | None = None,
 ):
     """Build framework + Trainer for the FTS stanza, train, return (trainer, plugin, recorder)."""
     from fms_acceleration.testing import build_framework, tiny_dataset
@@ -128,9 +129,12 @@ def run_fts(
         args=args,
         train_dataset=tiny_dataset(n=n_train, seq_len=8, vocab=128, seed=0),
         eval_dataset=tiny_dataset(n=8, seq_len=8, vocab=128, seed=1),
+        callbacks=first_callbacks,
     )
     plugin = framework.plugins["finetuning_schedule"]
-    for cb in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+    for cb in framework.get_callbacks_and_ready_for_train(
+        model, trainer.accelerator, trainer=trainer
+    ):
         trainer.add_callback(cb)
     recorder = Recorder(plugin.callback)
     trainer.add_callback(recorder)
@@ -140,6 +144,23 @@ def run_fts(
         before_train(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, plugin, recorder
+
+
+class MetricSequence(TrainerCallback):
+    """Replaces the monitored metric of the k-th evaluation by values[k] (a scripted run).
+
+    Added before the FTS callback (Trainer(callbacks=...)), so FTS and the Trainer's own
+    ReduceLROnPlateau step see the scripted value.
+    """
+
+    def __init__(self, values: list[float], key: str = "eval_loss") -> None:
+        self.values = list(values)
+        self.key = key
+        self.calls = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        metrics[self.key] = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
 
 
 @pytest.fixture
@@ -157,6 +178,7 @@ class Helpers:
     PHASE2 = PHASE2
     SCHEDULE = SCHEDULE
     Recorder = Recorder
+    MetricSequence = MetricSequence
     run_fts = staticmethod(run_fts)
     tiny_model = staticmethod(tiny_model)
     train_args = staticmethod(train_args)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .schedule import default_schedule_filename, write_schedule
+from .schedule import default_schedule_filename, dump_schedule
 
 
 def build_meta_model(model_dir: str):
@@ -19,24 +19,48 @@ def build_meta_model(model_dir: str):
         return AutoModelForCausalLM.from_config(config)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a phase size: each phase needs at least 1 tensor"
+        )
+    return value
+
+
+def _fail(message: str) -> int:
+    print(f"gen-schedule: {message}", file=sys.stderr)
+    return 2
+
+
 def gen_schedule(args: argparse.Namespace) -> int:
     """Generate the default schedule of a model directory and write it; return the exit code."""
     from fms_acceleration_adapters import select_strategy_adapter
 
     try:
         model = build_meta_model(args.model_dir)
-    except (OSError, ValueError) as err:
-        print(
-            f"gen-schedule: cannot read a model config from {args.model_dir!r}: {err}",
-            file=sys.stderr,
-        )
-        return 2
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return _fail(f"cannot read a model config from {args.model_dir!r}: {reason}")
     adapter = select_strategy_adapter("single_device", phase_size=args.phase_size)
     schedule = adapter.gen_default_schedule(model)
-    out = args.output or default_schedule_filename(type(model).__name__)
+    name = default_schedule_filename(type(model).__name__)
+    out = args.output or name
     if os.path.isdir(out):
-        out = os.path.join(out, default_schedule_filename(type(model).__name__))
-    write_schedule(schedule, out)
+        out = os.path.join(out, name)
+    if os.path.exists(out) and not args.force:
+        return _fail(f"{out} exists; pass --force to overwrite it, or choose another -o")
+    parent = os.path.dirname(out)
+    try:
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(dump_schedule(schedule))
+    except OSError as err:
+        return _fail(f"cannot write {out}: {err.strerror or err}")
     print(f"wrote {len(schedule)} phases for {type(model).__name__} to {out}")
     return 0
 
@@ -52,7 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-o",
         "--output",
         default=None,
-        help="output YAML file (default ./<ModelClass>_ft_schedule.yaml)",
+        help="output YAML file or folder (default ./<ModelClass>_ft_schedule.yaml)",
     )
-    parser.add_argument("--phase-size", type=int, default=2, help="tensors per phase (default 2)")
+    parser.add_argument(
+        "--phase-size", type=_positive_int, default=2, help="tensors per phase (default 2)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite the output file if it exists"
+    )
     parser.set_defaults(func=gen_schedule)

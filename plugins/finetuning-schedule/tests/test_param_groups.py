@@ -234,7 +234,7 @@ def test_paced_scheduler_steps_by_epoch_or_every_n_steps():
 
 def test_rebuild_groups_restarts_step_lr_on_phase_0():
     """FTS's phase-0 override: new groups, optimizer state dropped, scheduler restarted."""
-    (na, a), (nb, b), (nc, c) = params(8, 3)
+    (_, a), (nb, b), (nc, c) = params(8, 3)
     opt = torch.optim.SGD([a, b, c], lr=1e-3, weight_decay=1e-6)
     sched = StepLR(opt, step_size=1, gamma=0.7)
     a.grad = torch.ones_like(a)
@@ -252,7 +252,7 @@ def test_rebuild_groups_restarts_step_lr_on_phase_0():
 
 
 def test_load_group_states_restores_common_groups_only():
-    (na, a), (nb, b) = params(10, 2)
+    (_, a), (_, b) = params(10, 2)
     opt = torch.optim.AdamW([a], lr=1.0)
     a.grad = torch.ones_like(a)
     opt.step()

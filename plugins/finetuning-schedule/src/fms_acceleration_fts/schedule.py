@@ -562,8 +562,8 @@ def resolve_schedule(
                     )
                     continue
                 raise FTSScheduleError(
-                    f"phase {depth}: params entry {_quoted(entry)} matches no parameter of the model"
-                    f"{suggestion(entry, names)}"
+                    f"phase {depth}: params entry {_quoted(entry)} matches no parameter of the "
+                    f"model{suggestion(entry, names)}"
                 )
             for name in hits:
                 if name in owner:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the parity tests' helper module is imported by name (and named in schedules' class_path);
+# pytest's importlib mode does not put test folders on sys.path
+if os.path.dirname(__file__) not in sys.path:
+    sys.path.append(os.path.dirname(__file__))
 torch.set_num_threads(1)
 
 # A one-layer llama keeps the runs quick: 12 tensors.

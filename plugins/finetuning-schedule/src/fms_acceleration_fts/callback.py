@@ -49,6 +49,7 @@ from .param_groups import (
 from .reinit_checks import check_group_counts, scheduler_init_args
 from .schedule import (
     ClassInit,
+    FTSScheduleError,
     Phase,
     default_schedule_filename,
     dump_schedule,
@@ -145,7 +146,10 @@ class FinetuningScheduleCallback(TrainerCallback):
         phase_of = {n: d for d, ph in enumerate(self.phases) for n in ph.params}
         for name, module in self.model.named_modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                own = [f"{name}.{pn}" if name else pn for pn, _ in module.named_parameters(False)]
+                own = [
+                    f"{name}.{pn}" if name else pn
+                    for pn, _ in module.named_parameters(recurse=False)
+                ]
                 depths = [phase_of.get(self.adapter.logical_param_name(a)) for a in own]
                 depths = [d for d in depths if d is not None]
                 module.track_running_stats = bool(depths) and min(depths) <= depth
@@ -436,12 +440,15 @@ class FinetuningScheduleCallback(TrainerCallback):
         if state.global_step == 0:
             self._enforce_phase0(optimizer, scheduler)
             self._tag_groups(optimizer)
-            check_group_counts(
-                self.phases,
-                self._group_counts(optimizer),
-                self.config.reinit_lr_cfg,
-                self.final_depth,
-            )
+            try:
+                check_group_counts(
+                    self.phases,
+                    self._group_counts(optimizer),
+                    self.config.reinit_lr_cfg,
+                    self.final_depth,
+                )
+            except FTSScheduleError as err:
+                raise FTSTransitionError(str(err)) from None
             if state.is_world_process_zero:
                 self._write_files(args)
         else:

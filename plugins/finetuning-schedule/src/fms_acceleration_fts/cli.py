@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -31,6 +32,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _local_model_dir_problem(model_dir: str) -> str | None:
+    """What is wrong with a local model folder (None for a good one or a hub id)."""
+    looks_local = os.path.isabs(model_dir) or model_dir.startswith((".", "~"))
+    if not os.path.exists(model_dir):
+        return "no such folder" if looks_local else None
+    if not os.path.isdir(model_dir):
+        return "it is a file; pass the model's folder"
+    config = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config):
+        return "the folder has no config.json"
+    try:
+        with open(config, encoding="utf-8") as fh:
+            json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{config} is not valid JSON ({err})"
+    return None
+
+
 def _fail(message: str) -> int:
     print(f"gen-schedule: {message}", file=sys.stderr)
     return 2
@@ -40,10 +59,13 @@ def gen_schedule(args: argparse.Namespace) -> int:
     """Generate the default schedule of a model directory and write it; return the exit code."""
     from fms_acceleration_adapters import select_strategy_adapter
 
+    problem = _local_model_dir_problem(args.model_dir)
+    if problem:
+        return _fail(f"cannot read a model config from {args.model_dir!r}: {problem}")
     try:
         model = build_meta_model(args.model_dir)
     except (OSError, ValueError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = " ".join(str(err).split()) or type(err).__name__
         return _fail(f"cannot read a model config from {args.model_dir!r}: {reason}")
     adapter = select_strategy_adapter("single_device", phase_size=args.phase_size)
     schedule = adapter.gen_default_schedule(model)

@@ -405,9 +405,11 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
 
         def builder(original: Any) -> Any:
             def prepare_optimizer(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-                # the Trainer loads optimizer.pt after prepare: the hook thaws saved phases first
-                callback.install_resume_hook(optimizer)
-                return original(optimizer, *args, **kwargs)
+                # the Trainer loads optimizer.pt after prepare: the hook thaws saved phases first.
+                # Installed after prepare, whose device placement reloads the optimizer's own state
+                prepared = original(optimizer, *args, **kwargs)
+                callback.install_resume_hook(prepared)
+                return prepared
 
             return prepare_optimizer
 

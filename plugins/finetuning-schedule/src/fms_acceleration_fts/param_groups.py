@@ -31,6 +31,8 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
+from fms_acceleration.errors import AccelerationFrameworkError
+
 logger = logging.getLogger(__name__)
 
 PHASE_KEY = "fts_phase"  # recorded in every param group; survives optimizer.state_dict()
@@ -55,8 +57,11 @@ SUPPORTED_SCHEDULERS: tuple[type, ...] = (
 SUPPORTED_NAMES = ", ".join(c.__name__ for c in SUPPORTED_SCHEDULERS)
 
 
-class FTSTransitionError(RuntimeError):
-    """A phase transition cannot be applied to this optimizer or LR scheduler."""
+class FTSTransitionError(AccelerationFrameworkError):
+    """A phase transition (or a resume) cannot be applied to this optimizer or LR scheduler.
+
+    An AccelerationFrameworkError (a RuntimeError), so clients such as `fms-acceleration train`
+    report it in one line."""
 
 
 def raw_optimizer(optimizer: Any) -> Optimizer:

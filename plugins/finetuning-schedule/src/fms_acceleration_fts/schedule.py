@@ -23,6 +23,7 @@ import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, model_validator
 
 from fms_acceleration import StanzaModel, choice, validate_model
+from fms_acceleration.errors import AccelerationPluginConfigError
 from fms_acceleration.validation import show, suggestion
 from fms_acceleration.yaml_loading import load_yaml, read_yaml_file
 
@@ -34,8 +35,8 @@ logger = logging.getLogger(__name__)
 REGEX_BUDGET_S = 0.25
 
 
-class FTSScheduleError(ValueError):
-    """A fine-tuning schedule is malformed or does not fit the model."""
+class FTSScheduleError(AccelerationPluginConfigError):
+    """A fine-tuning schedule is malformed or does not fit the model (a ValueError)."""
 
 
 # --------------------------------------------------------------------------------- field types
@@ -303,7 +304,9 @@ def import_class(class_path: str) -> type:
             f"cannot import module {module_name!r} of class_path {class_path!r}: {err}"
         ) from err
     if not hasattr(module, attr):
-        close = suggestion(attr, [n for n in dir(module) if not n.startswith("_")])
+        public = [n for n in dir(module) if not n.startswith("_")]
+        same = [n for n in public if n.lower() == attr.lower()]
+        close = f" (did you mean '{same[0]}'?)" if same else suggestion(attr, public)
         raise FTSScheduleError(
             f"module {module_name!r} has no attribute {attr!r}{close} (class_path {class_path!r})"
         )

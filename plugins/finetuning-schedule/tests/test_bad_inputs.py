@@ -548,6 +548,41 @@ def test_plateau_monitor_must_be_the_trainers_metric(tmp_path, h):
     )
 
 
+def test_plateau_scheduler_needs_the_trainers_metric(tmp_path, h):
+    """A user ReduceLROnPlateau without metric_for_best_model: refused before step 0 (the
+    Trainer would fail at the first evaluation with 'NoneType' object has no attribute ...)."""
+    import torch
+    from transformers import Trainer
+
+    from fms_acceleration.testing import tiny_dataset
+
+    framework = build_framework(
+        {"plugins": {"training": {"finetuning_schedule": {"ft_schedule": h.SCHEDULE}}}},
+        [FinetuningSchedulePlugin],
+    )
+    args = h.train_args(str(tmp_path))
+    model, _ = framework.augmentation(h.tiny_model(), args, modifiable_args=())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(n=8, seq_len=8),
+        eval_dataset=tiny_dataset(n=4, seq_len=8),
+        optimizers=(opt, plateau),
+    )
+    for cb in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+        trainer.add_callback(cb)
+    with pytest.raises(FTSTransitionError) as err:
+        trainer.train()
+    assert str(err.value) == (
+        "the LR scheduler is ReduceLROnPlateau, which the Trainer steps after each evaluation "
+        "with TrainingArguments.metric_for_best_model, and that is not set: set it to the metric "
+        "to reduce on (e.g. eval_loss)"
+    )
+    assert trainer.state.global_step == 0
+
+
 # ---------------------------------------------------------------------- nothing overwritten
 def test_default_schedule_never_replaces_a_users_file(tmp_path, h, caplog):
     mine = tmp_path / "LlamaForCausalLM_ft_schedule.yaml"

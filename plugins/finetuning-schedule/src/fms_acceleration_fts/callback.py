@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_pt_utils import get_parameter_names
 
@@ -437,6 +438,12 @@ class FinetuningScheduleCallback(TrainerCallback):
         if optimizer is None:
             raise FTSTransitionError("the fine-tuning schedule needs the Trainer's optimizer")
         check_scheduler(scheduler, self.config.allow_untested)
+        if isinstance(scheduler, ReduceLROnPlateau) and not args.metric_for_best_model:
+            raise FTSTransitionError(
+                "the LR scheduler is ReduceLROnPlateau, which the Trainer steps after each "
+                "evaluation with TrainingArguments.metric_for_best_model, and that is not set: "
+                "set it to the metric to reduce on (e.g. eval_loss)"
+            )
         if state.global_step == 0:
             self._enforce_phase0(optimizer, scheduler)
             self._tag_groups(optimizer)

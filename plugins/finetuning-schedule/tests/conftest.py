@@ -174,6 +174,18 @@ def schedule() -> dict:
     return {k: dict(v) for k, v in SCHEDULE.items()}
 
 
+def torchrun(script: str, *args: str, timeout: int = 300) -> None:
+    """Run a test script under torchrun with 2 processes (CPU, gloo); fail with its stderr."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    path = os.path.join(os.path.dirname(__file__), script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           path, *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 class Helpers:
     """Constants and runners of this conftest, for test modules (which cannot import it)."""
 
@@ -183,6 +195,7 @@ class Helpers:
     PHASE2 = PHASE2
     SCHEDULE = SCHEDULE
     Recorder = Recorder
+    torchrun = staticmethod(torchrun)
     MetricSequence = MetricSequence
     run_fts = staticmethod(run_fts)
     tiny_model = staticmethod(tiny_model)

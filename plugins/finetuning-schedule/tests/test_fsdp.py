@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 
 @pytest.mark.multiprocess
-def test_fsdp2_matches_single_process_run(tmp_path):
+def test_fsdp2_matches_single_process_run(tmp_path, h):
     """Phase transitions, an optimizer and an LR-scheduler reinitialization on sharded (DTensor)
     parameters: both ranks end identical, and equal to the single-process run."""
     import fsdp_worker
 
-    worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--standalone", worker, str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    h.torchrun("fsdp_worker.py", str(tmp_path))
     sharded = json.loads((tmp_path / "fsdp.json").read_text())
     single = fsdp_worker.train(str(tmp_path / "single"), fsdp=False)
 

@@ -217,18 +217,20 @@ IMPLICIT_LR = {
     "lr_scheduler_init": {**STEP_07, "init_args": {"step_size": 1, "gamma": 0.5}},
     "pl_lrs_cfg": PL_EPOCH,
 }
+# a rebuilt optimizer alone: every group keeps following StepLR(gamma 0.7), new groups at 1e-5
+OPTIMIZER_ONLY_LRS = {
+    4: (0.0002401, 1e-05),
+    5: (0.00016807, 7e-06),
+    6: (0.000117649, 4.9e-06, 1e-05),
+    7: (8.2354e-05, 3.43e-06, 7e-06),
+    8: (5.7648e-05, 2.401e-06, 4.9e-06, 1e-05),
+    9: (4.0354e-05, 1.681e-06, 3.43e-06, 7e-06),
+}
 # (explicit, optimizer only, use current lrs): (rows, lrs)
 REINIT_OPTIM = {
     (True, True, False): (
         opt_rows("Adam", 0.00021, "SGD", 0.002),
-        {
-            4: (0.0002401, 1e-05),
-            5: (0.00016807, 7e-06),
-            6: (0.000117649, 4.9e-06, 1e-05),
-            7: (8.2354e-05, 3.43e-06, 7e-06),
-            8: (5.7648e-05, 2.401e-06, 4.9e-06, 1e-05),
-            9: (4.0354e-05, 1.681e-06, 3.43e-06, 7e-06),
-        },
+        OPTIMIZER_ONLY_LRS,
     ),
     (True, False, False): (
         opt_rows("Adam", 0.00021, "SGD", 0.002),
@@ -243,14 +245,7 @@ REINIT_OPTIM = {
     ),
     (False, True, False): (
         opt_rows("Adam", 0.00022, "Adam", 0.00022),
-        {
-            4: (0.0002401, 1e-05),
-            5: (0.00016807, 7e-06),
-            6: (0.000117649, 4.9e-06, 1e-05),
-            7: (8.2354e-05, 3.43e-06, 7e-06),
-            8: (5.7648e-05, 2.401e-06, 4.9e-06, 1e-05),
-            9: (4.0354e-05, 1.681e-06, 3.43e-06, 7e-06),
-        },
+        OPTIMIZER_ONLY_LRS,
     ),
     (False, False, False): (
         opt_rows("Adam", 0.00022, "Adam", 0.00022),

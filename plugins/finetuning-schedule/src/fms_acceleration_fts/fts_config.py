@@ -10,13 +10,7 @@ from pydantic import AfterValidator
 
 from fms_acceleration import StanzaModel, choice
 
-from .schedule import LrSchedulerReinit, OptimizerReinit
-
-
-def _positive(value: Any) -> Any:
-    if value <= 0:
-        raise ValueError("must be > 0")
-    return value
+from .schedule import LrSchedulerReinit, OptimizerReinit, must_be_positive
 
 
 def _depth(value: int) -> int:
@@ -37,7 +31,7 @@ class EarlyStoppingOptions(StanzaModel):
 
     monitor: str = "eval_loss"
     """metric name from Trainer.evaluate"""
-    patience: Annotated[int, AfterValidator(_positive)] = 3
+    patience: Annotated[int, AfterValidator(must_be_positive)] = 3
     """evaluations without improvement"""
     min_delta: Annotated[float, AfterValidator(_not_negative)] = 0.0
     """smallest change counted as improvement"""
@@ -61,7 +55,7 @@ class FTSOptions(StanzaModel):
     log_dir/<ModelClass>_ft_schedule.yaml"""
     max_depth: Annotated[int, AfterValidator(_depth)] = -1
     """last phase to reach; -1: all"""
-    base_max_lr: Annotated[float, AfterValidator(_positive)] = 1e-5
+    base_max_lr: Annotated[float, AfterValidator(must_be_positive)] = 1e-5
     """lr of phases without lr"""
     epoch_transitions_only: bool = False
     """transition on max_transition_epoch only (no early stopping)"""

@@ -28,6 +28,14 @@ def _dummy_optimizer(n_groups: int = 1) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=1.0)
 
 
+def _try_build(cls: type, target: Any, kwargs: dict[str, Any], where: str, shown: str) -> None:
+    """cls(target, **kwargs); any failure of the user's class is a config error naming it."""
+    try:
+        cls(target, **kwargs)
+    except Exception as err:
+        raise FTSScheduleError(f"{where}: {shown} fails: {type(err).__name__}: {err}") from None
+
+
 def _import(init: ClassInit, where: str) -> type:
     try:
         return init.resolve()
@@ -55,13 +63,13 @@ def check_optimizer_reinit(reinit: OptimizerReinit, where: str) -> type:
             "of optimizer reinitialization (it shards its parameter groups); use a torch.optim "
             "optimizer"
         )
-    try:
-        cls([torch.nn.Parameter(torch.zeros(1))], **init.init_args)
-    except Exception as err:  # any failure of the user's class is a config error
-        raise FTSScheduleError(
-            f"{where}.optimizer_init.init_args: {cls.__name__}(params, **{init.init_args}) "
-            f"fails: {type(err).__name__}: {err}"
-        ) from None
+    _try_build(
+        cls,
+        [torch.nn.Parameter(torch.zeros(1))],
+        init.init_args,
+        f"{where}.optimizer_init.init_args",
+        f"{cls.__name__}(params, **{init.init_args})",
+    )
     return cls
 
 
@@ -133,13 +141,13 @@ def check_lr_scheduler_reinit(
     trial = dict(args)
     if plateau and isinstance(trial.get("min_lr"), (list, tuple)):
         trial.pop("min_lr")  # checked against the real number of groups by check_group_counts
-    try:
-        cls(_dummy_optimizer(), **trial)
-    except Exception as err:  # any failure of the user's class is a config error
-        raise FTSScheduleError(
-            f"{where}.lr_scheduler_init.init_args: {cls.__name__}(optimizer, **{args}) fails: "
-            f"{type(err).__name__}: {err}"
-        ) from None
+    _try_build(
+        cls,
+        _dummy_optimizer(),
+        trial,
+        f"{where}.lr_scheduler_init.init_args",
+        f"{cls.__name__}(optimizer, **{args})",
+    )
     return cls
 
 
@@ -191,14 +199,14 @@ def check_group_counts(
                 f"{n} param groups at phase {depth} (groups by phase: {_by_phase(counts, depth)})"
             )
         cls = reinit.lr_scheduler_init.resolve()
-        try:
-            cls(_dummy_optimizer(n), **scheduler_init_args(reinit))
-        except Exception as err:  # any failure of the user's class is a config error
-            raise FTSScheduleError(
-                f"{where}.lr_scheduler_init.init_args: {cls.__name__}(optimizer with {n} param "
-                f"groups, **{scheduler_init_args(reinit)}) fails at phase {depth}: "
-                f"{type(err).__name__}: {err}"
-            ) from None
+        args = scheduler_init_args(reinit)
+        _try_build(
+            cls,
+            _dummy_optimizer(n),
+            args,
+            f"{where}.lr_scheduler_init.init_args",
+            f"at phase {depth}, {cls.__name__}(optimizer with {n} param groups, **{args})",
+        )
 
 
 def _by_phase(counts: Sequence[int], depth: int) -> str:

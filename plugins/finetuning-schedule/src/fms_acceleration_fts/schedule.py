@@ -50,7 +50,8 @@ def _float_like(value: Any) -> Any:
     return value
 
 
-def _positive(value: float) -> float:
+def must_be_positive(value: float) -> float:
+    """A pydantic AfterValidator: refuse values <= 0."""
     if value <= 0:
         raise ValueError("must be > 0")
     return value
@@ -78,7 +79,7 @@ def _non_empty(value: list) -> list:
     return value
 
 
-PositiveLr = Annotated[float, BeforeValidator(_float_like), AfterValidator(_positive)]
+PositiveLr = Annotated[float, BeforeValidator(_float_like), AfterValidator(must_be_positive)]
 TransitionLimit = Annotated[int, AfterValidator(_limit)]
 
 

@@ -312,9 +312,9 @@ def test_reinit_optimizer(tmp_path, explicit, optimizer_only, use_current):
 def test_reinit_optimizer_no_decay(tmp_path):
     """FTS test_fts_reinit_optimlr_nodecay with no_decay ["bias"]: weight and bias groups.
 
-    FTS's epoch-8 row shows 7 groups (its restore_best folds phase 2's two groups back into
-    one after the optimizer was rebuilt); without that Lightning artifact phase 2 keeps its
-    two groups: 8 groups, the same lrs otherwise.
+    A deliberate difference (README): the rebuilt optimizer keeps the user's phase-0 group (2
+    tensors) where FTS splits it by no_decay into two; every other group has FTS's lr. (FTS's
+    epoch-8 row also merges phase 2's two groups into one, an artifact of its restore_best.)
     """
     stanza = fts(ft_schedule=reinit_schedule(True, True, False), patience=2)
     stanza["no_decay"] = ["bias"]
@@ -815,6 +815,20 @@ def test_frozen_batchnorm_running_stats(tmp_path, track):
             data.x, saved["model.lin_base.weight"], saved["model.lin_base.bias"]
         )
         assert saved["model.bn.running_mean"] == pytest.approx(hidden.mean(0), abs=1e-6)
+
+
+# ------------------------------------------------------------------------ test_fts_log_dir
+@pytest.mark.parametrize("log_dir", [True, False], ids=["fts_log_dir", "no_fts_log_dir"])
+def test_log_dir(tmp_path, log_dir):
+    """FTS test_fts_log_dir: the generated schedule goes to log_dir, else the run's folder."""
+    stanza = fts(max_depth=0)
+    if log_dir:
+        stanza["log_dir"] = str(tmp_path / "fts_logs")
+    run_boring(str(tmp_path / "out"), stanza, DIVERGE_AT_4, epochs=1)
+    where = tmp_path / ("fts_logs" if log_dir else "out")
+    assert (
+        yaml.safe_load((where / "BoringModel_ft_schedule.yaml").read_text()) == implicit_schedule()
+    )
 
 
 # --------------------------------------------------------------------- test_fts_gen_ft_schedule

@@ -1,8 +1,9 @@
 """Optimizer param groups and LR schedulers that grow phase by phase.
 
-Pure torch: adds a phase's parameters as new param groups, extends an LR scheduler's per-group
-lists to them, rebuilds an optimizer or scheduler in place when a phase asks for
-reinitialization, and paces a rebuilt scheduler by epoch or every N steps. The lr rules are
+Torch only (plus the core's error type): adds a phase's parameters as new param groups,
+extends an LR scheduler's per-group lists to them, rebuilds an optimizer or scheduler in place
+when a phase asks for reinitialization, and paces a rebuilt scheduler by epoch or every N
+steps. The lr rules are
 Fine-Tuning Scheduler's: a new group starts at its phase lr; a rebuilt optimizer keeps every
 existing group's current lr; a rebuilt scheduler restarts existing groups from their
 ``initial_lr`` (or their current lr, or ``init_pg_lrs``).

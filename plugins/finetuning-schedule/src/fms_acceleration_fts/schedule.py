@@ -1,7 +1,8 @@
 """Fine-tuning schedule: reading, validation (pydantic models, the core's translator), defaults.
 
 Pure module: it knows parameter *names* only (logical names, as a strategy adapter reports them);
-it uses the core's validation and YAML helpers but never the framework, torch or transformers.
+it uses the core's validation and YAML helpers and error type, and imports neither the framework
+object nor torch or transformers.
 Validation has two stages: `parse_schedule` checks everything that needs no model (structure,
 phase keys, types, values, regex syntax) and `resolve_schedule` matches the params entries
 against a model's parameter names.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the parity tests' helper module is imported by name (and named in schedules' class_path);
+# pytest's importlib mode does not put test folders on sys.path
+if os.path.dirname(__file__) not in sys.path:
+    sys.path.append(os.path.dirname(__file__))
 torch.set_num_threads(1)
 
 # A one-layer llama keeps the runs quick: 12 tensors.
@@ -112,6 +117,7 @@ def run_fts(
     resume: str | bool | None = None,
     extra_callbacks: list[TrainerCallback] | None = None,
     before_train: Callable[[Trainer], None] | None = None,
+    first_callbacks: list[TrainerCallback] | None = None,
 ):
     """Build framework + Trainer for the FTS stanza, train, return (trainer, plugin, recorder)."""
     from fms_acceleration.testing import build_framework, tiny_dataset
@@ -128,9 +134,12 @@ def run_fts(
         args=args,
         train_dataset=tiny_dataset(n=n_train, seq_len=8, vocab=128, seed=0),
         eval_dataset=tiny_dataset(n=8, seq_len=8, vocab=128, seed=1),
+        callbacks=first_callbacks,
     )
     plugin = framework.plugins["finetuning_schedule"]
-    for cb in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+    for cb in framework.get_callbacks_and_ready_for_train(
+        model, trainer.accelerator, trainer=trainer
+    ):
         trainer.add_callback(cb)
     recorder = Recorder(plugin.callback)
     trainer.add_callback(recorder)
@@ -142,10 +151,39 @@ def run_fts(
     return trainer, plugin, recorder
 
 
+class MetricSequence(TrainerCallback):
+    """Replaces the monitored metric of the k-th evaluation by values[k] (a scripted run).
+
+    Added before the FTS callback (Trainer(callbacks=...)), so FTS and the Trainer's own
+    ReduceLROnPlateau step see the scripted value.
+    """
+
+    def __init__(self, values: list[float], key: str = "eval_loss") -> None:
+        self.values = list(values)
+        self.key = key
+        self.calls = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        metrics[self.key] = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+
+
 @pytest.fixture
 def schedule() -> dict:
     """A fresh copy of the 3-phase schedule of the tiny model."""
     return {k: dict(v) for k, v in SCHEDULE.items()}
+
+
+def torchrun(script: str, *args: str, timeout: int = 300) -> None:
+    """Run a test script under torchrun with 2 processes (CPU, gloo); fail with its stderr."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    path = os.path.join(os.path.dirname(__file__), script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           path, *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 class Helpers:
@@ -157,6 +195,8 @@ class Helpers:
     PHASE2 = PHASE2
     SCHEDULE = SCHEDULE
     Recorder = Recorder
+    torchrun = staticmethod(torchrun)
+    MetricSequence = MetricSequence
     run_fts = staticmethod(run_fts)
     tiny_model = staticmethod(tiny_model)
     train_args = staticmethod(train_args)

@@ -107,10 +107,11 @@ def test_lora_restore_best_loads_adapter_checkpoint(tmp_path, h):
         str(tmp_path),
         {"ft_schedule": SCHEDULE, "restore_best": True},
         model=lora_model(h),
+        first_callbacks=[h.MetricSequence([1.0, 2.0, 3.0, 4.0])],  # epoch 0 stays the best
         extra_callbacks=[Snap()],
     )
     saved = load_file(str(tmp_path / "checkpoint-4" / "adapter_model.safetensors"))
-    # the transition at the end of epoch 2 restored checkpoint-4's adapter weights
+    # the transition at the start of epoch 2 restored checkpoint-4's adapter weights
     for key, value in saved.items():
         actual = key.replace(".weight", ".default.weight")
         assert torch.equal(seen[2][actual], value), key

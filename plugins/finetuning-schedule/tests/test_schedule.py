@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 
 import pytest
 
@@ -12,9 +14,11 @@ from fms_acceleration_fts.schedule import (
     dump_schedule,
     final_depth,
     load_schedule_yaml,
+    parse_schedule,
     read_schedule,
     unscheduled_params,
     validate_schedule,
+    write_new_file,
     write_schedule,
 )
 
@@ -38,7 +42,9 @@ def test_valid_schedule_resolves_names_and_regexes_in_model_order():
             "params": ["model.layers.10.attn.weight", r"model\.layers\.0\."],
             "new_optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}},
             "new_lr_scheduler": {
-                "lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR"}
+                "lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR"},
+                "pl_lrs_cfg": {"interval": "step", "frequency": 2},
+                "init_pg_lrs": ["1e-3", 2e-3],
             },
         },
     }
@@ -54,12 +60,31 @@ def test_valid_schedule_resolves_names_and_regexes_in_model_order():
     )
     assert (phases[0].max_transition_epoch, phases[0].max_transition_step) == (2, -1)
     assert (phases[1].lr, phases[1].max_transition_step) == (1e-4, 30)
+    # the flat {class_path, init_args} form is FTS's nested optimizer_init
     assert phases[2].new_optimizer.class_path == "torch.optim.SGD"
     assert phases[2].new_optimizer.init_args == {"lr": 0.1}
-    assert phases[2].new_lr_scheduler.class_path == "torch.optim.lr_scheduler.StepLR"
+    sched = phases[2].new_lr_scheduler
+    assert sched.lr_scheduler_init.class_path == "torch.optim.lr_scheduler.StepLR"
+    assert (sched.pl_lrs_cfg.interval, sched.pl_lrs_cfg.frequency) == ("step", 2)
+    assert sched.init_pg_lrs == [1e-3, 2e-3]  # FTS reads lrs with float()
     assert unscheduled_params(phases, NAMES) == ["model.embed.weight"]
     assert final_depth(phases, -1) == 2 and final_depth(phases, 1) == 1
     assert final_depth(phases, 7) == 2
+
+
+def test_lr_scheduler_config_defaults_are_lightnings():
+    """FTS builds Lightning's LRSchedulerConfig: interval epoch, frequency 1."""
+    raw = {
+        0: {"params": ["head.weight"]},
+        1: {"params": ["head.bias"], "new_lr_scheduler": {"class_path": "x.Y"}},
+    }
+    cfg = parse_schedule(raw).phases[1].new_lr_scheduler
+    assert (cfg.pl_lrs_cfg.interval, cfg.pl_lrs_cfg.frequency, cfg.pl_lrs_cfg.monitor) == (
+        "epoch",
+        1,
+        None,
+    )
+    assert cfg.use_current_optimizer_pg_lrs is False and cfg.init_pg_lrs is None
 
 
 def ok(**extra):
@@ -67,215 +92,403 @@ def ok(**extra):
     return {"params": ["head.weight"], **extra}
 
 
-OPT = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
+def bias(**extra):
+    """Phase 1 valid for NAMES, plus extra keys."""
+    return {"params": ["head.bias"], **extra}
 
-# (raw schedule, options, expected message regex)
+
+OPT = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
+STEP = {"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR"}}
+KEYS = "(strings of digits such as '1' are read as integers)"
+ONE_PHASE = "each parameter may be thawed by one phase only"
+REINIT0 = (
+    "is a reinitialization directive for the initial phase, which is not allowed: the Trainer "
+    "builds the initial optimizer and LR scheduler; reinitialization applies to phases >= 1 only"
+)
+PHASE_KEYS = (
+    "lr, max_transition_epoch, max_transition_step, new_lr_scheduler, new_optimizer, params"
+)
+
+# (raw schedule, options, exact message)
 INVALID = [
-    pytest.param({"a": ok()}, {}, r"phase key 'a' is not an integer", id="non-int-key"),
-    pytest.param({"0": ok()}, {}, r"phase key '0' is not an integer", id="string-key"),
     pytest.param(
-        {0: ok(), 2: {"params": ["head.bias"]}},
+        {"a": ok()},
         {},
-        r"contiguous integers starting at 0, got \[0, 2\]: phase 1 is missing",
+        f"phase key 'a' is not an integer: phases are keyed 0, 1, 2, ... {KEYS}",
+        id="non-int-key",
+    ),
+    pytest.param(
+        {0: ok(), 1.1: bias()},
+        {},
+        f"phase key 1.1 is not an integer: phases are keyed 0, 1, 2, ... {KEYS}",
+        id="float-key",
+    ),
+    pytest.param(
+        {True: ok()},
+        {},
+        f"phase key true is not an integer: phases are keyed 0, 1, 2, ... {KEYS}",
+        id="bool-key",
+    ),
+    pytest.param(
+        {0: ok(), "0": bias()},
+        {},
+        "phase keys '0' and 0 both name phase 0: each phase may appear only once",
+        id="same-phase-as-string",
+    ),
+    pytest.param(
+        {0: ok(), 2: bias()},
+        {},
+        "phase keys must be contiguous integers starting at 0, got [0, 2]: phase 1 is missing; "
+        "renumbered in order (2 -> 1) the schedule would be valid",
         id="gap",
     ),
-    pytest.param({1: ok()}, {}, r"starting at 0, got \[1\]: phase 0 is missing", id="no-phase-0"),
+    pytest.param(
+        {1: ok()},
+        {},
+        "phase keys must be contiguous integers starting at 0, got [1]: phase 0 is missing; "
+        "renumbered in order (1 -> 0) the schedule would be valid",
+        id="no-phase-0",
+    ),
+    pytest.param(
+        {-1: ok(), 0: bias()},
+        {},
+        "phase keys must be contiguous integers starting at 0, got [-1, 0]: phase -1 is negative;"
+        " renumbered in order (-1 -> 0, 0 -> 1) the schedule would be valid",
+        id="negative-key",
+    ),
     pytest.param(
         {0: ok(), 1: {"params": ["head.wieght"]}},
         {},
-        r"phase 1: params entry 'head.wieght' matches no parameter of the model "
-        r"\(did you mean 'head.weight'\?\)",
+        "phase 1: params entry 'head.wieght' matches no parameter of the model "
+        "(did you mean 'head.weight'?)",
         id="unknown-name",
     ),
     pytest.param(
         {0: {"params": [r"decoder\..*"]}},
         {},
-        r"phase 0: params entry 'decoder\\\\\.\.\*' matches no parameter",
+        r"phase 0: params entry 'decoder\..*' matches no parameter of the model",
         id="regex-matches-nothing",
     ),
     pytest.param(
         {0: {"params": ["model.layers.(0"]}},
         {},
-        r"phase 0: params entry 'model.layers.\(0' is neither a parameter name nor a valid regex",
+        "phase 0: params entry 'model.layers.(0' is neither a parameter name nor a valid regex "
+        "(missing ) at position 15)",
         id="bad-regex",
     ),
     pytest.param(
         {0: {"params": [r"model\.layers\.1"]}, 1: {"params": ["model.layers.1.attn.bias"]}},
         {},
-        r"parameter 'model.layers.1.attn.bias' is scheduled in phase 0 and in phase 1 "
-        r"\(entry 'model.layers.1.attn.bias'\)",
+        "parameter 'model.layers.1.attn.bias' is scheduled in phase 0 and in phase 1 "
+        f"(entry 'model.layers.1.attn.bias'): {ONE_PHASE}",
         id="param-in-two-phases",
     ),
     pytest.param(
         {0: {"params": ["head.bias", r"head\."]}},
         {},
-        r"parameter 'head.bias' is scheduled twice in phase 0",
+        rf"parameter 'head.bias' is scheduled twice in phase 0 (entry 'head\.'): {ONE_PHASE}",
         id="param-twice-in-one-phase",
     ),
-    pytest.param({0: {"params": []}}, {}, r"phase 0: params must be a non-empty list", id="empty"),
-    pytest.param({0: {"max_transition_epoch": 1}}, {}, r"phase 0: params must be", id="no-params"),
-    pytest.param({0: {"params": [3]}}, {}, r"phase 0: params entry 3 is not a string", id="int"),
+    pytest.param(
+        {0: {"params": []}},
+        {},
+        "phase 0.params: [] must be a non-empty list of parameter names or regexes.",
+        id="empty",
+    ),
+    pytest.param(
+        {0: {"max_transition_epoch": 1}},
+        {},
+        "phase 0.params: required key is missing.",
+        id="no-params",
+    ),
+    pytest.param(
+        {0: {"params": [3]}}, {}, "phase 0.params[0]: expected a string, got int 3.", id="int"
+    ),
+    pytest.param(
+        {0: {"params": ["head.weight", ""]}},
+        {},
+        "phase 0: params entry 1 is '': an empty name would match every parameter; write a "
+        "parameter name or a regex",
+        id="empty-name",
+    ),
+    pytest.param(
+        {0: {"params": ["  "]}},
+        {},
+        "phase 0: params entry 0 is '  ': an empty name would match every parameter; write a "
+        "parameter name or a regex",
+        id="blank-name",
+    ),
+    pytest.param(
+        {0: {"params": ["model.layers.0.attn.wei"]}},
+        {},
+        "phase 0: params entry 'model.layers.0.attn.wei' is not a parameter name, and as a regex "
+        "it stops in the middle of 'model.layers.0.attn.weight': it looks truncated (did you "
+        "mean 'model.layers.0.attn.weight'?); write the full parameter name",
+        id="truncated-name",
+    ),
+    pytest.param(
+        {0: {"params": ["model.layers.1"]}},
+        {},
+        "phase 0: params entry 'model.layers.1' is not a parameter name, and as a regex it stops "
+        "in the middle of 'model.layers.10.attn.weight': it looks truncated; to thaw everything "
+        r"under 'model.layers.1', end the regex at the dot: 'model\.layers\.1\.'",
+        id="prefix-catches-layer-10",
+    ),
+    pytest.param(
+        {0: {"params": [r"((?:\w|\.)*?)*\.(\w)*\2\d"]}},
+        {},
+        r"phase 0: params entry '((?:\w|\.)*?)*\.(\w)*\2\d' takes too long to match (more than "
+        "0.25s for 8 parameter names; nested repetition such as '(a*)*' backtracks "
+        "exponentially): simplify the regex",
+        id="catastrophic-backtracking",
+    ),
     pytest.param(
         {0: ok(max_transiton_epoch=2)},
         {},
-        r"phase 0: unknown key 'max_transiton_epoch' \(did you mean 'max_transition_epoch'\?\)",
+        "phase 0.max_transiton_epoch: unknown key 'max_transiton_epoch' (did you mean "
+        f"'max_transition_epoch'?); allowed keys: {PHASE_KEYS}.",
         id="typo-key",
     ),
     pytest.param(
         {0: ok(max_transition_epoch=1.5)},
         {},
-        r"phase 0: max_transition_epoch must be an integer >= 0 \(or -1 for no limit\), got 1.5",
+        "phase 0.max_transition_epoch: expected an integer, got float 1.5.",
         id="float-epoch",
     ),
     pytest.param(
         {0: ok(max_transition_step=-3)},
         {},
-        r"phase 0: max_transition_step must be an integer >= 0",
+        "phase 0.max_transition_step: -3 must be >= 0, or -1 for no limit.",
         id="negative-step",
     ),
     pytest.param(
-        {0: ok(max_transition_epoch=3), 1: {"params": ["head.bias"], "max_transition_epoch": 2}},
-        {},
-        r"phase 1: max_transition_epoch 2 is smaller than phase 0's \(3\)",
-        id="decreasing-epochs",
+        {0: ok(), 1: bias(lr="fast")}, {}, "phase 1.lr: 'fast' is not a number.", id="non-float-lr"
     ),
     pytest.param(
-        {0: ok(), 1: {"params": ["head.bias"], "lr": "fast"}},
+        {0: ok(), 1: bias(lr=True)},
         {},
-        r"phase 1: lr must be a positive float, got 'fast'",
-        id="non-float-lr",
-    ),
-    pytest.param(
-        {0: ok(), 1: {"params": ["head.bias"], "lr": True}},
-        {},
-        r"phase 1: lr must be a positive float, got True",
+        "phase 1.lr: expected a number, got bool true.",
         id="bool-lr",
     ),
     pytest.param(
-        {0: ok(lr=1e-3)}, {}, r"phase 0: lr is taken from the Trainer", id="lr-in-phase-0"
+        {0: ok(), 1: bias(lr=float("inf"))},
+        {},
+        "phase 1.lr: .inf is not a finite number.",
+        id="inf-lr",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias(lr=float("nan"))},
+        {},
+        "phase 1.lr: .nan is not a finite number.",
+        id="nan-lr",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias(lr="NaN")},
+        {},
+        "phase 1.lr: .nan is not a finite number.",
+        id="nan-string-lr",
+    ),
+    pytest.param({0: ok(), 1: bias(lr=0.0)}, {}, "phase 1.lr: 0.0 must be > 0.", id="zero-lr"),
+    pytest.param(
+        {0: ok(lr=1e-3)},
+        {},
+        "phase 0: lr is taken from the Trainer (TrainingArguments.learning_rate or your "
+        "optimizer); set it there and remove lr from phase 0",
+        id="lr-in-phase-0",
     ),
     pytest.param(
         {0: ok(new_optimizer=OPT)},
         {},
-        r"phase 0: new_optimizer is not allowed: .* phases >= 1 only",
+        f"phase 0: new_optimizer {REINIT0}",
         id="reinit-optimizer-phase-0",
     ),
     pytest.param(
         {0: ok(new_lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR"})},
         {},
-        r"phase 0: new_lr_scheduler is not allowed",
+        f"phase 0: new_lr_scheduler {REINIT0}",
         id="reinit-scheduler-phase-0",
     ),
     pytest.param(
-        {0: ok(), 1: {"params": ["head.bias"], "new_optimizer": {"init_args": {"lr": 1.0}}}},
+        {0: ok(), 1: bias(new_optimizer={"init_args": {"lr": 1.0}})},
         {},
-        r"phase 1: new_optimizer has no class_path",
+        "phase 1.new_optimizer.optimizer_init.class_path: required key is missing.",
         id="missing-class-path",
     ),
     pytest.param(
-        {
-            0: ok(),
-            1: {
-                "params": ["head.bias"],
-                "new_lr_scheduler": {"lr_scheduler_init": {"init_args": {}}},
-            },
-        },
+        {0: ok(), 1: bias(new_lr_scheduler={"lr_scheduler_init": {"init_args": {}}})},
         {},
-        r"phase 1: new_lr_scheduler.lr_scheduler_init has no class_path",
+        "phase 1.new_lr_scheduler.lr_scheduler_init.class_path: required key is missing.",
         id="missing-class-path-nested",
     ),
     pytest.param(
-        {
-            0: ok(),
-            1: {"params": ["head.bias"], "new_optimizer": {"class_path": "torch.optim.Adamm"}},
-        },
+        {0: ok(), 1: bias(new_lr_scheduler={"pl_lrs_cfg": {"name": "otherwise_okay"}})},
         {},
-        r"phase 1: new_optimizer: module 'torch.optim' has no attribute 'Adamm'",
-        id="unimportable-class",
+        "phase 1.new_lr_scheduler.lr_scheduler_init: required key is missing.",
+        id="missing-lr-scheduler-init",
     ),
     pytest.param(
-        {0: ok(), 1: {"params": ["head.bias"], "new_optimizer": {"class_path": "nopkg.Opt"}}},
+        {0: ok(), 1: bias(new_optimizer={**OPT, "init_arg": {}})},
         {},
-        r"phase 1: new_optimizer: cannot import module 'nopkg'",
-        id="unimportable-module",
-    ),
-    pytest.param(
-        {0: ok(), 1: {"params": ["head.bias"], "new_optimizer": {**OPT, "init_arg": {}}}},
-        {},
-        r"phase 1: new_optimizer has unknown key 'init_arg' \(did you mean 'init_args'\?\)",
+        "phase 1.new_optimizer.optimizer_init.init_arg: unknown key 'init_arg' (did you mean "
+        "'init_args'?); allowed keys: class_path, init_args.",
         id="reinit-typo",
     ),
     pytest.param(
-        {0: ok(), 1: {"params": ["head.bias"]}},
+        {0: ok(), 1: bias(new_lr_scheduler={**STEP, "pl_lrs_cfg": {"interval": "throwerror"}})},
+        {},
+        "phase 1.new_lr_scheduler.pl_lrs_cfg.interval: 'throwerror' is not an allowed value; "
+        "allowed: 'epoch', 'step'.",
+        id="bad-interval",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias(new_lr_scheduler={**STEP, "pl_lrs_cfg": {"frequency": 0}})},
+        {},
+        "phase 1.new_lr_scheduler.pl_lrs_cfg.frequency: 0 must be >= 1.",
+        id="zero-frequency",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias(new_lr_scheduler={**STEP, "pl_lrs_cfg": {"whoops": "warnme"}})},
+        {},
+        "phase 1.new_lr_scheduler.pl_lrs_cfg.whoops: unknown key 'whoops'; allowed keys: "
+        "frequency, interval, monitor, name, reduce_on_plateau, strict.",
+        id="unknown-pl-lrs-key",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias(new_lr_scheduler={**STEP, "pl_lrs_cfg": {"strict": False}})},
+        {},
+        "phase 1.new_lr_scheduler.pl_lrs_cfg.strict: false is not an allowed value; allowed: true.",
+        id="non-strict-monitor",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias(new_lr_scheduler={**STEP, "init_pg_lrs": [2.0e-06, "whoops"]})},
+        {},
+        "phase 1.new_lr_scheduler.init_pg_lrs[1]: 'whoops' is not a number.",
+        id="non-float-init-pg-lrs",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias(new_lr_scheduler={**STEP, "init_pg_lrs": [float("inf")]})},
+        {},
+        "phase 1.new_lr_scheduler.init_pg_lrs[0]: .inf is not a finite number.",
+        id="inf-init-pg-lrs",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias(new_lr_scheduler={**STEP, "use_current_optimizer_pg_lrs": "yes"})},
+        {},
+        "phase 1.new_lr_scheduler.use_current_optimizer_pg_lrs: expected a boolean (true/false), "
+        "got str 'yes'.",
+        id="non-bool-use-current",
+    ),
+    pytest.param(
+        {0: ok(), 1: bias()},
         {"epoch_transitions_only": True},
-        r"phase 0: epoch_transitions_only is set, so every phase but the last needs "
-        r"max_transition_epoch >= 0",
+        "phase 0: epoch_transitions_only is set, so every phase but the last needs "
+        "max_transition_epoch >= 0",
         id="epoch-only-missing-epoch",
     ),
     pytest.param(
-        {0: ok(max_transition_epoch=1, max_transition_step=5), 1: {"params": ["head.bias"]}},
+        {0: ok(max_transition_epoch=1, max_transition_step=5), 1: bias()},
         {"epoch_transitions_only": True},
-        r"phase 0: max_transition_step is not allowed with epoch_transitions_only",
+        "phase 0: max_transition_step is not allowed with epoch_transitions_only",
         id="epoch-only-step",
     ),
     pytest.param(
-        {0: ok(max_transition_epoch=3), 1: {"params": ["head.bias"], "max_transition_epoch": 2}},
+        {0: ["head.weight"]},
         {},
-        r"phase 1: max_transition_epoch 2 is smaller than phase 0's \(3\); transition epochs "
-        r"must not decrease",
-        id="decreasing-epochs",
+        "phase 0 must be a mapping with a params list, got list ['head.weight']",
+        id="phase-not-mapping",
     ),
     pytest.param(
-        {0: ok(max_transition_step=9), 1: {"params": ["head.bias"], "max_transition_step": 4}},
         {},
-        r"phase 1: max_transition_step 4 is smaller than phase 0's \(9\); transition steps "
-        r"must not decrease",
-        id="decreasing-steps",
+        {},
+        "a fine-tuning schedule must be a non-empty mapping of phase -> settings, got dict {}",
+        id="empty-schedule",
     ),
-    pytest.param({}, {}, r"must be a non-empty mapping", id="empty-schedule"),
-    pytest.param([ok()], {}, r"must be a non-empty mapping", id="list-schedule"),
+    pytest.param(
+        [ok()],
+        {},
+        "a fine-tuning schedule must be a non-empty mapping of phase -> settings, got list "
+        "[{'params': ['head.weight']}]",
+        id="list-schedule",
+    ),
 ]
 
 
 @pytest.mark.parametrize("raw,opts,message", INVALID)
 def test_invalid_schedules_name_phase_and_entry(raw, opts, message):
-    with pytest.raises(FTSScheduleError, match=message):
+    start = time.monotonic()
+    with pytest.raises(FTSScheduleError) as err:
         validate_schedule(raw, NAMES, **opts)
+    assert str(err.value) == message
+    assert time.monotonic() - start < 2.0  # the backtracking case is cut off, not waited out
+
+
+def test_string_phase_keys_are_read_as_integers(caplog):
+    """JSON has only string keys: FTS converts '1' to 1 (and says so)."""
+    parsed = parse_schedule({"0": ok(), "1": bias(lr="1e-4")})
+    assert parsed.converted_keys == ("0", "1")
+    assert parsed.notes == ("phase keys '0', '1' were read as integers",)
+    assert sorted(parsed.raw) == [0, 1]
+    phases = validate_schedule({"0": ok(), "1": bias(lr="1e-4")}, NAMES)
+    assert [p.params for p in phases] == [("head.weight",), ("head.bias",)]
+    assert phases[1].lr == pytest.approx(1e-4)
 
 
 def test_epoch_transitions_only_accepts_last_phase_without_epoch():
-    raw = {0: ok(max_transition_epoch=1), 1: {"params": ["head.bias"]}}
+    raw = {0: ok(max_transition_epoch=1), 1: bias()}
     phases = validate_schedule(raw, NAMES, epoch_transitions_only=True)
     assert [p.max_transition_epoch for p in phases] == [1, -1]
 
 
+def test_shrinking_transition_limits_are_accepted_with_a_note(caplog):
+    """FTS only notes a max_transition_epoch below an earlier phase's: that phase lasts one."""
+    raw = {0: ok(max_transition_epoch=3), 1: bias(max_transition_epoch=2)}
+    with caplog.at_level(logging.INFO, logger="fms_acceleration_fts.schedule"):
+        phases = validate_schedule(raw, NAMES)
+    assert [p.max_transition_epoch for p in phases] == [3, 2]
+    assert "phase 1's max_transition_epoch (2) is not above phase 0's (3)" in caplog.text
+
+
+def test_tied_alias_is_dropped_with_a_warning(caplog):
+    names = ["embed.weight", "head.bias"]  # head.weight is embed.weight (tied)
+    raw = {0: {"params": ["head.weight", "head.bias"]}, 1: {"params": ["embed.weight"]}}
+    with caplog.at_level(logging.WARNING):
+        phases = validate_schedule(raw, names, shared_aliases={"head.weight": "embed.weight"})
+    assert [p.params for p in phases] == [("head.bias",), ("embed.weight",)]
+    assert "phase 0: 'head.weight' is a tied (shared) parameter" in caplog.text
+    with pytest.raises(FTSScheduleError, match="'head.weight' matches no parameter"):
+        validate_schedule(raw, names)
+
+
 def test_duplicate_yaml_keys_are_errors():
     text = "0:\n  params: [head.weight]\n1:\n  params: [head.bias]\n0:\n  params: [x]\n"
-    with pytest.raises(
-        FTSScheduleError, match=r"duplicate key 0 .*line 5; first defined on line 1"
-    ):
-        load_schedule_yaml(text)
+    with pytest.raises(FTSScheduleError) as err:
+        load_schedule_yaml(text, "s.yaml")
+    assert str(err.value) == "s.yaml: duplicate key '0' at line 5 (first defined at line 1)."
     text = "0:\n  params: [head.weight]\n  lr: 1.0\n  lr: 2.0\n"
-    with pytest.raises(FTSScheduleError, match=r"duplicate key 'lr' .*line 4"):
+    with pytest.raises(FTSScheduleError, match=r"duplicate key 'lr' at line 4"):
         load_schedule_yaml(text)
 
 
-def test_yaml_reads_exponent_floats_and_round_trips(tmp_path):
-    raw = load_schedule_yaml("0:\n  params: [head.weight]\n1:\n  params: [head.bias]\n  lr: 1e-5\n")
-    assert raw[1]["lr"] == pytest.approx(1e-5) and isinstance(raw[1]["lr"], float)
+def test_yaml_exponent_floats_validate_and_round_trip(tmp_path):
+    text = "0:\n  params: [head.weight]\n1:\n  params: [head.bias]\n  lr: 1e-5\n"
+    raw = load_schedule_yaml(text)
+    assert raw[1]["lr"] == "1e-5"  # YAML 1.1 reads it as a string; FTS reads it with float()
+    assert validate_schedule(raw, NAMES)[1].lr == pytest.approx(1e-5)
     path = write_schedule(raw, tmp_path / "s.yaml")
     assert read_schedule(path) == raw
     assert validate_schedule(read_schedule(path), NAMES)[1].lr == pytest.approx(1e-5)
 
 
 def test_read_schedule_errors(tmp_path):
-    with pytest.raises(FTSScheduleError, match=r"ft_schedule file '.*missing.yaml' does not exist"):
+    with pytest.raises(FTSScheduleError) as err:
         read_schedule(tmp_path / "missing.yaml")
+    assert str(err.value) == f"{tmp_path}/missing.yaml: ft_schedule file does not exist."
     (tmp_path / "empty.yaml").write_text("")
-    with pytest.raises(FTSScheduleError, match=r"is empty"):
+    with pytest.raises(FTSScheduleError) as err:
         read_schedule(tmp_path / "empty.yaml")
+    assert str(err.value) == f"{tmp_path}/empty.yaml: the ft_schedule file is empty."
     (tmp_path / "bad.yaml").write_text("0: [unclosed\n")
-    with pytest.raises(FTSScheduleError, match=r"not valid YAML"):
+    with pytest.raises(FTSScheduleError, match=r"bad.yaml: YAML syntax error at line 2, column 1"):
         read_schedule(tmp_path / "bad.yaml")
 
 
@@ -292,6 +505,23 @@ def test_default_schedule_is_reverse_order_two_per_phase():
     assert [len(p.params) for p in phases] == [2, 2, 2, 2]
     assert unscheduled_params(phases, NAMES) == []
     assert re.match(r"model\.layers\.1", "model.layers.10")  # why exact names win over regexes
+    with pytest.raises(FTSScheduleError, match=r"phase_size must be >= 1"):
+        default_schedule(NAMES, 0)
+
+
+def test_write_new_file_never_replaces_a_different_file(tmp_path):
+    target = tmp_path / "M_ft_schedule.yaml"
+    target.write_text("mine\n")
+    path, renamed = write_new_file("generated\n", target)
+    assert (path, renamed) == (str(tmp_path / "M_ft_schedule_1.yaml"), True)
+    assert target.read_text() == "mine\n"
+    # the same content again: found, not copied a third time
+    assert write_new_file("generated\n", target) == (path, True)
+    assert write_new_file("mine\n", target) == (str(target), False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "M_ft_schedule.yaml",
+        "M_ft_schedule_1.yaml",
+    ]
 
 
 def test_shipped_example_schedule_and_stanza_are_valid():

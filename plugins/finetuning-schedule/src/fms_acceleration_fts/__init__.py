@@ -1,14 +1,20 @@
 """Fine-Tuning Scheduler for transformers.Trainer: phased thawing of a model during training."""
 
-from .fts_config import FTSConfig
+from .fts_config import FTSConfig, FTSOptions
 from .param_groups import FTSTransitionError
 from .schedule import (
     ClassInit,
     FTSScheduleError,
+    LrSchedulerReinit,
+    OptimizerReinit,
+    ParsedSchedule,
     Phase,
+    PhaseSpec,
     default_schedule,
     load_schedule_yaml,
+    parse_schedule,
     read_schedule,
+    resolve_schedule,
     validate_schedule,
     write_schedule,
 )
@@ -16,14 +22,21 @@ from .schedule import (
 __all__ = [
     "ClassInit",
     "FTSConfig",
+    "FTSOptions",
     "FTSScheduleError",
     "FTSTransitionError",
     "FinetuningScheduleCallback",
+    "LrSchedulerReinit",
+    "OptimizerReinit",
+    "ParsedSchedule",
     "Phase",
+    "PhaseSpec",
     "decay_parameter_names",
     "default_schedule",
     "load_schedule_yaml",
+    "parse_schedule",
     "read_schedule",
+    "resolve_schedule",
     "validate_schedule",
     "write_schedule",
 ]

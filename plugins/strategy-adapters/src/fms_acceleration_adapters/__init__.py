@@ -13,8 +13,10 @@ from .registry import (
     adapter_name_for,
     discover_strategy_adapters,
     distributed_type_of,
+    has_strategy_adapter,
     resolve_strategy_adapter,
     select_strategy_adapter,
+    strategy_adapter_class,
     strategy_adapter_entry_points,
 )
 
@@ -31,8 +33,10 @@ __all__ = [
     "adapter_name_for",
     "discover_strategy_adapters",
     "distributed_type_of",
+    "has_strategy_adapter",
     "peft_logical_name",
     "resolve_strategy_adapter",
     "select_strategy_adapter",
+    "strategy_adapter_class",
     "strategy_adapter_entry_points",
 ]

@@ -190,6 +190,22 @@ def select_strategy_adapter(
     **adapter_cfg: Any,
 ) -> StrategyAdapter:
     """Instantiate the adapter for ``distributed_type``; ``custom_strategy_adapters`` wins."""
+    return strategy_adapter_class(distributed_type, custom_strategy_adapters)(**adapter_cfg)
+
+
+def has_strategy_adapter(
+    distributed_type: Any, custom_strategy_adapters: Mapping[str, str] | None = None
+) -> bool:
+    """Whether an adapter (custom, built-in or entry point) exists for ``distributed_type``."""
+    name = adapter_name_for(distributed_type)
+    custom = {adapter_name_for(k) for k in (custom_strategy_adapters or {}) if isinstance(k, str)}
+    return name in custom or name in BUILTIN_ADAPTERS or name in strategy_adapter_entry_points()
+
+
+def strategy_adapter_class(
+    distributed_type: Any, custom_strategy_adapters: Mapping[str, str] | None = None
+) -> type[StrategyAdapter]:
+    """The adapter class for ``distributed_type``; ``custom_strategy_adapters`` wins."""
     name = adapter_name_for(distributed_type)
     custom: dict[str, Any] = {}
     for key, ref in (custom_strategy_adapters or {}).items():
@@ -215,4 +231,4 @@ def select_strategy_adapter(
                 f"{{{name}: 'package.module:MyAdapter'}}"
             )
         cls = resolve_strategy_adapter(name)
-    return cls(**adapter_cfg)
+    return cls

@@ -1,4 +1,5 @@
-"""The fused-ops-and-kernels plugin: Triton RMSNorm, RoPE, cross-entropy, fused linear CE, LoRA."""
+"""The fused-ops-and-kernels plugin: Triton RMSNorm, RoPE, SwiGLU, cross-entropy, fused linear CE,
+LoRA."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def _schema(fused_lora_default: bool) -> Stanza:
         ),
         fast_rms_layernorm=Option(bool, default=True, doc="Triton RMSNorm"),
         fast_rope_embeddings=Option(bool, default=True, doc="Triton rotary embedding of q, k"),
+        fast_swiglu=Option(
+            bool, default=True, doc="Triton SwiGLU in the MLPs (dense and MoE experts)"
+        ),
         fused_linear_loss=Option(
             bool,
             default=False,
@@ -89,6 +93,7 @@ class FastKernelsAccelerationPlugin(AccelerationPlugin):
             "loss": bool(cfg["fast_loss"]),
             "rms_norm": cfg["fast_rms_layernorm"],
             "rope": cfg["fast_rope_embeddings"],
+            "swiglu": cfg["fast_swiglu"],
             "lora_forward": cfg["fused_lora"],
         }
         return frozenset(slot for slot, on in slots.items() if on)
@@ -118,7 +123,12 @@ class FastKernelsAccelerationPlugin(AccelerationPlugin):
                 "fp16=True or bf16=True in the TrainingArguments."
             )
         rules = build_kernel_rules(
-            model, spec, cfg["fast_loss"], cfg["fast_rms_layernorm"], cfg["fast_rope_embeddings"]
+            model,
+            spec,
+            cfg["fast_loss"],
+            cfg["fast_rms_layernorm"],
+            cfg["fast_rope_embeddings"],
+            cfg["fast_swiglu"],
         )
         if cfg["fused_lora"]:
             from .lora import build_fused_lora_rules

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -101,6 +102,67 @@ def test_patched_model_trains_like_unpatched(arch, fast_loss, foak_classes, tiny
     if spec.experts:
         experts = getattr(spec.modeling_module(), spec.experts)
         assert experts._apply_gate.__module__.startswith("transformers")
+
+
+ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _grads_close(
+    reference: torch.nn.Module, patched: torch.nn.Module, rel: float, per_tensor: bool
+) -> None:
+    """Relative gradient error per parameter, or over all parameters at once (MoE: a bf16
+    rounding difference may route a token to another expert, moving that expert's gradient)."""
+    wants, gots = [], []
+    for (name, p_ref), (_, p_got) in zip(reference.named_parameters(), patched.named_parameters()):
+        assert (p_ref.grad is None) == (p_got.grad is None), name
+        if p_ref.grad is None:
+            continue
+        want, got = p_ref.grad.float().flatten(), p_got.grad.float().flatten()
+        wants.append(want)
+        gots.append(got)
+        err = (got - want).norm().item() / max(want.norm().item(), 1e-12)
+        assert not per_tensor or err <= rel, f"{name}: relative gradient error {err:.3g} > {rel}"
+    want, got = torch.cat(wants), torch.cat(gots)
+    assert (got - want).norm().item() <= rel * want.norm().item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs CUDA (scripts/gpu/suite.sh)")
+@pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
+@pytest.mark.parametrize(
+    "arch, fast_loss", MATRIX, ids=[f"{a}-{'ce' if f is True else 'fused_ce'}" for a, f in MATRIX]
+)
+def test_patched_model_matches_unpatched_on_cuda_bf16(arch, fast_loss, mode, foak_classes):
+    # The compiled kernels on the GPU, in bf16 weights or fp32 weights under bf16 autocast (the
+    # Trainer's bf16=True): loss and every gradient within bf16 tolerance of the unpatched model.
+    reference = _tiny_model(arch).cuda()
+    if mode == "bf16_weights":
+        reference = reference.to(torch.bfloat16)
+    patched = copy.deepcopy(reference)
+    batch = {k: v.cuda() for k, v in tiny_batches_one()[0].items()}
+    framework = build_framework(_stanza(fast_loss), foak_classes)
+    patched, _ = framework.augmentation(patched, SimpleNamespace(fp16=False, bf16=True), ())
+    losses = []
+    try:
+        for model in (reference, patched):
+            model.train()
+            torch.manual_seed(0)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "autocast"):
+                loss = model(**batch).loss
+            loss.backward()
+            losses.append(loss.detach().float())
+    finally:
+        framework.undo_patches()
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=2e-2)
+    _grads_close(reference, patched, rel=6e-2, per_tensor=ARCHITECTURES[arch].experts is None)
+
+
+def tiny_batches_one() -> list[dict]:
+    from fms_acceleration.testing import tiny_dataset
+
+    rows = tiny_dataset(n=4, seq_len=16, vocab=128, seed=0)
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+    batch["labels"][1, -5:] = -100
+    return [batch]
 
 
 def test_llama_with_triton_kernels_in_interpreter(foak_classes, tiny_batches, train):

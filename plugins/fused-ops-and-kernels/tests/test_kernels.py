@@ -308,12 +308,15 @@ def test_accumulate_matmul_keeps_fp32_on_every_path(seed):
 def test_fused_linear_cross_entropy_chunks():
     from fms_acceleration_foak.kernels.fused_linear_cross_entropy import default_chunk_size
 
-    # Llama-3-8B head, 16k tokens: weight gradient -> ~hidden tokens per chunk (4 chunks);
-    # frozen lm_head -> chunks as large as the hidden states, at least 1024 rows.
+    # Llama-3-8B head, 16k tokens on a GPU: weight gradient -> ~hidden tokens per chunk (4
+    # chunks); frozen lm_head -> chunks as large as the hidden states, at least 1024 rows.
     assert default_chunk_size(16384, 4096, 128256, weight_grad=True) == 4096
     assert default_chunk_size(16384, 4096, 128256, weight_grad=False) == 1024
     assert default_chunk_size(100, 4096, 128256, weight_grad=True) == 128
     assert default_chunk_size(65536, 576, 49152, weight_grad=False) == 1024
+    # the CPU path keeps chunks of logits about the size of the hidden states
+    assert default_chunk_size(16384, 4096, 128256, weight_grad=True, on_cuda=False) == 512
+    assert default_chunk_size(4096, 2048, 128256, weight_grad=True, on_cuda=False) == 128
 
 
 def test_fused_linear_cross_entropy_frozen_weight_and_torch_path(seed, assert_close, leaf, device):

@@ -22,21 +22,27 @@ import triton
 from ._dispatch import use_triton
 from .cross_entropy import ce_loss_and_grad_rows, check_targets, loss_divisor
 
-MIN_CHUNK = 1024  # rows of a chunk: at least a few waves of CE programs on any GPU
+MIN_CHUNK_CUDA = 1024  # rows of a chunk on a GPU: at least a few waves of CE programs
 
 
-def default_chunk_size(n_tokens: int, hidden: int, vocab: int, weight_grad: bool = True) -> int:
+def default_chunk_size(
+    n_tokens: int, hidden: int, vocab: int, weight_grad: bool = True, on_cuda: bool = True
+) -> int:
     """Tokens per chunk.
 
-    Without a weight gradient (LoRA: frozen lm_head) a chunk of logits holds about as many
-    elements as the hidden states. With one, a chunk of logits is about the size of the weight
-    gradient itself (chunk ~ hidden tokens): the fp32 accumulator is read and written once per
-    chunk, so fewer, larger chunks keep that traffic small next to the matmuls.
+    By default a chunk of logits holds about as many elements as the hidden states. On a GPU
+    a chunk has at least MIN_CHUNK_CUDA rows, and with a weight gradient about `hidden` rows:
+    the fp32 accumulator is read and written once per chunk, and a contraction over fewer than
+    ~hidden tokens makes that accumulating GEMM memory-bound (at 16k tokens x 4096 x 128256,
+    1024-token chunks would move 67 GB of accumulator, 4096-token chunks 17 GB). Elsewhere
+    (the PyTorch path on CPU) chunks stay small: memory matters more there than GEMM shape.
     """
     chunks = triton.cdiv(vocab, hidden)
-    chunk = max(triton.next_power_of_2(triton.cdiv(n_tokens, chunks)), MIN_CHUNK)
-    if weight_grad:
-        chunk = max(chunk, triton.next_power_of_2(hidden))
+    chunk = triton.next_power_of_2(triton.cdiv(n_tokens, chunks))
+    if on_cuda:
+        chunk = max(chunk, MIN_CHUNK_CUDA)
+        if weight_grad:
+            chunk = max(chunk, triton.next_power_of_2(hidden))
     return max(1, min(chunk, triton.next_power_of_2(n_tokens)))
 
 
@@ -103,7 +109,7 @@ def chunked_loss_and_grads(
     n_tokens, n_hidden = hidden.shape
     vocab = weight.shape[0]
     need_gh, need_gw, need_gb = need_grads
-    chunk = chunk_size or default_chunk_size(n_tokens, n_hidden, vocab, need_gw)
+    chunk = chunk_size or default_chunk_size(n_tokens, n_hidden, vocab, need_gw, hidden.is_cuda)
     device = hidden.device
     grad_hidden = torch.empty_like(hidden) if need_gh else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_gw else None

@@ -16,11 +16,16 @@ kernel; elsewhere in PyTorch, which still saves the memory of the full logits.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import triton
 
 from ._dispatch import use_triton
 from .cross_entropy import ce_loss_and_grad_rows, check_targets, loss_divisor
+
+logger = logging.getLogger(__name__)
 
 MIN_CHUNK_CUDA = 1024  # rows of a chunk on a GPU: at least a few waves of CE programs
 
@@ -59,14 +64,19 @@ def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (RuntimeError, TypeError, NotImplementedError):
-            pass
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            _note_fallback("addmm(out_dtype=float32)", str(err))
         try:
             acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
             return
-        except (RuntimeError, TypeError, NotImplementedError):
-            pass
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            _note_fallback("mm(out_dtype=float32)", str(err))
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@functools.cache
+def _note_fallback(what: str, err: str) -> None:
+    logger.info("fused linear CE: %s unavailable (%s); using a slower fp32 path", what, err)
 
 
 def _chunk_loss_and_grad_torch(

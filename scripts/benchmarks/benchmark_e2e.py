@@ -115,8 +115,9 @@ def _build(run: str, args: argparse.Namespace, device):
     shape = TINY if args.tiny else {**LLAMA3_8B, "num_hidden_layers": args.layers}
     config = LlamaConfig(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device):  # initialised where it trains: seconds on a GPU for 8B
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.to(device)  # a no-op unless from_config ignored the device context
     if run.startswith("qlora"):
         from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
 

@@ -17,20 +17,38 @@ import triton.language as tl
 from ._dispatch import launch, use_triton
 from .reference import swiglu_reference
 
-BLOCK = 1024  # columns per program: 8 values per thread at 4 warps (16-byte bf16 accesses)
+TILE = 1024  # elements per program: 8 values per thread at 4 warps (16-byte bf16 accesses)
 NUM_WARPS = 4
 
 
 @triton.jit
-def _swiglu_fwd_kernel(GATE, UP, OUT, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    g = tl.load(GATE + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(UP + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+def _tile(pid_rows, pid_cols, n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Row indices (int64), column indices and mask of one [ROWS, BLOCK] tile."""
+    rows = tl.cast(pid_rows, tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = pid_cols * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    GATE,
+    UP,
+    OUT,
+    stride_g,
+    stride_u,
+    stride_o,
+    n_rows,
+    n_cols,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, ROWS, BLOCK)
+    g = tl.load(GATE + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     # transformers applies silu in the input dtype before multiplying: round the same way.
     act = (g * tl.sigmoid(g)).to(OUT.dtype.element_ty).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -47,25 +65,25 @@ def _swiglu_bwd_kernel(
     stride_dg,
     stride_du,
     stride_h,
+    n_rows,
     n_cols,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     WRITE_H: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dout = tl.load(DOUT + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(GATE + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(UP + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, ROWS, BLOCK)
+    dout = tl.load(DOUT + rows * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     act = g * sig
     # silu'(g) = s(g) * (1 + g * (1 - s(g)))
     dgate = dout * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(DGATE + row * stride_dg + cols, dgate.to(DGATE.dtype.element_ty), mask=mask)
-    tl.store(DUP + row * stride_du + cols, (dout * act).to(DUP.dtype.element_ty), mask=mask)
+    tl.store(DGATE + rows * stride_dg + cols, dgate.to(DGATE.dtype.element_ty), mask=mask)
+    tl.store(DUP + rows * stride_du + cols, (dout * act).to(DUP.dtype.element_ty), mask=mask)
     if WRITE_H:
         h = act.to(H.dtype.element_ty).to(tl.float32) * u
-        tl.store(H + row * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
+        tl.store(H + rows * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -76,8 +94,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
-def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
-    return (n_rows, triton.cdiv(n_cols, BLOCK))
+def launch_shape(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, ROWS, BLOCK): tiles of TILE elements, several rows each when rows are narrow."""
+    block = min(triton.next_power_of_2(n_cols), TILE)
+    rows = TILE // block
+    return (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block)), rows, block
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -87,10 +108,11 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = _rows(gate), _rows(up)
     n_rows, n_cols = g2.shape
     out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    grid, rows, block = launch_shape(n_rows, n_cols)
     launch(
-        _swiglu_fwd_kernel, _grid(n_rows, n_cols), gate.device,
-        g2, u2, out, g2.stride(0), u2.stride(0), out.stride(0), n_cols,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        _swiglu_fwd_kernel, grid, gate.device,
+        g2, u2, out, g2.stride(0), u2.stride(0), out.stride(0), n_rows, n_cols,
+        ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out.view(gate.shape)
 
@@ -118,12 +140,13 @@ def swiglu_backward(
         dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
         du = torch.empty_like(dg)
     h = torch.empty_like(dg) if want_h else None
+    grid, rows, block = launch_shape(n_rows, n_cols)
     launch(
-        _swiglu_bwd_kernel, _grid(n_rows, n_cols), gate.device,
+        _swiglu_bwd_kernel, grid, gate.device,
         d2, g2, u2, dg, du, h if want_h else dg,
         d2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
-        h.stride(0) if want_h else 0, n_cols,
-        BLOCK=BLOCK, WRITE_H=want_h, num_warps=NUM_WARPS,
+        h.stride(0) if want_h else 0, n_rows, n_cols,
+        ROWS=rows, BLOCK=block, WRITE_H=want_h, num_warps=NUM_WARPS,
     )  # fmt: skip
     shape = gate.shape
     h = h.view(shape) if h is not None else None

@@ -16,6 +16,9 @@ from fms_acceleration_foak import kernels as K
 from fms_acceleration_foak.models import ARCHITECTURES
 
 ARCHS = list(ARCHITECTURES)
+# With CUDA (and no interpreter) the Triton path needs CUDA tensors: the GPU suite runs there.
+ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 NO_MIXED_PRECISION = SimpleNamespace(fp16=False, bf16=False)
 
 
@@ -104,9 +107,6 @@ def test_patched_model_trains_like_unpatched(arch, fast_loss, foak_classes, tiny
         assert experts._apply_gate.__module__.startswith("transformers")
 
 
-ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-
-
 def _grads_close(
     reference: torch.nn.Module, patched: torch.nn.Module, rel: float, per_tensor: bool
 ) -> None:
@@ -165,6 +165,7 @@ def tiny_batches_one() -> list[dict]:
     return [batch]
 
 
+@pytest.mark.skipif(ON_CUDA, reason="interpreter test (CPU tensors); CUDA runs the bf16 test")
 def test_llama_with_triton_kernels_in_interpreter(foak_classes, tiny_batches, train):
     # The interpreter runs each Triton program in Python: 2 steps, 1 micro-batch keep this short.
     with K.backend("triton"):
@@ -228,7 +229,7 @@ def test_fast_loss_patch_keeps_loss_mapping_for_the_trainer(foak_classes):
     loss_utils = importlib.import_module("transformers.loss.loss_utils")
     original = PreTrainedModel.__dict__["loss_function"]
     fixed_ce = loss_utils.fixed_cross_entropy
-    patched, other = _tiny_model("llama"), _tiny_model("llama")
+    patched, other = _tiny_model("llama").to(DEVICE), _tiny_model("llama")
     framework = build_framework(_stanza(True, rms=False, rope=False), foak_classes)
     framework.augmentation(patched, NO_MIXED_PRECISION, ())
     seen = {}
@@ -243,7 +244,8 @@ def test_fast_loss_patch_keeps_loss_mapping_for_the_trainer(foak_classes):
         # outside a forward, and for another model, nothing changes
         assert patched.loss_function is loss_utils.ForCausalLMLoss
         assert other.loss_function is loss_utils.ForCausalLMLoss
-        batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[5, 6, 7]])}
+        ids = torch.tensor([[5, 6, 7]], device=DEVICE)
+        batch = {"input_ids": ids, "labels": ids}
         with K.backend("triton"):
             loss = patched(**batch).loss
         assert seen == {"inside": fast_causal_lm_loss, "other": loss_utils.ForCausalLMLoss}
@@ -270,6 +272,7 @@ def _first_non_view(node):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_fast_loss_takes_low_precision_logits_without_fp32_copy(seed, dtype):
+    device = DEVICE
     # Fix 1: ForCausalLMLoss upcasts logits to fp32 and saves that copy (and then makes an fp32
     # gradient); the fast loss feeds the logits to the kernel as they are.
     from transformers.loss.loss_utils import ForCausalLMLoss
@@ -277,8 +280,8 @@ def test_fast_loss_takes_low_precision_logits_without_fp32_copy(seed, dtype):
     from fms_acceleration_foak.models.loss import fast_causal_lm_loss
 
     batch, seq, vocab = 3, 37, 1000
-    logits = (torch.randn(batch, seq, vocab) * 3).to(dtype)
-    labels = torch.randint(0, vocab, (batch, seq))
+    logits = (torch.randn(batch, seq, vocab, device=device) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (batch, seq), device=device)
     labels[0, :5] = -100
     saved: list[torch.Tensor] = []
 

@@ -25,7 +25,8 @@
 # Then, there:
 #     bash scripts/gpu/suite.sh
 # Settings (environment): PYTHON (default python3), SUITE_OUT (where the CSVs go),
-# SUITE_PARTS (default "install tests kernels e2e summary"), SUITE_WHEELS (default .whl).
+# SUITE_PARTS (default "install tests kernels e2e summary"), SUITE_WHEELS (default .whl),
+# SUITE_TESTS=all (the whole foak test suite on the GPU machine, not only its CUDA tests).
 
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -117,10 +118,14 @@ if want tests; then
     junit=$OUT/.junit.xml
     if [ "$MODE" = gpu ]; then
         log "tests on CUDA (kernels compiled, bf16, realistic shapes; models in bf16)"
-        # the AOT compile test is CI's (no GPU there); here the kernels really run
-        timeout 330 "$PY" -m pytest -q -n 8 -p no:cacheprovider --junitxml="$junit" \
-            plugins/fused-ops-and-kernels/tests \
-            --deselect plugins/fused-ops-and-kernels/tests/test_aot_compile.py
+        # The kernel tests, every CUDA test and the loss tests; SUITE_TESTS=all runs the whole
+        # plugin suite (its CPU-only tests too). The AOT compile test is CI's: here the kernels
+        # really run.
+        tests=plugins/fused-ops-and-kernels/tests
+        select=(-k "test_kernels or cuda or fast_loss" "$tests/test_kernels.py"
+                "$tests/test_models.py" "$tests/test_fused_lora_model.py")
+        [ "${SUITE_TESTS:-}" = all ] && select=("$tests" --deselect "$tests/test_aot_compile.py")
+        timeout 330 "$PY" -m pytest -q -n 8 -p no:cacheprovider --junitxml="$junit" "${select[@]}"
         rc=$?
     else
         log "tests (dry run): collecting the CUDA tests, which skip here"

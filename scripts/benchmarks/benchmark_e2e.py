@@ -56,7 +56,9 @@ FIELDS = (
     "date",
     "device",
     "torch",
+    "triton",
     "transformers",
+    "peft",
     "bitsandbytes",
     "run",
     "model",
@@ -185,7 +187,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("torch", "transformers", "bitsandbytes"):
+    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -136,7 +136,7 @@ if want tests; then
     [ $rc -eq 0 ] || fail "tests (exit $rc)"
     "$PY" - "$junit" "$OUT/gpu_tests.csv" "$MODE" "$rc" <<'EOF'
 import csv, datetime, sys, xml.etree.ElementTree as ET
-import torch
+import torch, transformers, triton
 junit, out, mode, rc = sys.argv[1:]
 try:
     suite = ET.parse(junit).getroot()
@@ -154,6 +154,8 @@ row = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)",
     "torch": torch.__version__,
+    "triton": triton.__version__,
+    "transformers": transformers.__version__,
     "passed": stats.get("tests", 0) - stats.get("failures", 0) - stats.get("errors", 0)
     - stats.get("skipped", 0),
     "failed": stats.get("failures", 0),

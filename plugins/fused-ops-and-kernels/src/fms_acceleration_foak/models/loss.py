@@ -63,12 +63,16 @@ def build_loss_function_property(previous: property) -> property:
     """
     from transformers.loss.loss_utils import ForCausalLMLoss
 
+    # another framework's patch already installed: wrap what it wrapped (the test is the same)
+    previous = getattr(previous.fget, "foak_previous", previous)
+
     def fget(self):
         resolved = previous.fget(self)
         if resolved is ForCausalLMLoss and _FAST_LOSS_MODEL.get() is self:
             return fast_causal_lm_loss
         return resolved
 
+    fget.foak_previous = previous
     return property(fget, previous.fset, previous.fdel, previous.__doc__)
 
 

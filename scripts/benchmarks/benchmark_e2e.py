@@ -195,6 +195,21 @@ def _versions() -> dict:
     return out
 
 
+def _write(path: Path, rows: list[dict]) -> None:
+    """All rows so far, each accelerated run with its ratios to the HF run of its kind."""
+    by_run = {r["run"]: r for r in rows if r["status"] == "ok"}
+    for row in rows:
+        base = by_run.get(row["run"].split("/")[0] + "/hf")
+        if row["status"] == "ok" and base:
+            row["speedup_vs_hf"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
+            if base["peak_mb"]:
+                row["memory_vs_hf"] = round(row["peak_mb"] / base["peak_mb"], 3)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
@@ -231,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     forwarded = [f"--{k}={getattr(args, k)}" for k in ("layers", "batch", "seq", "warmup", "steps")]
     forwarded += ["--tiny"] if args.tiny else []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
         row = {**common, "run": run}
         try:
@@ -251,18 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             row["status"] = f"failed: {err}"[:300]
         print(", ".join(f"{k}={row.get(k)}" for k in ("run", "tokens_per_s", "peak_mb", "status")))
         rows.append(row)
-    by_run = {r["run"]: r for r in rows if r["status"] == "ok"}
-    for row in rows:
-        base = by_run.get(row["run"].split("/")[0] + "/hf")
-        if row["status"] == "ok" and base:
-            row["speedup_vs_hf"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
-            if base["peak_mb"]:
-                row["memory_vs_hf"] = round(row["peak_mb"] / base["peak_mb"], 3)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        _write(args.out, rows)  # after every run: a suite stopped early keeps what it measured
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

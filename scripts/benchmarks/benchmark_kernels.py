@@ -449,6 +449,18 @@ def main(argv: list[str] | None = None) -> int:
     if device != "cuda":
         foak_note = "cpu: foak = Triton interpreter" if args.interpret else "cpu: foak = torch path"
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    append = args.append and args.out.exists()
+    if append:
+        with args.out.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if tuple(header) != FIELDS:
+            print(f"{args.out} has other columns ({header}); not appending", file=sys.stderr)
+            return 1
+    handle = args.out.open("a" if append else "w", newline="")
+    writer = csv.DictWriter(handle, fieldnames=FIELDS)
+    if not append:
+        writer.writeheader()
     rows = []
     for kernel in args.kernels:
         vocabs = args.vocab if "cross_entropy" in kernel or "loss" in kernel else args.vocab[:1]
@@ -483,23 +495,13 @@ def main(argv: list[str] | None = None) -> int:
                         notes.append("lm_head frozen")
                     row["note"] = "; ".join(notes)
                     rows.append(row)
+                    writer.writerow(row)  # as it comes: a run stopped early keeps its rows
+                    handle.flush()
                     shown = ("kernel", "impl", "pass", "shape", "ms", "peak_mb", "gbps")
                     print(", ".join(f"{k}={row[k]}" for k in shown), flush=True)
                     if in_process and device == "cuda":
                         torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    append = args.append and args.out.exists()
-    if append:
-        with args.out.open(newline="") as handle:
-            header = next(csv.reader(handle), [])
-        if tuple(header) != FIELDS:
-            print(f"{args.out} has other columns ({header}); not appending", file=sys.stderr)
-            return 1
-    with args.out.open("a" if append else "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if not append:
-            writer.writeheader()
-        writer.writerows(rows)
+    handle.close()
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0 if rows else 1
 

@@ -5,14 +5,14 @@
 # transformers 5.17, peft, accelerate) it, within about 8 minutes:
 #   install  our packages, bitsandbytes 0.50.2 and liger-kernel 0.8.5 from .whl/ (no network,
 #            no dependency resolution) into a private target dir on PYTHONPATH;
-#   tests    the foak tests on CUDA: kernels compiled (not interpreted), in bf16 too, at
-#            realistic shapes; patched vs unpatched models and fused LoRA in bf16;
 #   kernels  every kernel vs torch eager, HF code and Liger-Kernel, as GB/s and % of the
 #            device-to-device copy bandwidth measured in the same run; the causal-LM loss on
 #            bf16 logits (ours vs the previous patch vs HF); fused linear CE at vocab 128256,
 #            lm_head trained and frozen, 16k and 32k tokens, vs unfused and vs Liger's;
 #   e2e      LoRA and QLoRA tokens/s and peak memory, HF vs ours, random-init Llama-3-8B shapes
 #            (batch 4 x seq 2048);
+#   tests    the foak tests on CUDA: kernels compiled (not interpreted), in bf16 too, at
+#            realistic shapes; patched vs unpatched models and fused LoRA in bf16;
 #   summary  the table (scripts/gpu/summarize.py), also written as gpu_summary.md.
 # CSVs (device, versions, date on every row) go to scripts/benchmarks/refs/gpu_*.csv.
 #
@@ -25,21 +25,43 @@
 # Then, there:
 #     bash scripts/gpu/suite.sh
 # Settings (environment): PYTHON (default python3), SUITE_OUT (where the CSVs go),
-# SUITE_PARTS (default "install tests kernels e2e summary"), SUITE_WHEELS (default .whl),
-# SUITE_TESTS=all (the whole foak test suite on the GPU machine, not only its CUDA tests).
+# SUITE_PARTS (default "install kernels e2e tests summary": the figures first; parts always
+# run in this order), SUITE_WHEELS (default .whl),
+# SUITE_TESTS=all (the whole foak test suite on the GPU machine, not only its CUDA tests),
+# SUITE_BUDGET_S (default 480: each part gets at most what is left; later parts are skipped,
+# and reported, once it is spent, so one run fits the machine's 10-minute command limit).
 
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 WHEELS=${SUITE_WHEELS:-$ROOT/.whl}
-PARTS=${SUITE_PARTS:-"install tests kernels e2e summary"}
+PARTS=${SUITE_PARTS:-"install kernels e2e tests summary"}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
 SUITE_START=$(date +%s)
 FAILED=()
 
+BUDGET=${SUITE_BUDGET_S:-480}  # the whole run, seconds: parts get what is left of it
 log() { printf '\n=== [%4ss] %s\n' "$(($(date +%s) - SUITE_START))" "$*"; }
+# seconds a step may take: its own cap, or what is left of the budget (0: skip it)
+allow() {
+    local left=$((BUDGET - ($(date +%s) - SUITE_START)))
+    if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+# run a step under `timeout`, or say why it was skipped (the budget is spent)
+step() {
+    local cap=$1 name=$2
+    shift 2
+    local t
+    t=$(allow "$cap")
+    if [ "$t" -eq 0 ]; then
+        echo "!!! skipped $name: the ${BUDGET} s budget is spent (SUITE_BUDGET_S)" >&2
+        FAILED+=("$name (skipped)")
+        return 0
+    fi
+    timeout "$t" "$@" || fail "$name"
+}
 fail() { echo "!!! $*" >&2; FAILED+=("$1"); }
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
@@ -113,8 +135,48 @@ print('  importing', foak.__name__, 'from', foak.__file__)
     fi
 fi
 
+# --- kernel benchmarks: bandwidth vs copy, Liger, HF; loss on bf16 logits; fused linear CE ------
+if want kernels; then
+    csv_out=$OUT/gpu_kernels.csv
+    bench=scripts/benchmarks/benchmark_kernels.py
+    if [ "$MODE" = gpu ]; then
+        log "kernel benchmarks (Llama-3-8B shapes, 16k tokens, bf16)"
+        step 240 "kernel benchmarks" "$PY" $bench --out "$csv_out"
+        log "fused linear CE: frozen lm_head (LoRA), and 32k tokens"
+        step 90 "fused linear CE (frozen)" "$PY" $bench --kernels fused_linear_cross_entropy \
+            --passes full --impls foak reference hf_eager liger --frozen-lm-head --append \
+            --out "$csv_out"
+        step 90 "fused linear CE (32k tokens)" "$PY" $bench --kernels fused_linear_cross_entropy \
+            --passes full --impls foak hf_eager liger --tokens 32768 --append --out "$csv_out"
+    else
+        log "kernel benchmarks (dry run: toy CPU shapes, torch paths, no Liger)"
+        tiny=(--device cpu --in-process --tokens 256 --hidden 64 --intermediate 128 --seq 64
+              --heads 4 --kv-heads 2 --head-dim 16 --vocab 1000 --warmup 0 --repeat 1)
+        step 300 "kernel benchmarks" "$PY" $bench "${tiny[@]}" --passes full --out "$csv_out"
+        step 120 "fused linear CE (frozen)" "$PY" $bench "${tiny[@]}" \
+            --kernels fused_linear_cross_entropy --passes full --frozen-lm-head --append \
+            --out "$csv_out"
+    fi
+fi
+
+# --- end to end: LoRA and QLoRA, HF vs ours -----------------------------------------------------
+if want e2e; then
+    if [ "$MODE" = gpu ]; then
+        log "end to end: LoRA / QLoRA on random-init Llama-3-8B shapes, batch 4 x seq 2048"
+        step 300 "end to end" "$PY" scripts/benchmarks/benchmark_e2e.py --timeout 150 \
+            --out "$OUT/gpu_e2e.csv"
+    else
+        log "end to end (dry run: 2-layer toy Llama on CPU)"
+        step 300 "end to end" "$PY" scripts/benchmarks/benchmark_e2e.py --tiny \
+            --out "$OUT/gpu_e2e.csv"
+    fi
+fi
+
 # --- tests: compiled kernels on CUDA, models in bf16 ---------------------------------------------
-if want tests; then
+if want tests && [ "$(allow 300)" -eq 0 ]; then
+    echo "!!! skipped tests: the ${BUDGET} s budget is spent (SUITE_BUDGET_S)" >&2
+    FAILED+=("tests (skipped)")
+elif want tests; then
     junit=$OUT/.junit.xml
     if [ "$MODE" = gpu ]; then
         log "tests on CUDA (kernels compiled, bf16, realistic shapes; models in bf16)"
@@ -125,11 +187,12 @@ if want tests; then
         select=(-k "test_kernels or cuda or fast_loss" "$tests/test_kernels.py"
                 "$tests/test_models.py" "$tests/test_fused_lora_model.py")
         [ "${SUITE_TESTS:-}" = all ] && select=("$tests" --deselect "$tests/test_aot_compile.py")
-        timeout 330 "$PY" -m pytest -q -n 8 -p no:cacheprovider --junitxml="$junit" "${select[@]}"
+        timeout "$(allow 300)" "$PY" -m pytest -q -n 8 -p no:cacheprovider \
+            --junitxml="$junit" "${select[@]}"
         rc=$?
     else
         log "tests (dry run): collecting the CUDA tests, which skip here"
-        timeout 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$junit" \
+        timeout "$(allow 300)" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$junit" \
             plugins/fused-ops-and-kernels/tests -k cuda
         rc=$?
     fi
@@ -173,45 +236,6 @@ print(f"  {row['passed']} passed, {row['failed']} failed, {row['errors']} errors
       f"{row['skipped']} skipped -> {out}")
 EOF
     rm -f "$junit"
-fi
-
-# --- kernel benchmarks: bandwidth vs copy, Liger, HF; loss on bf16 logits; fused linear CE ------
-if want kernels; then
-    csv_out=$OUT/gpu_kernels.csv
-    bench=scripts/benchmarks/benchmark_kernels.py
-    if [ "$MODE" = gpu ]; then
-        log "kernel benchmarks (Llama-3-8B shapes, 16k tokens, bf16)"
-        timeout 300 "$PY" $bench --out "$csv_out" || fail "kernel benchmarks"
-        log "fused linear CE: frozen lm_head (LoRA), and 32k tokens"
-        timeout 120 "$PY" $bench --kernels fused_linear_cross_entropy --passes full \
-            --impls foak reference hf_eager liger --frozen-lm-head --append --out "$csv_out" \
-            || fail "fused linear CE (frozen)"
-        timeout 120 "$PY" $bench --kernels fused_linear_cross_entropy --passes full \
-            --impls foak hf_eager liger --tokens 32768 --append --out "$csv_out" \
-            || fail "fused linear CE (32k tokens)"
-    else
-        log "kernel benchmarks (dry run: toy CPU shapes, torch paths, no Liger)"
-        tiny=(--device cpu --in-process --tokens 256 --hidden 64 --intermediate 128 --seq 64
-              --heads 4 --kv-heads 2 --head-dim 16 --vocab 1000 --warmup 0 --repeat 1)
-        timeout 300 "$PY" $bench "${tiny[@]}" --passes full --out "$csv_out" \
-            || fail "kernel benchmarks"
-        timeout 120 "$PY" $bench "${tiny[@]}" --kernels fused_linear_cross_entropy \
-            --passes full --frozen-lm-head --append --out "$csv_out" \
-            || fail "fused linear CE (frozen)"
-    fi
-fi
-
-# --- end to end: LoRA and QLoRA, HF vs ours -----------------------------------------------------
-if want e2e; then
-    if [ "$MODE" = gpu ]; then
-        log "end to end: LoRA / QLoRA on random-init Llama-3-8B shapes, batch 4 x seq 2048"
-        timeout 600 "$PY" scripts/benchmarks/benchmark_e2e.py --out "$OUT/gpu_e2e.csv" \
-            || fail "end to end"
-    else
-        log "end to end (dry run: 2-layer toy Llama on CPU)"
-        timeout 600 "$PY" scripts/benchmarks/benchmark_e2e.py --tiny --out "$OUT/gpu_e2e.csv" \
-            || fail "end to end"
-    fi
 fi
 
 if want summary; then

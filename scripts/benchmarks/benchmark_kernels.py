@@ -1,24 +1,30 @@
-"""Benchmark the fused-ops-and-kernels kernels against their PyTorch reference and HF eager code.
+"""Benchmark the fused-ops-and-kernels kernels against PyTorch eager, HF code and Liger-Kernel.
 
 For every kernel and implementation it measures the forward, the backward and the full step
 (forward + backward): time, peak memory and, from the bytes the step must touch at least once,
-achieved GB/s as a fraction of the device's measured copy bandwidth. Each measurement runs in a
-fresh subprocess so one measurement's allocations cannot hide another's peak.
+achieved GB/s as a fraction of the device-to-device copy bandwidth measured in the same run.
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the process's resident-set
-high-water mark (VmHWM, reset through /proc/self/clear_refs after the inputs are built), so
-`peak_mb` is the memory the step added on top of its inputs.
+Implementations: foak (ours), reference (our plain-PyTorch reference), hf_eager (the
+transformers code the kernel replaces), liger (Liger-Kernel's op, when installed; CUDA only),
+and for causal_lm_loss `previous` (transformers' ForCausalLMLoss calling our CE kernel after its
+fp32 upcast: the fast_loss patch before it took the model's loss function).
 
-    # every kernel on CUDA (bf16)
+On CUDA every measurement runs in this process (peak memory from torch.cuda's allocator stats,
+reset per measurement; times from CUDA events, the L2 cache flushed before each repetition). On
+CPU each measurement runs in a fresh subprocess and peak memory is the resident-set high-water
+mark (VmHWM, reset through /proc/self/clear_refs after the inputs are built), so `peak_mb` is
+the memory the step added on top of its inputs.
+
+    # every kernel on CUDA (bf16), Llama-3-8B shapes, with Liger where installed
     python scripts/benchmarks/benchmark_kernels.py --out kernels_cuda.csv
     # the committed CPU reference: fused linear CE vs unfused, fp32, 4096 tokens x 2048 hidden
-    python scripts/benchmarks/benchmark_kernels.py --device cpu \
-        --kernels fused_linear_cross_entropy --passes full --warmup 0 \
-        --vocab 49152 128256 --out scripts/benchmarks/refs/kernels_cpu.csv
-    # ... plus a frozen lm_head (LoRA), appended to the same file
-    python scripts/benchmarks/benchmark_kernels.py --device cpu \
-        --kernels fused_linear_cross_entropy --passes full --warmup 0 --impls foak reference \
-        --vocab 128256 --frozen-lm-head --append --out scripts/benchmarks/refs/kernels_cpu.csv
+    python scripts/benchmarks/benchmark_kernels.py --device cpu \\
+        --kernels fused_linear_cross_entropy --passes full --warmup 0 --tokens 4096 \\
+        --hidden 2048 --vocab 49152 128256 --out scripts/benchmarks/refs/kernels_cpu.csv
+    # fix 1 on CPU: loss memory of bf16 logits, ours (interpreter) vs previous vs HF
+    python scripts/benchmarks/benchmark_kernels.py --device cpu --interpret \\
+        --kernels causal_lm_loss --impls foak previous hf_eager --passes full --warmup 0 \\
+        --dtype bfloat16 --tokens 2048 --vocab 128256 --out scripts/benchmarks/refs/loss_cpu.csv
 """
 
 from __future__ import annotations
@@ -34,8 +40,16 @@ import sys
 import time
 from pathlib import Path
 
-KERNELS = ("rms_norm", "rope", "cross_entropy", "fused_linear_cross_entropy", "swiglu")
-IMPLS = ("foak", "reference", "hf_eager")
+KERNELS = (
+    "rms_norm",
+    "rms_norm_head_dim",
+    "rope",
+    "cross_entropy",
+    "causal_lm_loss",
+    "fused_linear_cross_entropy",
+    "swiglu",
+)
+IMPLS = ("foak", "reference", "hf_eager", "liger", "previous")
 PASSES = ("forward", "backward", "full")
 FIELDS = (
     "date",
@@ -43,6 +57,7 @@ FIELDS = (
     "torch",
     "triton",
     "transformers",
+    "liger",
     "kernel",
     "impl",
     "shape",
@@ -51,16 +66,31 @@ FIELDS = (
     "ms",
     "peak_mb",
     "gbps",
+    "copy_gbps",
     "bandwidth_fraction",
     "note",
 )
 
 
-# --- workloads (run in the child) ---------------------------------------------------------------
+class NotApplicable(Exception):
+    """This implementation does not exist for this kernel (or not on this device)."""
+
+
+# --- workloads ----------------------------------------------------------------------------------
+
+
+def _liger(module: str, name: str, device):
+    if device.type != "cuda":
+        raise NotApplicable("liger runs on CUDA only")
+    try:
+        mod = __import__(f"liger_kernel.ops.{module}", fromlist=[name])
+    except ImportError as err:
+        raise NotApplicable(f"liger-kernel not installed ({err})") from None
+    return getattr(mod, name)
 
 
 def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
-    """(inputs requiring grad, fn(inputs) -> scalar to backprop, bytes touched by fwd, by bwd)."""
+    """(leaves, fn() -> outputs, bytes touched by fwd, by bwd, shape); NotApplicable if none."""
     import torch
     import torch.nn.functional as F
 
@@ -73,18 +103,26 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
         return t.to(dtype).requires_grad_(grad)
 
     size = torch.tensor([], dtype=dtype).element_size()
-    if kernel == "rms_norm":
+    if impl == "previous" and kernel != "causal_lm_loss":
+        raise NotApplicable("previous is the old fast_loss path of causal_lm_loss")
+    if kernel in ("rms_norm", "rms_norm_head_dim"):
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-        x, w = rand(tokens, hidden), rand(hidden)
-        hf = LlamaRMSNorm(hidden).to(device, dtype)
+        rows, width = (tokens, hidden)
+        if kernel == "rms_norm_head_dim":  # Qwen3 q_norm: one row per token and head
+            rows, width = tokens * args.heads, args.head_dim
+        x, w = rand(rows, width), rand(width)
+        hf = LlamaRMSNorm(width).to(device, dtype)
         fns = {
             "foak": lambda: K.rms_norm(x, w, 1e-6),
             "reference": lambda: K.rms_norm_reference(x, w, 1e-6),
             "hf_eager": lambda: hf(x),
         }
-        nbytes = 2 * x.numel() * size
-        return [x, w, *hf.parameters()], fns[impl], nbytes, 3 * x.numel() * size, (tokens, hidden)
+        if impl == "liger":
+            fn = _liger("rms_norm", "LigerRMSNormFunction", device)
+            fns["liger"] = lambda: fn.apply(x, w, 1e-6)
+        n = x.numel() * size
+        return [x, w, *hf.parameters()], fns[impl], 2 * n, 3 * n, (rows, width)
     if kernel == "rope":
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -92,13 +130,16 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
         batch, seq = max(1, tokens // args.seq), args.seq
         q = rand(batch, seq, heads, dim).transpose(1, 2)
         k = rand(batch, seq, kv_heads, dim).transpose(1, 2)
-        angles = torch.rand(batch, seq, dim, device=device) * 6.28
+        angles = torch.rand(1, seq, dim, device=device) * 6.28
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         fns = {
             "foak": lambda: K.rope(q, k, cos, sin),
             "reference": lambda: K.rope_reference(q, k, cos, sin),
             "hf_eager": lambda: apply_rotary_pos_emb(q, k, cos, sin),
         }
+        if impl == "liger":
+            fn = _liger("rope", "LigerRopeFunction", device)
+            fns["liger"] = lambda: fn.apply(q, k, cos, sin)
         qk = (q.numel() + k.numel()) * size
         return [q, k], fns[impl], 2 * qk, 2 * qk, (batch, seq, heads, kv_heads, dim)
     target = torch.randint(0, args.vocab, (tokens,), device=device)
@@ -112,8 +153,41 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
             "reference": lambda: K.cross_entropy_reference(logits, target),
             "hf_eager": lambda: fixed_cross_entropy(logits.float(), target),
         }
-        nbytes = logits.numel() * size
-        return [logits], fns[impl], nbytes, 2 * nbytes, (tokens, args.vocab)
+        if impl == "liger":
+            fn = _liger("cross_entropy", "LigerCrossEntropyFunction", device)
+            fns["liger"] = lambda: fn.apply(logits, target, None, -100)[0]
+        n = logits.numel() * size
+        return [logits], fns[impl], n, 2 * n, (tokens, args.vocab)
+    if kernel == "causal_lm_loss":
+        # the model's loss on its [batch, seq, vocab] logits, labels shifted inside
+        from transformers.loss import loss_utils
+
+        from fms_acceleration_foak.models.loss import fast_causal_lm_loss
+
+        batch = max(1, tokens // args.seq)
+        logits = rand(batch, tokens // batch, args.vocab, scale=2.0)
+        labels = target[: logits.shape[0] * logits.shape[1]].view(logits.shape[:2])
+
+        def previous():
+            # ForCausalLMLoss with fixed_cross_entropy swapped for the kernel, as fast_loss was
+            original = loss_utils.fixed_cross_entropy
+            loss_utils.fixed_cross_entropy = lambda s, t, n=None, i=-100, **kw: K.cross_entropy(
+                s, t, i, n
+            )
+            try:
+                return loss_utils.ForCausalLMLoss(logits, labels, args.vocab)
+            finally:
+                loss_utils.fixed_cross_entropy = original
+
+        fns = {
+            "foak": lambda: fast_causal_lm_loss(logits, labels, args.vocab),
+            "previous": previous,
+            "hf_eager": lambda: loss_utils.ForCausalLMLoss(logits, labels, args.vocab),
+        }
+        if impl not in fns:
+            raise NotApplicable(f"{impl} has no causal LM loss")
+        n = logits.numel() * size
+        return [logits], fns[impl], n, 2 * n, tuple(logits.shape)
     if kernel == "fused_linear_cross_entropy":
         from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -125,6 +199,10 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
             "reference": lambda: K.fused_linear_cross_entropy_reference(h, w, target),
             "hf_eager": lambda: ForCausalLMLoss(F.linear(h, w)[None], labels[None], args.vocab),
         }
+        if impl == "liger":
+            name = "LigerFusedLinearCrossEntropyFunction"
+            fn = _liger("fused_linear_cross_entropy", name, device)
+            fns["liger"] = lambda: fn.apply(h, w, target)[0]
         nbytes = (h.numel() + w.numel()) * size
         return [h, w], fns[impl], nbytes, 2 * nbytes, (tokens, hidden, args.vocab)
     if kernel == "swiglu":
@@ -135,31 +213,44 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
             "reference": lambda: K.swiglu_reference(gate, up),
             "hf_eager": lambda: F.silu(gate) * up,
         }
+        if impl == "liger":
+            fn = _liger("swiglu", "LigerSiLUMulFunction", device)
+            fns["liger"] = lambda: fn.apply(gate, up)
         n = gate.numel() * size
         return [gate, up], fns[impl], 3 * n, 5 * n, (tokens, inter)
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _copy_bandwidth(device) -> float:
-    """Measured GB/s of a large tensor copy (read + write) on this device."""
+# --- timing and memory --------------------------------------------------------------------------
+
+
+def copy_bandwidth(device) -> float:
+    """Measured GB/s of a large device-to-device tensor copy (bytes read + written)."""
     import torch
 
-    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).uniform_()
+    numel = (256 if device.type == "cuda" else 64) * 2**20
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     best = float("inf")
-    for _ in range(5):
-        start = _now(device)
-        dst.copy_(src)
-        best = min(best, _now(device) - start)
+    for _ in range(10 if device.type == "cuda" else 3):
+        best = min(best, _timed(device, lambda: dst.copy_(src)))
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def _now(device) -> float:
+def _timed(device, fn) -> float:
+    """Seconds of fn(): CUDA events on CUDA, perf_counter elsewhere."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / 1e3
 
 
 def _rss_reset() -> int:
@@ -175,7 +266,7 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} missing from /proc/self/status")
 
 
-def run_child(spec: dict) -> dict:
+def measure(spec: dict) -> dict:
     """One measurement: build inputs, warm up, time `repeat` runs, report time and peak memory."""
     import gc
 
@@ -189,26 +280,27 @@ def run_child(spec: dict) -> dict:
         spec["kernel"], spec["impl"], args, device, dtype
     )
     phase = spec["pass"]
+    flush = None
+    if device.type == "cuda":
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
 
-    def scalar(out):
-        outs = out if isinstance(out, tuple) else (out,)
-        return sum(o.float().sum() if o.dim() else o for o in outs)
+    def outputs_and_grads():
+        out = fn()
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        grads = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs]
+        return outs, grads
 
     def step() -> float:
         for t in inputs:
             t.grad = None
+        if flush is not None:
+            flush.zero_()  # a cold L2: bandwidth from memory, not from cache
         if phase == "forward":
-            start = _now(device)
-            fn()
-            return _now(device) - start
+            return _timed(device, fn)
         if phase == "full":
-            start = _now(device)
-            scalar(fn()).backward()
-            return _now(device) - start
-        loss = scalar(fn())
-        start = _now(device)
-        loss.backward()
-        return _now(device) - start
+            return _timed(device, lambda: torch.autograd.backward(*outputs_and_grads()))
+        outs, grads = outputs_and_grads()
+        return _timed(device, lambda: torch.autograd.backward(outs, grads))
 
     for _ in range(args.warmup):
         step()
@@ -228,32 +320,38 @@ def run_child(spec: dict) -> dict:
         peak = _status_kb("VmHWM") * 1024 - base
     seconds = times[len(times) // 2]
     nbytes = {"forward": fwd_bytes, "backward": bwd_bytes, "full": fwd_bytes + bwd_bytes}[phase]
-    gbps = nbytes / seconds / 1e9
     return {
         "shape": "x".join(map(str, shape)),
         "ms": round(seconds * 1e3, 3),
         "peak_mb": round(peak / 2**20, 1),
-        "gbps": round(gbps, 2),
-        "bandwidth_fraction": round(gbps / _copy_bandwidth(device), 3),
+        "gbps": round(nbytes / seconds / 1e9, 2),
     }
 
 
-# --- driver -----------------------------------------------------------------------------------
+# --- driver -------------------------------------------------------------------------------------
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Package versions for the CSV rows."""
     import torch
     import transformers
     import triton
 
+    try:
+        from importlib.metadata import version
+
+        liger = version("liger-kernel")
+    except Exception:
+        liger = ""
     return {
         "torch": torch.__version__,
         "triton": triton.__version__,
         "transformers": transformers.__version__,
+        "liger": liger,
     }
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     import torch
 
     if device == "cuda":
@@ -261,21 +359,22 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=8192)
-    parser.add_argument("--seq", type=int, default=1024)
+    # defaults: Llama-3-8B, 16k tokens per step
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[128256])
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument(
@@ -283,12 +382,49 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fused_linear_cross_entropy: lm_head weight without grad (LoRA training)",
     )
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="CPU: run our Triton kernels through the interpreter (for memory, not speed)",
+    )
+    parser.add_argument(
+        "--subprocess",
+        action="store_true",
+        help="one fresh process per measurement (the default on CPU: RSS peaks)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU: measure in this process (fast; peak memory then means little)",
+    )
     parser.add_argument("--append", action="store_true", help="append rows to --out")
     parser.add_argument("--out", type=Path, default=Path("kernels.csv"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _child(spec: dict, interpret: bool) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        try:
+            print(json.dumps(measure(spec)))
+        except NotApplicable as why:
+            print(json.dumps({"not_applicable": str(why)}))
         return 0
 
     import torch
@@ -296,16 +432,38 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    in_process = (device == "cuda" and not args.subprocess) or args.in_process
+    if args.interpret and in_process:
+        parser_error = "--interpret needs fresh processes (the interpreter is chosen at import)"
+        print(parser_error, file=sys.stderr)
+        return 2
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
-    repeat = args.repeat if args.repeat is not None else (20 if device == "cuda" else 1)
+    repeat = args.repeat if args.repeat is not None else (10 if device == "cuda" else 1)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    common = {"date": date, "device": _device_name(device), **_versions(), "dtype": dtype}
-    note = "" if device == "cuda" else "cpu: foak = torch path (Triton needs CUDA)"
+    copy_gbps = copy_bandwidth(torch.device(device))
+    common = {"date": date, "device": device_name(device), **versions(), "dtype": dtype}
+    common["copy_gbps"] = round(copy_gbps, 1)
+    print(f"{common['device']}: device-to-device copy {copy_gbps:.0f} GB/s", flush=True)
+    foak_note = ""
+    if device != "cuda":
+        foak_note = "cpu: foak = Triton interpreter" if args.interpret else "cpu: foak = torch path"
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    append = args.append and args.out.exists()
+    if append:
+        with args.out.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if tuple(header) != FIELDS:
+            print(f"{args.out} has other columns ({header}); not appending", file=sys.stderr)
+            return 1
+    handle = args.out.open("a" if append else "w", newline="")
+    writer = csv.DictWriter(handle, fieldnames=FIELDS)
+    if not append:
+        writer.writeheader()
     rows = []
     for kernel in args.kernels:
-        vocabs = args.vocab if "cross_entropy" in kernel else args.vocab[:1]
+        vocabs = args.vocab if "cross_entropy" in kernel or "loss" in kernel else args.vocab[:1]
         for vocab in vocabs:
             for impl in args.impls:
                 for phase in args.passes:
@@ -319,32 +477,31 @@ def main(argv: list[str] | None = None) -> int:
                         "dtype": dtype,
                         "args": child_args,
                     }
-                    proc = subprocess.run(
-                        [sys.executable, __file__, "--child", json.dumps(spec)],
-                        capture_output=True,
-                        text=True,
-                        env={**os.environ, "TRITON_INTERPRET": "0"},
-                    )
-                    if proc.returncode != 0:
-                        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-                        print(f"{kernel}/{impl}/{phase} failed: {tail[0]}", file=sys.stderr)
+                    try:
+                        result = measure(spec) if in_process else _child(spec, args.interpret)
+                    except NotApplicable:
                         continue
-                    result = json.loads(proc.stdout.strip().splitlines()[-1])
+                    except Exception as err:  # one failure must not lose the other rows
+                        print(f"{kernel}/{impl}/{phase} failed: {err}", file=sys.stderr)
+                        if in_process and device == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    if "not_applicable" in result:
+                        continue
                     row = {**common, "kernel": kernel, "impl": impl, "pass": phase, **result}
-                    notes = [note] if impl == "foak" and note else []
+                    row["bandwidth_fraction"] = round(row["gbps"] / copy_gbps, 3)
+                    notes = [foak_note] if impl == "foak" and foak_note else []
                     if args.frozen_lm_head and kernel == "fused_linear_cross_entropy":
                         notes.append("lm_head frozen")
                     row["note"] = "; ".join(notes)
                     rows.append(row)
-                    shown = ("kernel", "impl", "pass", "shape", "ms", "peak_mb")
+                    writer.writerow(row)  # as it comes: a run stopped early keeps its rows
+                    handle.flush()
+                    shown = ("kernel", "impl", "pass", "shape", "ms", "peak_mb", "gbps")
                     print(", ".join(f"{k}={row[k]}" for k in shown), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    append = args.append and args.out.exists()
-    with args.out.open("a" if append else "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if not append:
-            writer.writeheader()
-        writer.writerows(rows)
+                    if in_process and device == "cuda":
+                        torch.cuda.empty_cache()
+    handle.close()
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0 if rows else 1
 

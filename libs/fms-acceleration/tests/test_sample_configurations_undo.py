@@ -63,6 +63,17 @@ def module_level_objects() -> dict[tuple[str, ...], Any]:
     return found
 
 
+def _location(target: str) -> tuple[tuple[str, ...], Any]:
+    """(key in module_level_objects, object there now) of a dotted patch target, which may be a
+    module's attribute ('pkg.mod.f') or a class's own attribute ('pkg.mod.Class.attr')."""
+    parts = target.split(".")
+    split = max(i for i in range(1, len(parts)) if ".".join(parts[:i]) in sys.modules)
+    owner: Any = sys.modules[".".join(parts[:split])]
+    for part in parts[split:]:
+        owner = vars(owner)[part]
+    return (".".join(parts[:split]), *parts[split:]), owner
+
+
 def changed_locations(before: dict, after: dict) -> set[str]:
     """Dotted locations whose object is another one now (locations new since are not compared)."""
     return {".".join(key) for key, value in before.items() if after.get(key, value) is not value}
@@ -221,5 +232,5 @@ def test_sample_is_undone_completely(entry, request, tmp_path):
     for rule in framework.model_patcher.rules.values():
         if rule.is_import_rule:
             target = rule.import_and_maybe_reload[0]
-            owner, _, name = target.rpartition(".")
-            assert functions_before[(owner, name)] is getattr(sys.modules[owner], name), target
+            key, current = _location(target)
+            assert functions_before[key] is current, target

@@ -1,14 +1,18 @@
-"""Shared fixtures: the Triton interpreter is on for every test (kernels run on CPU)."""
+"""Shared fixtures. Without CUDA the Triton interpreter is on (kernels run on CPU); with CUDA
+the kernel tests run the compiled kernels on the GPU (scripts/gpu/suite.sh)."""
 
 from __future__ import annotations
 
 import os
 
-# Must be set before triton.jit decorates the kernels, i.e. before fms_acceleration_foak imports.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
+
+# Must be set before triton.jit decorates the kernels, i.e. before fms_acceleration_foak imports.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+ON_CUDA = torch.cuda.is_available() and not INTERPRETER
 
 # Tiny tensors on a shared 2-core machine: a second intra-op thread only spin-waits (and stalls
 # whenever the other core is busy), making tiny-model steps up to 100x slower.
@@ -18,6 +22,7 @@ torch.set_num_threads(1)
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),
     torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 3e-2),
 }
 
 
@@ -32,6 +37,12 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
 def _leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh leaf copy requiring grad (optionally cast)."""
     return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernel tests put their tensors: CUDA when it is there, else CPU (interpreter)."""
+    return torch.device("cuda" if ON_CUDA else "cpu")
 
 
 @pytest.fixture

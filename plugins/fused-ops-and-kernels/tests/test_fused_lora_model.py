@@ -3,6 +3,8 @@ what each architecture fuses, the fallbacks, and the configuration errors."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -189,6 +191,28 @@ def test_patched_matches_unpatched_llama_per_base_and_dtype(base, dtype):
     )
     assert loss_err <= REL_TOL[dtype]
     assert fused_err <= min(3 * peft_err, HALF_CAP[dtype])
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs CUDA (scripts/gpu/suite.sh)",
+)
+@pytest.mark.parametrize("base", ["plain", "bitsandbytes"])
+def test_patched_matches_unpatched_on_cuda_bf16(base):
+    """On the GPU, in bf16, with the compiled SwiGLU kernel inside the fused MLP: as above."""
+    model = _tiny_lora_model("llama", base, torch.bfloat16).to("cuda")
+    batch = {k: v.to("cuda") for k, v in _batch(1).items()}
+    truth = _run(_fp32_twin(model).to("cuda"), batch)
+    ref = _run(model, batch)
+    patcher = _patch(model, base)
+    got = _run(model, batch)
+    assert got[2] == {FUSED_NODES[0]: 4, FUSED_NODES[1]: 2}
+    patcher.undo()
+    fused_err, peft_err = _max_rel(got, truth), _max_rel(ref, truth)
+    loss_err = abs(got[0] - truth[0]).item() / truth[0].item()
+    print(f"\ncuda llama {base} bf16 vs fp32: fused {fused_err:.3g}, peft {peft_err:.3g}")
+    assert loss_err <= REL_TOL[torch.bfloat16]
+    assert fused_err <= min(3 * peft_err, HALF_CAP[torch.bfloat16])
 
 
 def test_training_steps_match_unpatched():

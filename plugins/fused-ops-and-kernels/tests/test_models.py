@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,9 @@ from fms_acceleration_foak import kernels as K
 from fms_acceleration_foak.models import ARCHITECTURES
 
 ARCHS = list(ARCHITECTURES)
+# With CUDA (and no interpreter) the Triton path needs CUDA tensors: the GPU suite runs there.
+ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 NO_MIXED_PRECISION = SimpleNamespace(fp16=False, bf16=False)
 
 
@@ -83,17 +87,85 @@ def test_patched_model_trains_like_unpatched(arch, fast_loss, foak_classes, tiny
         n_norms = sum(type(m).__name__ == spec.rms_norm for m in model.modules())
         assert n_norms >= 5 and counts[f"foak.rms_norm.{spec.rms_norm}"] == n_norms
     assert counts.get(f"foak.rope.{spec.causal_lm}") == (1 if spec.rope else None)
+    if spec.mlp:
+        n_mlps = sum(type(m).__name__ == spec.mlp for m in model.modules())
+        assert n_mlps == 2 and counts[f"foak.swiglu.{spec.mlp}"] == n_mlps
+    if spec.experts:
+        assert counts[f"foak.swiglu.{spec.experts}"] == 1
     if fast_loss == "fused_ce_liger":
         assert counts["foak.loss.fused_linear_ce.forward"] == 1
         assert counts["foak.loss.fused_linear_ce.lm_head"] == 1
     else:
         assert counts["foak.loss.cross_entropy"] == 1
+        assert counts["foak.loss.loss_function"] == 1
     # undone: instance forwards removed, module attributes restored
     assert all("forward" not in m.__dict__ for m in model.modules())
     if spec.rope:
         assert spec.modeling_module().apply_rotary_pos_emb is not K.rope
+    if spec.experts:
+        experts = getattr(spec.modeling_module(), spec.experts)
+        assert experts._apply_gate.__module__.startswith("transformers")
 
 
+def _grads_close(
+    reference: torch.nn.Module, patched: torch.nn.Module, rel: float, per_tensor: bool
+) -> None:
+    """Relative gradient error per parameter, or over all parameters at once (MoE: a bf16
+    rounding difference may route a token to another expert, moving that expert's gradient)."""
+    wants, gots = [], []
+    for (name, p_ref), (_, p_got) in zip(reference.named_parameters(), patched.named_parameters()):
+        assert (p_ref.grad is None) == (p_got.grad is None), name
+        if p_ref.grad is None:
+            continue
+        want, got = p_ref.grad.float().flatten(), p_got.grad.float().flatten()
+        wants.append(want)
+        gots.append(got)
+        err = (got - want).norm().item() / max(want.norm().item(), 1e-12)
+        assert not per_tensor or err <= rel, f"{name}: relative gradient error {err:.3g} > {rel}"
+    want, got = torch.cat(wants), torch.cat(gots)
+    assert (got - want).norm().item() <= rel * want.norm().item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs CUDA (scripts/gpu/suite.sh)")
+@pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
+@pytest.mark.parametrize(
+    "arch, fast_loss", MATRIX, ids=[f"{a}-{'ce' if f is True else 'fused_ce'}" for a, f in MATRIX]
+)
+def test_patched_model_matches_unpatched_on_cuda_bf16(arch, fast_loss, mode, foak_classes):
+    # The compiled kernels on the GPU, in bf16 weights or fp32 weights under bf16 autocast (the
+    # Trainer's bf16=True): loss and every gradient within bf16 tolerance of the unpatched model.
+    reference = _tiny_model(arch).cuda()
+    if mode == "bf16_weights":
+        reference = reference.to(torch.bfloat16)
+    patched = copy.deepcopy(reference)
+    batch = {k: v.cuda() for k, v in tiny_batches_one()[0].items()}
+    framework = build_framework(_stanza(fast_loss), foak_classes)
+    patched, _ = framework.augmentation(patched, SimpleNamespace(fp16=False, bf16=True), ())
+    losses = []
+    try:
+        for model in (reference, patched):
+            model.train()
+            torch.manual_seed(0)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "autocast"):
+                loss = model(**batch).loss
+            loss.backward()
+            losses.append(loss.detach().float())
+    finally:
+        framework.undo_patches()
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=2e-2)
+    _grads_close(reference, patched, rel=6e-2, per_tensor=ARCHITECTURES[arch].experts is None)
+
+
+def tiny_batches_one() -> list[dict]:
+    from fms_acceleration.testing import tiny_dataset
+
+    rows = tiny_dataset(n=4, seq_len=16, vocab=128, seed=0)
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+    batch["labels"][1, -5:] = -100
+    return [batch]
+
+
+@pytest.mark.skipif(ON_CUDA, reason="interpreter test (CPU tensors); CUDA runs the bf16 test")
 def test_llama_with_triton_kernels_in_interpreter(foak_classes, tiny_batches, train):
     # The interpreter runs each Triton program in Python: 2 steps, 1 micro-batch keep this short.
     with K.backend("triton"):
@@ -103,7 +175,11 @@ def test_llama_with_triton_kernels_in_interpreter(foak_classes, tiny_batches, tr
     plain = _triton_graph_and_loss(True, foak_classes, tiny_batches)
     assert "CrossEntropyFunctionBackward" in plain[0]
     for names, _ in (fused, plain):
-        assert {"RMSNormFunctionBackward", "RoPEFunctionBackward"} <= names
+        assert {
+            "RMSNormFunctionBackward",
+            "RoPEFunctionBackward",
+            "SwiGLUFunctionBackward",
+        } <= names
     reference = _tiny_model("llama").train()(**tiny_batches(1, micro=1)[0][0]).loss
     for _, loss in (fused, plain):
         torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
@@ -144,17 +220,98 @@ def test_fused_ce_leaves_evaluation_untouched(foak_classes, tiny_batches):
 
 
 def test_fast_loss_patch_keeps_loss_mapping_for_the_trainer(foak_classes):
-    # Trainer compares LOSS_MAPPING[loss_type] with ForCausalLMLoss to count shifted labels
+    # Trainer compares LOSS_MAPPING[loss_type] with ForCausalLMLoss to count shifted labels; the
+    # fast loss is what this model resolves inside its own forward, and nowhere else.
+    from transformers.modeling_utils import PreTrainedModel
+
+    from fms_acceleration_foak.models.loss import fast_causal_lm_loss
+
     loss_utils = importlib.import_module("transformers.loss.loss_utils")
-    original = loss_utils.fixed_cross_entropy
+    original = PreTrainedModel.__dict__["loss_function"]
+    fixed_ce = loss_utils.fixed_cross_entropy
+    patched, other = _tiny_model("llama").to(DEVICE), _tiny_model("llama")
     framework = build_framework(_stanza(True, rms=False, rope=False), foak_classes)
-    framework.augmentation(_tiny_model("llama"), NO_MIXED_PRECISION, ())
+    framework.augmentation(patched, NO_MIXED_PRECISION, ())
+    seen = {}
+    # read the resolution from inside the patched model's forward (its decoder runs in it)
+    hook = patched.model.register_forward_hook(
+        lambda *_: seen.update(inside=patched.loss_function, other=other.loss_function)
+    )
     try:
-        assert loss_utils.fixed_cross_entropy is not original
+        assert PreTrainedModel.__dict__["loss_function"] is not original
         assert loss_utils.LOSS_MAPPING["ForCausalLM"] is loss_utils.ForCausalLMLoss
+        assert loss_utils.fixed_cross_entropy is fixed_ce
+        # outside a forward, and for another model, nothing changes
+        assert patched.loss_function is loss_utils.ForCausalLMLoss
+        assert other.loss_function is loss_utils.ForCausalLMLoss
+        ids = torch.tensor([[5, 6, 7]], device=DEVICE)
+        batch = {"input_ids": ids, "labels": ids}
+        with K.backend("triton"):
+            loss = patched(**batch).loss
+        assert seen == {"inside": fast_causal_lm_loss, "other": loss_utils.ForCausalLMLoss}
+        assert "CrossEntropyFunctionBackward" in _grad_fn_names(loss)
+        other.loss_function = fixed_ce  # a loss set by the user wins
+        assert other.loss_function is fixed_ce
     finally:
+        hook.remove()
         framework.undo_patches()
-    assert loss_utils.fixed_cross_entropy is original
+    assert PreTrainedModel.__dict__["loss_function"] is original
+
+
+def _first_non_view(node):
+    """The first autograd node below `node` that is not a reshape/view of its input."""
+    while node is not None and type(node).__name__.rstrip("0123456789") in (
+        "ViewBackward",
+        "ReshapeAliasBackward",
+        "UnsafeViewBackward",
+        "TransposeBackward",
+    ):
+        node = node.next_functions[0][0]
+    return node
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fast_loss_takes_low_precision_logits_without_fp32_copy(seed, dtype):
+    device = DEVICE
+    # Fix 1: ForCausalLMLoss upcasts logits to fp32 and saves that copy (and then makes an fp32
+    # gradient); the fast loss feeds the logits to the kernel as they are.
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from fms_acceleration_foak.models.loss import fast_causal_lm_loss
+
+    batch, seq, vocab = 3, 37, 1000
+    logits = (torch.randn(batch, seq, vocab, device=device) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (batch, seq), device=device)
+    labels[0, :5] = -100
+    saved: list[torch.Tensor] = []
+
+    def run(loss_fn, **kwargs):
+        leaf = logits.clone().requires_grad_(True)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = loss_fn(leaf, labels, vocab, **kwargs)
+        loss.backward()
+        return loss, leaf.grad, sum(t.numel() * t.element_size() for t in saved), loss.grad_fn
+
+    with K.backend("triton"):
+        fast, fast_grad, fast_saved, fast_fn = run(fast_causal_lm_loss, num_items_in_batch=90)
+    ref, ref_grad, ref_saved, _ = run(ForCausalLMLoss, num_items_in_batch=90)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    assert fast_grad.dtype == dtype
+    torch.testing.assert_close(fast_grad.float(), ref_grad.float(), atol=2e-3, rtol=2e-2)
+    logits_bytes = logits.numel() * logits.element_size()
+    # the kernel keeps the logits themselves (plus per-row lse and the labels); HF an fp32 copy
+    assert fast_saved < 1.1 * logits_bytes and ref_saved >= 2 * logits_bytes
+    names = set()
+    node = fast_fn
+    while node is not None:
+        names.add(type(node).__name__)
+        if type(node).__name__ == "CrossEntropyFunctionBackward":
+            below = _first_non_view(node.next_functions[0][0])
+            assert type(below).__name__ == "AccumulateGrad"  # no ToCopyBackward (no .float())
+            break
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert "CrossEntropyFunctionBackward" in names
 
 
 def _trainer_run(model, tmp_path, framework=None):

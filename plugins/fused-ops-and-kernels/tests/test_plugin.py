@@ -76,17 +76,24 @@ def test_defaults_and_slots(foak_classes):
         "fast_loss": True,
         "fast_rms_layernorm": True,
         "fast_rope_embeddings": True,
+        "fast_swiglu": True,
     }
-    assert plugin.taken_slots() == {"loss", "rms_norm", "rope"}
+    assert plugin.taken_slots() == {"loss", "rms_norm", "rope", "swiglu"}
     assert framework.slot_owners == {
         "loss": "fused_ops_and_kernels",
         "rms_norm": "fused_ops_and_kernels",
         "rope": "fused_ops_and_kernels",
+        "swiglu": "fused_ops_and_kernels",
     }
 
 
 def test_slots_follow_switches(foak_classes):
-    body = {"fast_loss": False, "fast_rms_layernorm": True, "fast_rope_embeddings": False}
+    body = {
+        "fast_loss": False,
+        "fast_rms_layernorm": True,
+        "fast_rope_embeddings": False,
+        "fast_swiglu": False,
+    }
     plugin = build_framework(_config(body), foak_classes).plugins["fused_ops_and_kernels"]
     assert plugin.taken_slots() == {"rms_norm"}
 
@@ -139,6 +146,7 @@ def test_both_stanzas_combine_into_one_activation(foak_classes):
         "fast_loss": True,
         "fast_rms_layernorm": False,
         "fast_rope_embeddings": True,
+        "fast_swiglu": True,
     }
     # a switch turned on in either stanza is on
     either = _config(

@@ -202,8 +202,9 @@ def _assign(owner: Any, name: str, value: Any) -> None:
 def _current_value(owner: Any, name: str) -> Any:
     if isinstance(owner, MutableMapping):
         return owner.get(name, _MISSING)
-    # an instance attribute: only what is in its own __dict__ is ours to restore
-    if not isinstance(owner, (type, types.ModuleType)) and hasattr(owner, "__dict__"):
+    # an instance's or a class's own attribute: an inherited one is not ours to restore, undo
+    # removes what we set so the inherited one shows again
+    if not isinstance(owner, types.ModuleType) and hasattr(owner, "__dict__"):
         return owner.__dict__.get(name, _MISSING)
     return getattr(owner, name, _MISSING)
 

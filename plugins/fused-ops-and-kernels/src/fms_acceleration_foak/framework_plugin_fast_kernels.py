@@ -1,4 +1,5 @@
-"""The fused-ops-and-kernels plugin: Triton RMSNorm, RoPE, cross-entropy, fused linear CE, LoRA."""
+"""The fused-ops-and-kernels plugin: Triton RMSNorm, RoPE, SwiGLU, cross-entropy, fused linear CE,
+LoRA."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class FusedOpsOptions(StanzaModel):
     """Triton RMSNorm; default true"""
     fast_rope_embeddings: bool | None = None
     """Triton rotary embedding of q, k; default true"""
+    fast_swiglu: bool | None = None
+    """Triton SwiGLU in the MLPs (dense and MoE experts); default true"""
     fused_linear_loss: bool | None = None
     """legacy spelling of fast_loss: fused_ce_liger (needs fast_loss: false); default false"""
 
@@ -47,6 +50,7 @@ DEFAULTS = {
     "fast_loss": True,
     "fast_rms_layernorm": True,
     "fast_rope_embeddings": True,
+    "fast_swiglu": True,
     "fused_linear_loss": False,
 }
 
@@ -110,6 +114,7 @@ class FastKernelsAccelerationPlugin(AccelerationPlugin):
             "loss": bool(cfg["fast_loss"]),
             "rms_norm": cfg["fast_rms_layernorm"],
             "rope": cfg["fast_rope_embeddings"],
+            "swiglu": cfg["fast_swiglu"],
             "lora_forward": cfg["fused_lora"],
         }
         return frozenset(slot for slot, on in slots.items() if on)
@@ -138,13 +143,21 @@ class FastKernelsAccelerationPlugin(AccelerationPlugin):
                 f"{str(cfg['fused_lora']).lower()}) trains only in mixed precision; set "
                 "fp16=True or bf16=True in the TrainingArguments."
             )
-        rules = build_kernel_rules(
-            model, spec, cfg["fast_loss"], cfg["fast_rms_layernorm"], cfg["fast_rope_embeddings"]
-        )
+        rules = []
         if cfg["fused_lora"]:
             from .lora import build_fused_lora_rules
 
+            # first: a module both would patch (a LoRA MLP) takes the fused LoRA forward, which
+            # runs the SwiGLU kernel itself (on a module, the first rule that matches wins)
             rules += build_fused_lora_rules(model, cfg["base_layer"])
+        rules += build_kernel_rules(
+            model,
+            spec,
+            cfg["fast_loss"],
+            cfg["fast_rms_layernorm"],
+            cfg["fast_rope_embeddings"],
+            cfg["fast_swiglu"],
+        )
         for rule in rules:
             self.model_patcher.register(rule)
         return model, modifiable_args

@@ -5,8 +5,8 @@ the Triton path on CUDA tensors (or everywhere when TRITON_INTERPRET=1) and the 
 reference elsewhere; `backend("torch" | "triton" | "auto")` overrides the choice in a block.
 """
 
-from ._dispatch import backend, use_triton
-from .cross_entropy import CrossEntropyFunction, cross_entropy
+from ._dispatch import backend, device_guard, use_triton
+from .cross_entropy import CrossEntropyFunction, check_targets, cross_entropy
 from .fused_linear_cross_entropy import (
     FusedLinearCrossEntropyFunction,
     fused_linear_cross_entropy,
@@ -20,7 +20,7 @@ from .reference import (
 )
 from .rms_norm import RMSNormFunction, rms_norm
 from .rope import RoPEFunction, rope
-from .swiglu import SwiGLUFunction, swiglu
+from .swiglu import SwiGLUFunction, SwiGLUPackedFunction, swiglu, swiglu_packed
 
 __all__ = [
     "CrossEntropyFunction",
@@ -28,9 +28,12 @@ __all__ = [
     "RMSNormFunction",
     "RoPEFunction",
     "SwiGLUFunction",
+    "SwiGLUPackedFunction",
     "backend",
+    "check_targets",
     "cross_entropy",
     "cross_entropy_reference",
+    "device_guard",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
     "rms_norm",
@@ -38,6 +41,7 @@ __all__ = [
     "rope",
     "rope_reference",
     "swiglu",
+    "swiglu_packed",
     "swiglu_reference",
     "use_triton",
 ]

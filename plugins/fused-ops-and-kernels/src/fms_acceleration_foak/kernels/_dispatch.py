@@ -1,11 +1,13 @@
-"""Choose between the Triton kernels and their plain-PyTorch counterparts."""
+"""Choose between the Triton kernels and their plain-PyTorch counterparts, and launch them."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import triton
@@ -45,6 +47,37 @@ def backend(name: str) -> Iterator[None]:
         _BACKEND.reset(token)
 
 
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` the current CUDA device for a launch (a no-op off CUDA).
+
+    Triton launches on the current device's stream, not on the device of the pointers it is
+    given: with a model split over GPUs in one process, an unguarded launch for a tensor on
+    cuda:1 would run on cuda:0.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launch(kernel: Any, grid: tuple[int, ...], device: torch.device, *args: Any, **meta: Any):
+    """Launch a Triton kernel under `device` (the device of the tensors it reads and writes)."""
+    with device_guard(device):
+        return kernel[grid](*args, **meta)
+
+
+@functools.cache
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 8 elsewhere (interpreter programs)."""
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_multiprocessors(index)
+
+
 def row_block(n_cols: int, cap: int = 65536) -> int:
     """A power-of-two block that covers a row of n_cols elements (one program per row)."""
     block = triton.next_power_of_2(n_cols)
@@ -53,12 +86,16 @@ def row_block(n_cols: int, cap: int = 65536) -> int:
     return block
 
 
+def warps_for(elements: int, per_thread: int, cap: int = 32) -> int:
+    """Warps so that a program's tile of `elements` leaves about `per_thread` values per thread.
+
+    Fewer values per thread means fewer registers per tensor held in the tile: the budget that
+    decides occupancy and spills for row-wise kernels.
+    """
+    warps = max(1, elements // (32 * per_thread))
+    return min(cap, triton.next_power_of_2(warps))
+
+
 def num_warps_for(block: int) -> int:
     """Warp count for a row-wise kernel of this block size (the interpreter ignores it)."""
-    if block >= 32768:
-        return 32
-    if block >= 8192:
-        return 16
-    if block >= 2048:
-        return 8
-    return 4
+    return warps_for(block, per_thread=16, cap=16)

@@ -1,7 +1,9 @@
 """Token cross-entropy over a chunked vocabulary: Triton kernels in one autograd Function.
 
 Each program owns one row of logits and walks the vocabulary in blocks with an online
-log-sum-exp, so no row ever has to fit in one block and no softmax is materialised.
+log-sum-exp, so no row ever has to fit in one block and no softmax is materialised. Logits of
+any float dtype go straight in (bf16 logits are read as bf16 and converted in registers), and
+the gradient comes back in the logits' dtype.
 """
 
 from __future__ import annotations
@@ -10,19 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import num_warps_for, use_triton
+from ._dispatch import launch, num_warps_for, use_triton
 from .reference import cross_entropy_reference
 
 MAX_VOCAB_BLOCK = 8192
 
 
 @triton.jit
-def _ce_loss_kernel(
-    LOGITS, stride_l, TARGET, LOSS, LSE, n_cols, ignore_index, BLOCK_V: tl.constexpr
-):
-    row = tl.program_id(0).to(tl.int64)
-    base = LOGITS + row * stride_l
-    target = tl.load(TARGET + row)
+def _row_lse(base, n_cols, BLOCK_V: tl.constexpr):
+    """Log-sum-exp of one row in fp32, one pass over the vocabulary."""
     m = float("-inf")
     d = 0.0
     for start in range(0, n_cols, BLOCK_V):
@@ -31,10 +29,31 @@ def _ce_loss_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(d)
-    ignored = target == ignore_index
-    x_target = tl.load(base + tl.where(ignored, 0, target)).to(tl.float32)
-    tl.store(LOSS + row, tl.where(ignored, 0.0, lse - x_target))
+    return m + tl.log(d)
+
+
+@triton.jit
+def _row_target(TARGET, row, n_cols, ignore_index):
+    """(target, keep) of one row: keep is 0 for ignore_index and for labels outside [0, V).
+
+    Labels outside the vocabulary are refused on the host before launch (check_targets); the
+    clamp here only keeps a kernel launched without that check from reading out of bounds.
+    """
+    target = tl.load(TARGET + row)
+    valid = (target != ignore_index) & (target >= 0) & (target < n_cols)
+    return tl.where(valid, target, 0), valid
+
+
+@triton.jit
+def _ce_loss_kernel(
+    LOGITS, stride_l, TARGET, LOSS, LSE, n_cols, ignore_index, BLOCK_V: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_l
+    target, valid = _row_target(TARGET, row, n_cols, ignore_index)
+    lse = _row_lse(base, n_cols, BLOCK_V)
+    x_target = tl.load(base + target).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, lse - x_target, 0.0))
     tl.store(LSE + row, lse)
 
 
@@ -52,13 +71,14 @@ def _ce_grad_kernel(
     BLOCK_V: tl.constexpr,
     HAS_SCALE: tl.constexpr,
 ):
-    # d loss_row / d logits = softmax - onehot(target); GRAD may alias LOGITS (fused path).
+    # d loss_row / d logits = softmax - onehot(target), times SCALE; GRAD may alias LOGITS.
     row = tl.program_id(0).to(tl.int64)
-    target = tl.load(TARGET + row)
+    target, valid = _row_target(TARGET, row, n_cols, ignore_index)
     lse = tl.load(LSE + row)
-    keep = tl.where(target == ignore_index, 0.0, 1.0)
+    scale = 1.0
     if HAS_SCALE:
-        keep = keep * tl.load(SCALE).to(tl.float32)
+        scale = tl.load(SCALE).to(tl.float32)
+    keep = tl.where(valid, scale, 0.0)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
@@ -67,9 +87,51 @@ def _ce_grad_kernel(
         tl.store(GRAD + row * stride_g + cols, g.to(GRAD.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _ce_loss_and_grad_kernel(
+    LOGITS,
+    stride_l,
+    TARGET,
+    LOSS,
+    SCALE,
+    n_cols,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    # Fused linear CE: the row loss, then (softmax - onehot) * SCALE over the logits in place.
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_l
+    target, valid = _row_target(TARGET, row, n_cols, ignore_index)
+    lse = _row_lse(base, n_cols, BLOCK_V)
+    x_target = tl.load(base + target).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, lse - x_target, 0.0))
+    if WRITE_GRAD:
+        keep = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < n_cols
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * keep
+            tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
 def vocab_block(n_cols: int) -> int:
     """Block of vocabulary entries one program processes per step."""
     return min(triton.next_power_of_2(n_cols), MAX_VOCAB_BLOCK)
+
+
+def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """ValueError when a label is neither ignore_index nor in [0, n_classes) (as torch refuses)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        where = bad.nonzero().flatten()
+        first = int(where[0])
+        raise ValueError(
+            f"cross_entropy: {where.numel()} target label(s) outside [0, {n_classes}) that are "
+            f"not ignore_index={ignore_index}; the first is {int(target[first])} at flat "
+            f"position {first}. Labels must be token ids of the vocabulary or ignore_index."
+        )
 
 
 def ce_loss_rows(
@@ -80,7 +142,8 @@ def ce_loss_rows(
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block = vocab_block(n_cols)
-    _ce_loss_kernel[(n_rows,)](
+    launch(
+        _ce_loss_kernel, (n_rows,), logits.device,
         logits, logits.stride(0), target, loss, lse, n_cols, ignore_index,
         BLOCK_V=block, num_warps=num_warps_for(block),
     )  # fmt: skip
@@ -98,12 +161,31 @@ def ce_grad_rows(
     """Write (softmax - onehot) * scale into out (may alias logits); ignored rows get 0."""
     n_rows, n_cols = logits.shape
     block = vocab_block(n_cols)
-    _ce_grad_kernel[(n_rows,)](
+    launch(
+        _ce_grad_kernel, (n_rows,), logits.device,
         logits, logits.stride(0), out, out.stride(0), target, lse,
         scale if scale is not None else lse, n_cols, ignore_index,
         BLOCK_V=block, HAS_SCALE=scale is not None, num_warps=num_warps_for(block),
     )  # fmt: skip
     return out
+
+
+def ce_loss_and_grad_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    loss_out: torch.Tensor,
+    scale: torch.Tensor,
+    write_grad: bool,
+) -> None:
+    """Row losses into loss_out; with write_grad, logits become (softmax - onehot) * scale."""
+    n_rows, n_cols = logits.shape
+    block = vocab_block(n_cols)
+    launch(
+        _ce_loss_and_grad_kernel, (n_rows,), logits.device,
+        logits, logits.stride(0), target, loss_out, scale, n_cols, ignore_index,
+        BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=num_warps_for(block),
+    )  # fmt: skip
 
 
 def loss_divisor(
@@ -142,13 +224,17 @@ def cross_entropy(
     ignore_index: int = -100,
     num_items_in_batch: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of [N, V] logits: mean over non-ignored rows, or sum / num_items_in_batch."""
+    """Cross-entropy of [N, V] logits: mean over non-ignored rows, or sum / num_items_in_batch.
+
+    Labels must be ignore_index or in [0, V): anything else is a ValueError, as in torch.
+    """
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(
             f"cross_entropy expects logits [N, V] and target [N], got {tuple(logits.shape)} "
             f"and {tuple(target.shape)}"
         )
     if use_triton(logits, target):
+        check_targets(target, logits.shape[1], ignore_index)
         divisor = loss_divisor(target, ignore_index, num_items_in_batch)
         return CrossEntropyFunction.apply(logits, target, ignore_index, divisor)
     return cross_entropy_reference(logits, target, ignore_index, num_items_in_batch)

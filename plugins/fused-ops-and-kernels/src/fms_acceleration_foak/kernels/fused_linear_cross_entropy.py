@@ -1,44 +1,107 @@
 """Fused lm_head projection + cross-entropy that never materialises the full [tokens, vocab] logits.
 
 Tokens are processed in chunks; for each chunk the logits are computed, turned in place into
-d loss / d logits, and immediately contracted into the hidden-state and weight gradients. The
-gradients are therefore computed in the forward and only scaled by grad_output in the backward.
+d loss / d logits (already divided by the loss divisor), and immediately contracted into the
+hidden-state and weight gradients. The gradients are therefore computed in the forward and only
+scaled by grad_output in the backward.
+
+Per chunk: one matmul for the logits (bias fused through addmm), one kernel for the row losses
+and the gradient in place, one matmul into the hidden-state gradient and one accumulating
+matmul into the weight gradient, which is kept in fp32 for the whole loop (a bf16 running sum
+would round every chunk's contribution). The row losses are summed once at the end.
+
 On CUDA (or TRITON_INTERPRET=1) the per-chunk softmax/gradient runs in the cross-entropy Triton
-kernels; elsewhere in PyTorch, which still saves the memory of the full logits.
+kernel; elsewhere in PyTorch, which still saves the memory of the full logits.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import triton
 
 from ._dispatch import use_triton
-from .cross_entropy import ce_grad_rows, ce_loss_rows, loss_divisor
+from .cross_entropy import ce_loss_and_grad_rows, check_targets, loss_divisor
+
+logger = logging.getLogger(__name__)
+
+MIN_CHUNK_CUDA = 1024  # rows of a chunk on a GPU: at least a few waves of CE programs
 
 
-def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk so that a chunk of logits holds about as many elements as the hidden."""
+def default_chunk_size(
+    n_tokens: int, hidden: int, vocab: int, weight_grad: bool = True, on_cuda: bool = True
+) -> int:
+    """Tokens per chunk.
+
+    By default a chunk of logits holds about as many elements as the hidden states. On a GPU
+    a chunk has at least MIN_CHUNK_CUDA rows, and with a weight gradient about `hidden` rows:
+    the fp32 accumulator is read and written once per chunk, and a contraction over fewer than
+    ~hidden tokens makes that accumulating GEMM memory-bound (at 16k tokens x 4096 x 128256,
+    1024-token chunks would move 67 GB of accumulator, 4096-token chunks 17 GB). Elsewhere
+    (the PyTorch path on CPU) chunks stay small: memory matters more there than GEMM shape.
+    """
     chunks = triton.cdiv(vocab, hidden)
-    return max(1, triton.next_power_of_2(triton.cdiv(n_tokens, chunks)))
+    chunk = triton.next_power_of_2(triton.cdiv(n_tokens, chunks))
+    if on_cuda:
+        chunk = max(chunk, MIN_CHUNK_CUDA)
+        if weight_grad:
+            chunk = max(chunk, triton.next_power_of_2(hidden))
+    return max(1, min(chunk, triton.next_power_of_2(n_tokens)))
+
+
+def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc in fp32 and a, b possibly fp16/bf16, without a bf16 running sum.
+
+    On CUDA one cuBLAS call with an fp32 output (addmm's out_dtype); where that overload is
+    missing, the product is made in fp32 and added.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            _note_fallback("addmm(out_dtype=float32)", str(err))
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+            return
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            _note_fallback("mm(out_dtype=float32)", str(err))
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@functools.cache
+def _note_fallback(what: str, err: str) -> None:
+    logger.info("fused linear CE: %s unavailable (%s); using a slower fp32 path", what, err)
 
 
 def _chunk_loss_and_grad_torch(
-    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, need_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row losses and (in place, in logits' dtype) d loss_row / d logits for one chunk."""
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    scale: torch.Tensor,
+    loss_out: torch.Tensor,
+    need_grad: bool,
+) -> None:
+    """PyTorch version of ce_loss_and_grad_rows: row losses, and the scaled gradient in place."""
     logits32 = logits.float()  # no copy when logits are already fp32
-    ignored = target == ignore_index
+    n_cols = logits.shape[1]
+    ignored = (target == ignore_index) | (target < 0) | (target >= n_cols)
     safe_target = target.masked_fill(ignored, 0)
     lse = torch.logsumexp(logits32, dim=-1)
     x_target = logits32.gather(1, safe_target[:, None]).squeeze(1)
-    loss_rows = (lse - x_target).masked_fill(ignored, 0.0)
+    loss_out.copy_((lse - x_target).masked_fill(ignored, 0.0))
     if need_grad:
         grad = logits32.sub_(lse[:, None]).exp_()
         grad[torch.arange(grad.shape[0], device=grad.device), safe_target] -= 1.0
         grad.masked_fill_(ignored[:, None], 0.0)
+        grad.mul_(scale)
         if grad is not logits:
             logits.copy_(grad)
-    return loss_rows, logits
 
 
 def chunked_loss_and_grads(
@@ -47,42 +110,47 @@ def chunked_loss_and_grads(
     target: torch.Tensor,
     bias: torch.Tensor | None,
     ignore_index: int,
+    divisor: torch.Tensor,
     need_grads: tuple[bool, bool, bool],
     chunk_size: int | None = None,
     triton_ce: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Summed loss and the unscaled gradients (hidden, weight, bias) of sum(row losses)."""
+    """Loss (sum of row losses / divisor) and its gradients (hidden, weight, bias)."""
     n_tokens, n_hidden = hidden.shape
     vocab = weight.shape[0]
-    chunk = chunk_size or default_chunk_size(n_tokens, n_hidden, vocab)
     need_gh, need_gw, need_gb = need_grads
+    chunk = chunk_size or default_chunk_size(n_tokens, n_hidden, vocab, need_gw, hidden.is_cuda)
+    device = hidden.device
     grad_hidden = torch.empty_like(hidden) if need_gh else None
-    # Accumulated in the weight's dtype with in-place addmm (no [V, H] temporaries per chunk).
-    grad_weight = torch.zeros_like(weight) if need_gw else None
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_gb else None
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_gw else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_gb else None
+    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=device)
+    scale = (1.0 / divisor).reshape(1)
     need_any = need_gh or need_gw or need_gb
+    weight_t = weight.t()
     for start in range(0, n_tokens, chunk):
-        h = hidden[start : start + chunk]
-        t = target[start : start + chunk]
-        logits = h @ weight.t()
-        if bias is not None:
-            logits += bias
+        end = min(start + chunk, n_tokens)
+        h = hidden[start:end]
+        t = target[start:end]
+        logits = torch.addmm(bias, h, weight_t) if bias is not None else h @ weight_t
         if triton_ce:
-            loss_rows, lse = ce_loss_rows(logits, t, ignore_index)
-            if need_any:
-                ce_grad_rows(logits, t, lse, ignore_index, out=logits)
+            ce_loss_and_grad_rows(logits, t, ignore_index, loss_rows[start:end], scale, need_any)
         else:
-            loss_rows, logits = _chunk_loss_and_grad_torch(logits, t, ignore_index, need_any)
-        total += loss_rows.sum()
+            _chunk_loss_and_grad_torch(
+                logits, t, ignore_index, scale, loss_rows[start:end], need_any
+            )
         if need_gh:
-            torch.mm(logits, weight, out=grad_hidden[start : start + chunk])
+            torch.mm(logits, weight, out=grad_hidden[start:end])
         if need_gw:
-            grad_weight.addmm_(logits.t(), h)
+            accumulate_matmul(grad_weight, logits.t(), h)
         if need_gb:
             grad_bias += logits.sum(0, dtype=torch.float32)
         del logits
-    return total, grad_hidden, grad_weight, grad_bias
+    if grad_weight is not None and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss_rows.sum() / divisor, grad_hidden, grad_weight, grad_bias
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -95,25 +163,20 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[3],
         )
-        total, gh, gw, gb = chunked_loss_and_grads(
-            hidden, weight, target, bias, ignore_index, need, chunk_size, triton_ce
+        loss, gh, gw, gb = chunked_loss_and_grads(
+            hidden, weight, target, bias, ignore_index, divisor, need, chunk_size, triton_ce
         )
-        ctx.save_for_backward(divisor)
         ctx.grads = (gh, gw, gb)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return total / divisor
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        (divisor,) = ctx.saved_tensors
         gh, gw, gb = ctx.grads
         ctx.grads = None
-        scale = grad_output.to(torch.float32) / divisor
-        # In place: these buffers were allocated for this backward only.
-        gh = gh.mul_(scale.to(gh.dtype)) if gh is not None else None
-        gw = gw.mul_(scale.to(gw.dtype)) if gw is not None else None
-        gb = gb.mul_(scale).to(ctx.bias_dtype) if gb is not None else None
-        return gh, gw, None, gb, None, None, None, None
+        # In place: these buffers were allocated for this backward only. grad_output is usually
+        # exactly 1, which leaves them unchanged in any dtype.
+        grads = [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in (gh, gw, gb)]
+        return grads[0], grads[1], None, grads[2], None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -125,7 +188,10 @@ def fused_linear_cross_entropy(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """CE(hidden @ weight.T + bias, target) without full logits; hidden [..., H], target [...]."""
+    """CE(hidden @ weight.T + bias, target) without full logits; hidden [..., H], target [...].
+
+    Labels must be ignore_index or in [0, vocab): anything else is a ValueError, as in torch.
+    """
     n_hidden = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != n_hidden:
         raise ValueError(
@@ -139,6 +205,7 @@ def fused_linear_cross_entropy(
         )
     hidden2 = hidden.reshape(-1, n_hidden)
     target2 = target.reshape(-1)
+    check_targets(target2, weight.shape[0], ignore_index)
     divisor = loss_divisor(target2, ignore_index, num_items_in_batch)
     triton_ce = use_triton(hidden2, weight)
     device_type = hidden.device.type

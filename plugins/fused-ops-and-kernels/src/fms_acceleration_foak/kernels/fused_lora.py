@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .swiglu import swiglu_backward, swiglu_forward
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,32 @@ def _project(
     return y, xa
 
 
+def _project_input_grad(
+    dy: torch.Tensor, dy_b: torch.Tensor, base: FrozenBase, a: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """dx of one projection: dy @ W + scaling * (dy @ B) @ A."""
+    dx = dy @ base.weight(dy.dtype)
+    dx.addmm_(dy_b, a.to(dy.dtype), alpha=scaling)
+    return dx
+
+
+def _lora_grads(
+    dy: torch.Tensor,
+    dy_b: torch.Tensor,
+    x2: torch.Tensor,
+    xa: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    want_a: bool,
+    want_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dA, dB) of one projection, in the adapters' dtypes."""
+    da = (dy_b.t() @ x2).mul_(scaling).to(a.dtype) if want_a else None
+    db = (dy.t() @ xa).mul_(scaling).to(b.dtype) if want_b else None
+    return da, db
+
+
 def _project_backward(
     dy: torch.Tensor,
     x2: torch.Tensor,
@@ -80,15 +107,9 @@ def _project_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dx, dA, dB) of one projection for a 2-D upstream gradient dy."""
     want_x, want_a, want_b = want
-    dtype = dy.dtype
-    a_c, b_c = a.to(dtype), b.to(dtype)
-    dy_b = dy @ b_c  # (N, r): shared by dA and dx
-    da = (dy_b.t() @ x2).mul_(scaling).to(a.dtype) if want_a else None
-    db = (dy.t() @ xa).mul_(scaling).to(b.dtype) if want_b else None
-    dx = None
-    if want_x:
-        dx = dy @ base.weight(dtype)
-        dx.addmm_(dy_b, a_c, alpha=scaling)
+    dy_b = dy @ b.to(dy.dtype)  # (N, r): shared by dA and dx
+    da, db = _lora_grads(dy, dy_b, x2, xa, a, b, scaling, want_a, want_b)
+    dx = _project_input_grad(dy, dy_b, base, a, scaling) if want_x else None
     return dx, da, db
 
 
@@ -147,8 +168,9 @@ class _FusedLoRASwiGLUMLP(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             gate, xa_g = _project(x2, g_base, ga, gb, g_s)
             up, xa_u = _project(x2, u_base, ua, ub, u_s)
-            h = F.silu(gate) * up
+            h = swiglu_forward(gate, up)
             out, ha = _project(h, d_base, da, db, d_s)
+            del h  # recomputed by the backward's SwiGLU kernel
         ctx.bases, ctx.scalings, ctx.x_shape, ctx.x_dtype = bases, scalings, x.shape, x.dtype
         ctx.save_for_backward(x2, gate, up, xa_g, xa_u, ha, ga, gb, ua, ub, da, db)
         return out.view(*x.shape[:-1], d_base.out_features)
@@ -162,18 +184,13 @@ class _FusedLoRASwiGLUMLP(torch.autograd.Function):
         dtype = x2.dtype
         with torch.autocast(x2.device.type, enabled=False):
             dout2 = dout.reshape(-1, d_base.out_features).to(dtype)
-            # SwiGLU derivative in (at least) fp32: silu'(g) = s(g) * (1 + g * (1 - s(g))).
-            wide = torch.promote_types(dtype, torch.float32)
-            gate32, up32 = gate.to(wide), up.to(wide)
-            sig = torch.sigmoid(gate32)
-            silu = gate32 * sig
-            h = (silu * up32).to(dtype)
-            dh, d_da, d_db = _project_backward(
-                dout2, h, ha, d_base, da, db, d_s, (True, need[7], need[8])
-            )
-            dh32 = dh.to(wide)
-            dgate = (dh32 * up32 * sig * (1.0 + gate32 * (1.0 - sig))).to(dtype)
-            dup = (dh32 * silu).to(dtype)
+            dout_b = dout2 @ db.to(dtype)
+            dh = _project_input_grad(dout2, dout_b, d_base, da, d_s)
+            # one pass: h (for the down projection's dA), dgate and dup, in the compute dtype
+            h, dgate, dup = swiglu_backward(dh, gate, up, want_h=need[7])
+            del dh
+            d_da, d_db = _lora_grads(dout2, dout_b, h, ha, da, db, d_s, need[7], need[8])
+            del h
             dx_g, d_ga, d_gb = _project_backward(
                 dgate, x2, xa_g, g_base, ga, gb, g_s, (need[0], need[3], need[4])
             )

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import launch, use_triton
 from .reference import rope_reference
 
 
@@ -102,8 +102,13 @@ def _rope_kernel(
     )  # fmt: skip
 
 
-def _launch(q, k, cos, sin, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k: [B, H, S, D] views (any head/seq strides, unit last stride); cos, sin: [B, S, D]."""
+def _launch(
+    q, k, cos, sin, backward: bool, q_dtype: torch.dtype, k_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k: [B, H, S, D] views (any head/seq strides, unit last stride); cos, sin: [B, S, D].
+
+    Outputs have q's and k's layout and the dtypes asked for; the arithmetic is fp32.
+    """
     bsz, n_q, seq, dim = q.shape
     n_k = k.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -113,28 +118,37 @@ def _launch(q, k, cos, sin, backward: bool) -> tuple[torch.Tensor, torch.Tensor]
     if cos.stride(-1) != 1 or cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     # empty_like keeps q's memory layout, as transformers' elementwise rotation does.
-    qo, ko = torch.empty_like(q), torch.empty_like(k)
-    _rope_kernel[(bsz * seq,)](
+    qo, ko = torch.empty_like(q, dtype=q_dtype), torch.empty_like(k, dtype=k_dtype)
+    launch(
+        _rope_kernel, (bsz * seq,), q.device,
         q, k, qo, ko, cos, sin, seq, n_q, n_k,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         cos.stride(0), cos.stride(1), dim // 2,
         BLOCK_QH=triton.next_power_of_2(n_q), BLOCK_KH=triton.next_power_of_2(n_k),
-        BLOCK_D=triton.next_power_of_2(dim // 2), BACKWARD=backward,
+        BLOCK_D=triton.next_power_of_2(dim // 2), BACKWARD=backward, num_warps=4,
     )  # fmt: skip
     return qo, ko
 
 
 class RoPEFunction(torch.autograd.Function):
-    """Rotates q and k in one launch; cos and sin (rotary buffers) receive no gradient."""
+    """Rotates q and k in one launch; cos and sin (rotary buffers) receive no gradient.
+
+    Outputs take the dtype transformers' `q * cos + rotate_half(q) * sin` gives: q's dtype
+    promoted with cos's (under autocast fp32 cos/sin make fp32 q/k); gradients return in the
+    inputs' dtypes.
+    """
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, unsqueeze_dim: int):
         if unsqueeze_dim == 2:  # [B, S, H, D] layout: view it as [B, H, S, D]
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-        qo, ko = _launch(q, k, cos, sin, backward=False)
+        table_dtype = torch.promote_types(cos.dtype, sin.dtype)
+        q_out, k_out = (torch.promote_types(t.dtype, table_dtype) for t in (q, k))
+        qo, ko = _launch(q, k, cos, sin, False, q_out, k_out)
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim = unsqueeze_dim
+        ctx.dtypes = (q.dtype, k.dtype)
         if unsqueeze_dim == 2:
             qo, ko = qo.transpose(1, 2), ko.transpose(1, 2)
         return qo, ko
@@ -144,7 +158,7 @@ class RoPEFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         if ctx.unsqueeze_dim == 2:
             dq, dk = dq.transpose(1, 2), dk.transpose(1, 2)
-        gq, gk = _launch(dq, dk, cos, sin, backward=True)
+        gq, gk = _launch(dq, dk, cos, sin, True, *ctx.dtypes)
         if ctx.unsqueeze_dim == 2:
             gq, gk = gq.transpose(1, 2), gk.transpose(1, 2)
         return gq, gk, None, None, None

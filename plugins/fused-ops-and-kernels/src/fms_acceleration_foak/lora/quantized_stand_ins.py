@@ -1,5 +1,6 @@
-"""Quantized stand-ins for nn.Linear layers (bitsandbytes 4-bit, GPTQ TorchLinear) built on CPU
-from a float weight, without a calibration run: for tests and benchmarks of fused LoRA."""
+"""Quantized stand-ins for nn.Linear layers (bitsandbytes 4-bit, GPTQ TorchLinear) built from a
+float weight, without a calibration run: for tests and benchmarks of fused LoRA. bitsandbytes
+layers are quantized on the device of the weight (CPU or CUDA); GPTQ ones on CPU."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def bnb_4bit_from_linear(
         compress_statistics=double_quant,
         quant_type=quant_type,
         module=layer,
-    ).to("cpu")  # moving an unquantized Params4bit to a device quantizes it
+    ).to(linear.weight.device)  # moving an unquantized Params4bit to a device quantizes it
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return layer

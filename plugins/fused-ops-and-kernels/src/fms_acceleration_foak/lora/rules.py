@@ -11,6 +11,7 @@ from peft.tuners.lora import LoraLayer
 from fms_acceleration import AccelerationPluginConfigError, ModelPatcherRule, ModelPatcherTrigger
 
 from ..kernels.fused_lora_bases import BASE_LAYER_KINDS, base_layer_kind
+from ..models.architectures import is_silu
 from .forwards import FusedProjectionGroup, fused_linear_forward, fused_mlp_forward
 from .peft_layers import LoRAProjectionSource, active_adapter, lora_skip_reason
 
@@ -83,10 +84,6 @@ def _model_type(model: torch.nn.Module) -> str:
     return model_type
 
 
-def _is_silu(act: object) -> bool:
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
 def _check_base_layers(lora: list[tuple[str, LoraLayer]], base_layer: str) -> None:
     if base_layer not in BASE_LAYER_KINDS:
         raise AccelerationPluginConfigError(
@@ -143,7 +140,7 @@ def _plan_mlp(plan: FusedLoRAPlan, name: str, mlp: torch.nn.Module) -> None:
         child = getattr(mlp, role, None)
         if isinstance(child, LoraLayer) and (src := _source(plan, f"{name}.{role}", child)):
             sources[role] = (child, src)
-    if len(sources) == len(MLP_ROLES) and _is_silu(getattr(mlp, "act_fn", None)):
+    if len(sources) == len(MLP_ROLES) and is_silu(getattr(mlp, "act_fn", None)):
         plan.mlp[mlp] = tuple(src for _, src in sources.values())
         plan._fuse(RULE_MLP, name)
         return

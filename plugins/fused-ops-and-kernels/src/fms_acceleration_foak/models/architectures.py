@@ -1,7 +1,9 @@
 """Which transformers architectures are supported, and where their patchable pieces live.
 
 Adding an architecture is one ArchSpec line: the causal-LM class, its modeling module, its
-RMSNorm class (None when it has none) and whether the module defines apply_rotary_pos_emb.
+RMSNorm class (None when it has none), whether the module defines apply_rotary_pos_emb, and its
+SwiGLU MLP class (dense, with gate_proj/up_proj/down_proj) or MoE experts class (transformers
+5's packed 3-D gate_up_proj, whose gating goes through `_apply_gate`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class ArchSpec:
     module: str
     rms_norm: str | None = None
     rope: bool = False
+    mlp: str | None = None
+    experts: str | None = None
 
     def modeling_module(self):
         """The transformers modeling module of this architecture."""
@@ -31,6 +35,15 @@ class ArchSpec:
         """The RMSNorm class to patch, or None when the architecture has none."""
         return getattr(self.modeling_module(), self.rms_norm) if self.rms_norm else None
 
+    def mlp_class(self) -> type[torch.nn.Module] | None:
+        """The dense SwiGLU MLP class, or None."""
+        return getattr(self.modeling_module(), self.mlp) if self.mlp else None
+
+    @property
+    def experts_gate(self) -> str | None:
+        """Dotted path of the MoE experts class's `_apply_gate`, or None."""
+        return f"{self.module}.{self.experts}._apply_gate" if self.experts else None
+
     @property
     def rope_function(self) -> str | None:
         """Dotted path of the module attribute apply_rotary_pos_emb, or None."""
@@ -38,8 +51,8 @@ class ArchSpec:
 
     @property
     def loss_only(self) -> bool:
-        """True when only the loss can be patched (no RMSNorm, no rotary embedding)."""
-        return self.rms_norm is None and not self.rope
+        """True when only the loss can be patched (no RMSNorm, rotary embedding or SwiGLU)."""
+        return self.rms_norm is None and not self.rope and not (self.mlp or self.experts)
 
 
 def _tf(name: str) -> str:
@@ -48,13 +61,22 @@ def _tf(name: str) -> str:
 
 # keyed by config.model_type
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("LlamaForCausalLM", _tf("llama"), "LlamaRMSNorm", True),
-    "mistral": ArchSpec("MistralForCausalLM", _tf("mistral"), "MistralRMSNorm", True),
-    "mixtral": ArchSpec("MixtralForCausalLM", _tf("mixtral"), "MixtralRMSNorm", True),
-    "granite": ArchSpec("GraniteForCausalLM", _tf("granite"), "GraniteRMSNorm", True),
-    "granitemoe": ArchSpec("GraniteMoeForCausalLM", _tf("granitemoe"), "GraniteMoeRMSNorm", True),
-    "qwen2": ArchSpec("Qwen2ForCausalLM", _tf("qwen2"), "Qwen2RMSNorm", True),
-    "qwen3": ArchSpec("Qwen3ForCausalLM", _tf("qwen3"), "Qwen3RMSNorm", True),
+    "llama": ArchSpec("LlamaForCausalLM", _tf("llama"), "LlamaRMSNorm", True, "LlamaMLP"),
+    "mistral": ArchSpec("MistralForCausalLM", _tf("mistral"), "MistralRMSNorm", True, "MistralMLP"),
+    "mixtral": ArchSpec(
+        "MixtralForCausalLM", _tf("mixtral"), "MixtralRMSNorm", True, experts="MixtralExperts"
+    ),
+    "granite": ArchSpec("GraniteForCausalLM", _tf("granite"), "GraniteRMSNorm", True, "GraniteMLP"),
+    "granitemoe": ArchSpec(
+        "GraniteMoeForCausalLM",
+        _tf("granitemoe"),
+        "GraniteMoeRMSNorm",
+        True,
+        experts="GraniteMoeExperts",
+    ),
+    "qwen2": ArchSpec("Qwen2ForCausalLM", _tf("qwen2"), "Qwen2RMSNorm", True, "Qwen2MLP"),
+    "qwen3": ArchSpec("Qwen3ForCausalLM", _tf("qwen3"), "Qwen3RMSNorm", True, "Qwen3MLP"),
+    # GPT-BigCode has LayerNorm, learned positions and a GELU MLP: the loss only
     "gpt_bigcode": ArchSpec("GPTBigCodeForCausalLM", _tf("gpt_bigcode")),
 }
 
@@ -79,3 +101,8 @@ def arch_spec_for(model: torch.nn.Module) -> ArchSpec:
             f"{model_type!r}) is not supported; supported: {supported}."
         )
     return spec
+
+
+def is_silu(act: object) -> bool:
+    """Whether an MLP's act_fn is SiLU (transformers' ACT2FN['silu'] or torch.nn.SiLU)."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"

@@ -1,4 +1,10 @@
-"""Loss hooks: a drop-in for transformers' fixed_cross_entropy, and the fused linear CE path.
+"""Loss hooks: the causal-LM loss on the CE kernel, and the fused linear CE path.
+
+fast_loss: true replaces the loss function a patched model resolves (ForCausalLMLoss) with
+fast_causal_lm_loss for that model only: same label shift, ignore_index and
+num_items_in_batch, but the logits go into the kernel in their own dtype (bf16 logits are not
+copied to fp32 first) and the gradient comes back in that dtype. transformers' LOSS_MAPPING is
+left alone, so the Trainer still sees ForCausalLMLoss when it counts shifted labels.
 
 The fused path needs the hidden states that feed lm_head. Instead of copying each model's
 forward, the causal LM's own forward runs unchanged with lm_head switched to pass its input
@@ -24,17 +30,66 @@ from ..kernels import cross_entropy, fused_linear_cross_entropy
 _DEFER_LM_HEAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "foak_defer_lm_head", default=False
 )
+# The model whose forward is running with the fast loss (set by its patched forward only).
+_FAST_LOSS_MODEL: contextvars.ContextVar[torch.nn.Module | None] = contextvars.ContextVar(
+    "foak_fast_loss_model", default=None
+)
 
 
-def fast_fixed_cross_entropy(
-    source: torch.Tensor,
-    target: torch.Tensor,
+def fast_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """transformers.loss.loss_utils.fixed_cross_entropy backed by the chunked-vocab CE kernel."""
-    return cross_entropy(source, target.to(source.device), ignore_index, num_items_in_batch)
+    """transformers' ForCausalLMLoss without the fp32 copy of the logits (the kernel reads them)."""
+    if shift_labels is None:
+        # Shift so that tokens < n predict n
+        labels = F.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    return cross_entropy(logits, shift_labels, ignore_index, num_items_in_batch)
+
+
+def build_loss_function_property(previous: property) -> property:
+    """PreTrainedModel.loss_function that answers fast_causal_lm_loss for the running model.
+
+    Only while a model's patched forward runs (build_fast_loss_forward), and only where the
+    model would otherwise use ForCausalLMLoss; every other model, and any loss a user set on
+    the model, resolves as before.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    # another framework's patch already installed: wrap what it wrapped (the test is the same)
+    previous = getattr(previous.fget, "foak_previous", previous)
+
+    def fget(self):
+        resolved = previous.fget(self)
+        if resolved is ForCausalLMLoss and _FAST_LOSS_MODEL.get() is self:
+            return fast_causal_lm_loss
+        return resolved
+
+    fget.foak_previous = previous
+    return property(fget, previous.fset, previous.fdel, previous.__doc__)
+
+
+def build_fast_loss_forward(model: torch.nn.Module) -> Callable[..., Any]:
+    """The causal LM's own forward, marked as running with the fast loss."""
+    original = model.forward
+
+    @forward_like(original)  # the Trainer inspects the signature
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _FAST_LOSS_MODEL.set(model)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _FAST_LOSS_MODEL.reset(token)
+
+    return forward
 
 
 def build_deferrable_lm_head(lm_head: torch.nn.Module) -> Callable[..., torch.Tensor]:

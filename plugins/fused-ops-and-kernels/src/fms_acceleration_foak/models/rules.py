@@ -9,13 +9,18 @@ import torch
 
 from fms_acceleration import ModelPatcherRule, ModelPatcherTrigger
 
-from ..kernels import rms_norm, rope
-from .architectures import ArchSpec, unwrap_model
-from .loss import build_deferrable_lm_head, build_fused_ce_forward, fast_fixed_cross_entropy
+from ..kernels import rms_norm, rope, swiglu, swiglu_packed
+from .architectures import ArchSpec, is_silu, unwrap_model
+from .loss import (
+    build_deferrable_lm_head,
+    build_fast_loss_forward,
+    build_fused_ce_forward,
+    build_loss_function_property,
+)
 
 logger = logging.getLogger(__name__)
 
-FIXED_CROSS_ENTROPY = "transformers.loss.loss_utils.fixed_cross_entropy"
+LOSS_FUNCTION = "transformers.modeling_utils.PreTrainedModel.loss_function"
 FUSED_CE = "fused_ce_liger"
 
 
@@ -56,19 +61,95 @@ def rope_rules(spec: ArchSpec) -> list[ModelPatcherRule]:
     ]
 
 
-def fast_loss_rules() -> list[ModelPatcherRule]:
-    """Route transformers' loss mapping (ForCausalLMLoss & co.) through the CE kernel.
+def fast_loss_rules(model: torch.nn.Module) -> list[ModelPatcherRule]:
+    """This model's ForCausalLMLoss becomes fast_causal_lm_loss (logits into the CE kernel).
 
-    Only fixed_cross_entropy is swapped, so LOSS_MAPPING keeps ForCausalLMLoss itself (the
-    Trainer inspects it to count num_items_in_batch over shifted labels).
+    PreTrainedModel.loss_function answers the fast loss only inside this model's forward, so
+    other models and transformers' LOSS_MAPPING (which the Trainer inspects) are unchanged.
     """
+    from transformers.modeling_utils import PreTrainedModel
+
+    previous = PreTrainedModel.__dict__["loss_function"]
+    causal_lm = unwrap_model(model)
     return [
         ModelPatcherRule(
+            rule_id="foak.loss.loss_function",
+            import_and_maybe_reload=(
+                LOSS_FUNCTION,
+                build_loss_function_property(previous),
+                None,
+            ),
+            applies_to_any_model=True,  # PreTrainedModel's, answering for this model only
+        ),
+        ModelPatcherRule(
             rule_id="foak.loss.cross_entropy",
-            import_and_maybe_reload=(FIXED_CROSS_ENTROPY, fast_fixed_cross_entropy, None),
-            applies_to_any_model=True,
-        )
+            trigger=ModelPatcherTrigger(check=_is(causal_lm)),
+            forward_builder=build_fast_loss_forward,
+        ),
     ]
+
+
+def _swiglu_mlp_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
+def _is_swiglu_mlp(cls: type[torch.nn.Module]) -> Callable[[torch.nn.Module], bool]:
+    roles = ("gate_proj", "up_proj", "down_proj")
+    return lambda module: (
+        isinstance(module, cls)
+        and is_silu(getattr(module, "act_fn", None))
+        and all(hasattr(module, role) for role in roles)
+    )
+
+
+def _swiglu_apply_gate(previous: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def apply_gate(self: torch.nn.Module, gate_up_out: torch.Tensor) -> torch.Tensor:
+        if is_silu(getattr(self, "act_fn", None)) and getattr(self, "is_concatenated", True):
+            return swiglu_packed(gate_up_out)
+        return previous(self, gate_up_out)
+
+    return apply_gate
+
+
+def swiglu_rules(spec: ArchSpec) -> list[ModelPatcherRule]:
+    """SwiGLU kernel in the dense MLPs (forward) or the MoE experts' gating (_apply_gate).
+
+    MoE experts run _apply_gate in transformers' batched_mm / grouped_mm implementations (the
+    default); the eager per-expert loop computes silu(gate) * up inline and stays as it is.
+    """
+    rules = []
+    if spec.mlp:
+        rules.append(
+            ModelPatcherRule(
+                rule_id=f"foak.swiglu.{spec.mlp}",
+                trigger=ModelPatcherTrigger(check=_is_swiglu_mlp(spec.mlp_class())),
+                forward_builder=_swiglu_mlp_forward,
+            )
+        )
+    if spec.experts:
+        module = spec.modeling_module()
+        previous = getattr(module, spec.experts).__dict__.get("_apply_gate")
+        if previous is None:
+            logger.warning(
+                "fused_ops_and_kernels: %s has no _apply_gate in this transformers version; "
+                "its experts keep their own SwiGLU",
+                spec.experts,
+            )
+        else:
+            rules.append(
+                ModelPatcherRule(
+                    rule_id=f"foak.swiglu.{spec.experts}",
+                    import_and_maybe_reload=(
+                        spec.experts_gate,
+                        _swiglu_apply_gate(previous),
+                        None,
+                    ),
+                )
+            )
+    return rules
 
 
 def fused_linear_ce_rules(model: torch.nn.Module) -> list[ModelPatcherRule]:
@@ -95,13 +176,18 @@ def build_kernel_rules(
     fast_loss: bool | str,
     fast_rms_layernorm: bool,
     fast_rope_embeddings: bool,
+    fast_swiglu: bool = True,
 ) -> list[ModelPatcherRule]:
-    """All kernel rules the configuration asks for (fused LoRA rules are built elsewhere)."""
+    """All kernel rules the configuration asks for (fused LoRA rules are built elsewhere).
+
+    Fused LoRA rules registered after these replace the SwiGLU MLP forward again and keep it
+    as their fallback.
+    """
     rules: list[ModelPatcherRule] = []
     if fast_loss == FUSED_CE:
         rules += fused_linear_ce_rules(model)
     elif fast_loss:
-        rules += fast_loss_rules()
+        rules += fast_loss_rules(model)
     skipped = []
     if fast_rms_layernorm:
         if spec.rms_norm:
@@ -113,10 +199,15 @@ def build_kernel_rules(
             rules += rope_rules(spec)
         else:
             skipped.append("fast_rope_embeddings")
+    if fast_swiglu:
+        if spec.mlp or spec.experts:
+            rules += swiglu_rules(spec)
+        else:
+            skipped.append("fast_swiglu")
     if skipped:
         logger.warning(
-            "fused_ops_and_kernels: %s do(es) not apply to %s (no RMSNorm / rotary embedding); "
-            "only the loss is patched",
+            "fused_ops_and_kernels: %s do(es) not apply to %s (no RMSNorm / rotary embedding / "
+            "SwiGLU MLP); only the loss is patched",
             ", ".join(skipped),
             spec.causal_lm,
         )

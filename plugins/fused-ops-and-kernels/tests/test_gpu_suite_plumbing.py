@@ -1,0 +1,66 @@
+"""The GPU suite's plumbing on CPU: the script parses, the benchmark writes its CSV columns, and
+the summary turns CSVs into the goals table (scripts/gpu/suite.sh dry-runs all of it)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_suite_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "scripts/gpu/suite.sh")], check=True)
+
+
+def test_kernel_benchmark_writes_a_row_per_impl(tmp_path):
+    out = tmp_path / "k.csv"
+    args = ["--device", "cpu", "--in-process", "--kernels", "swiglu", "--passes", "full"]
+    args += ["--tokens", "64", "--intermediate", "32", "--warmup", "0", "--repeat", "1"]
+    args += ["--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/benchmarks/benchmark_kernels.py"), *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0", "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["impl"] for r in rows] == ["foak", "reference", "hf_eager"]  # liger: CUDA only
+    assert all(float(r["ms"]) > 0 and float(r["copy_gbps"]) > 0 for r in rows)
+    assert rows[0]["shape"] == "64x32" and rows[0]["dtype"] == "float32"
+
+
+def test_summary_reports_goals(tmp_path):
+    fields = ["date", "device", "torch", "triton", "transformers", "liger", "kernel", "impl"]
+    fields += ["shape", "dtype", "pass", "ms", "peak_mb", "gbps", "copy_gbps"]
+    fields += ["bandwidth_fraction", "note"]
+    common = {"date": "d", "device": "H200", "torch": "2.11", "triton": "3.6"}
+    common.update(transformers="5.17", liger="0.8.5", dtype="bfloat16", copy_gbps="4300")
+    rows = [
+        dict(kernel="swiglu", impl="foak", shape="s", ms="1.0", gbps="3900", note=""),
+        dict(kernel="swiglu", impl="liger", shape="s", ms="1.1", gbps="3500", note=""),
+        dict(kernel="fused_linear_cross_entropy", impl="foak", shape="f", ms="90", note=""),
+        dict(kernel="fused_linear_cross_entropy", impl="hf_eager", shape="f", ms="100", note=""),
+    ]
+    peaks = ["0", "0", "4000", "30000"]
+    with (tmp_path / "gpu_kernels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row, peak in zip(rows, peaks):
+            fraction = str(float(row.get("gbps", 0)) / 4300) if "gbps" in row else "0"
+            writer.writerow(
+                {**common, **row, "pass": "full", "peak_mb": peak, "bandwidth_fraction": fraction}
+            )
+    sys.path.insert(0, str(ROOT / "scripts/gpu"))
+    try:
+        import summarize
+    finally:
+        sys.path.pop(0)
+    text = summarize.summarize(tmp_path)
+    assert "| swiglu: >= 85% of copy bandwidth | met | 91% |" in text
+    assert "| swiglu: no slower than Liger | met | 1.10x Liger's speed |" in text
+    assert "<= 1/10 unfused memory | NOT met | 0.133 |" in text
+    assert ">= 1.0x unfused speed | met | 1.11x |" in text

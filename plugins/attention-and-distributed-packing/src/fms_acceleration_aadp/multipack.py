@@ -77,7 +77,8 @@ def number_of_steps(lengths: Sequence[int], num_replicas: int, tokens_per_rank: 
     empty = next((i for i, n in enumerate(lengths) if n <= 0), None)
     if empty is not None:
         raise MultipackError(f"multipack: example {empty} has no tokens")
-    wanted = math.ceil(sum(lengths) / (num_replicas * tokens_per_rank))
+    # tolerance: a budget of batch_size x mean length must not round up to one more step
+    wanted = math.ceil(sum(lengths) / (num_replicas * tokens_per_rank) - 1e-9)
     return max(1, min(wanted, len(lengths) // num_replicas))
 
 

@@ -68,6 +68,8 @@ CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "finetuning_schedule.yaml",
         {"training.finetuning_schedule.ft_schedule": COMMENT_OUT},
     ),
+    "aadp-padding-free": ("attention-and-distributed-packing", "padding_free.yaml", {}),
+    "aadp-multipack": ("attention-and-distributed-packing", "multipack.yaml", {}),
 }
 
 # sample shortname -> named configurations it merges, in order
@@ -80,6 +82,11 @@ SAMPLES: dict[str, tuple[str, ...]] = {
     "foak-fast-kernels": ("foak-fast-kernels",),
     "fts-default": ("fts-default",),
     "fts-foak-fast-kernels": ("fts-default", "foak-fast-kernels"),
+    "aadp-padding-free": ("aadp-padding-free",),
+    "aadp-padding-free-multipack": ("aadp-padding-free", "aadp-multipack"),
+    "accelerated-peft-bnb-nf4-padding-free": ("aadp-padding-free", "bnb-nf4"),
+    "accelerated-peft-bnb-nf4-foak-padding-free": ("aadp-padding-free", "bnb-nf4", "bnb-nf4-foak"),
+    "foak-fast-kernels-padding-free": ("aadp-padding-free", "foak-fast-kernels"),
 }
 
 HEADER = """\

@@ -58,7 +58,7 @@ class TrainJobConfig(StanzaModel):
     dataset: str | None = None
     max_steps: Annotated[int, Positive] = 40
     batch_size: Annotated[int, Positive] = 8
-    seq_len: Annotated[int, Field(ge=8)] = 64
+    seq_len: Annotated[int, Field(ge=8)] = 128
     learning_rate: Annotated[float, Positive] = 1e-3
     lora_r: Annotated[int, Positive] = 8
     lora_alpha: int = 16
@@ -258,7 +258,9 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     trainer.add_callback(progress)
     trainer.add_callback(recorder)
     if framework is not None:
-        for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+        for callback in framework.get_callbacks_and_ready_for_train(
+            model, trainer.accelerator, trainer=trainer
+        ):
             trainer.add_callback(callback)
 
     result = trainer.train()

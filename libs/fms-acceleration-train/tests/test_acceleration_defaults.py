@@ -15,11 +15,6 @@ from fms_acceleration_train.errors import TrainJobError
 from fms_acceleration.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[3]
-# Words of the tiny tokenizer; rows of 4 to 10 tokens so that padding matters.
-_ROWS = [
-    {"prompt": " ".join(f"tok{i + j}" for j in range(1 + i % 5)), "response": f"tok{i + 7} tok9"}
-    for i in range(10, 26)
-]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +24,14 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture()
 def dataset(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _ROWS))
-    return path
+    """Rows of 4 to 10 tiny-tokenizer words, so that padding matters."""
+    lines = [
+        json.dumps({"prompt": " ".join(f"tok{i + j}" for j in range(1 + i % 5)),
+                    "response": f"tok{i + 7} tok9"})
+        for i in range(10, 26)
+    ]  # fmt: skip
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "data.jsonl"
 
 
 def _argv(tmp_path, tiny_model, dataset, *extra):
@@ -101,6 +101,16 @@ def test_no_options_train_with_the_builtin_acceleration(tmp_path, tiny_model, da
     assert summary["active_plugins"] == ["padding_free"]
     # non-padding tokens of 3 steps x 4 rows (the first 12 rows of the shuffled data)
     assert 12 * 5 <= summary["train_tokens"] <= 12 * 10
+
+
+def test_builtin_acceleration_with_the_builtin_dataset_and_its_evaluation(tmp_path, tiny_model):
+    # generation before and after training goes through the patched model (left padding, cache)
+    argv = ["--model", str(tiny_model), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
+            "--seq-len", "48", "--target-modules", "q_proj", "v_proj"]  # fmt: skip
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["active_plugins"] == ["padding_free"] and summary["eval_examples"] == 48
+    assert 0.0 <= summary["accuracy_after"] <= 1.0 and len(summary["eval_samples"]) == 3
 
 
 def test_compare_trains_both_and_shows_them_side_by_side(tmp_path, tiny_model, dataset, capsys):

@@ -60,6 +60,24 @@ def tiny_causal_lm(arch: str = "llama", attn: str = "sdpa", seed: int = 0) -> to
     return AutoModelForCausalLM.from_config(config).float()
 
 
+def train_args(output_dir: Any, **overrides: Any):
+    """Seeded CPU TrainingArguments for short runs (no checkpoints, no reports)."""
+    from transformers import TrainingArguments
+
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+    return TrainingArguments(**{**defaults, **overrides})
+
+
 def framework_for(config: dict[str, Any]):
     """A framework over this package's two plugins (no entry-point discovery)."""
     from fms_acceleration_aadp import (
@@ -73,6 +91,18 @@ def framework_for(config: dict[str, Any]):
     )
 
 
+class RecordedRows(list):
+    """A list dataset that records the indices a dataloader reads."""
+
+    def __init__(self, rows: list) -> None:
+        super().__init__(rows)
+        self.read: list[int] = []
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return super().__getitem__(index)
+
+
 @pytest.fixture(scope="session")
 def h() -> SimpleNamespace:
     """The helpers of this module, for test files (conftest cannot be imported by name)."""
@@ -83,6 +113,8 @@ def h() -> SimpleNamespace:
         padded_batch=padded_batch,
         tiny_causal_lm=tiny_causal_lm,
         framework_for=framework_for,
+        RecordedRows=RecordedRows,
+        train_args=train_args,
     )
 
 

@@ -9,40 +9,26 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import MULTIPACK, framework_for, make_rows, padded_batch, tiny_causal_lm
+from conftest import (
+    MULTIPACK,
+    RecordedRows,
+    framework_for,
+    make_rows,
+    padded_batch,
+    tiny_causal_lm,
+    train_args,
+)
 
 LENGTHS = [3 + (11 * i) % 37 for i in range(64)]  # 3..39 tokens
 
 
-class Recorded(list):
-    """A list dataset that records the indices the training dataloader reads."""
-
-    read: list[int]
-
-    def __getitem__(self, index):
-        self.read.append(index)
-        return super().__getitem__(index)
-
-
 def main(out: str) -> None:
-    rows = Recorded(make_rows(LENGTHS, seed=9))
-    rows.read = []
+    rows = RecordedRows(make_rows(LENGTHS, seed=9))
     framework = framework_for(MULTIPACK)
-    args = TrainingArguments(
-        output_dir=out,
-        num_train_epochs=1,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=3,
-        ddp_backend="gloo",
-        include_num_input_tokens_seen="non_padding",
-    )
+    args = train_args(out, num_train_epochs=1, seed=3, ddp_backend="gloo")
     model, _ = framework.augmentation(tiny_causal_lm(), args, (None,))
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=padded_batch)
     seen_tokens: list[int] = []

@@ -111,11 +111,7 @@ def test_finetuning_schedule_trains_packed_as_padded(h, tmp_path):
                     losses.append(logs["loss"])
 
         framework = AccelerationFramework(config)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
-            learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=True, seed=0,
-        )  # fmt: skip
+        args = h.train_args(tmp_path / name, max_steps=3, learning_rate=1e-2, logging_steps=1)
         model, _ = framework.augmentation(h.tiny_causal_lm(seed=6), args, (None,))
         rows = h.make_rows([5, 9, 3, 12, 7, 4, 11, 6, 8, 2, 10, 5], seed=1)
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=h.padded_batch)

@@ -59,3 +59,13 @@ def test_rows_that_cannot_be_flattened_are_named(rows, message):
 )
 def test_is_packed_sees_positions_restarting_inside_a_row(positions, packed):
     assert is_packed(torch.tensor(positions)) is packed
+
+
+def test_padding_positions_are_not_restarts():
+    # generation's left padding: masked positions get position 1, then 0, 1, 2, ...
+    positions = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert is_packed(positions, mask) is False
+    assert is_packed(positions) is True
+    # a packed row stays packed under a mask of ones
+    assert is_packed(torch.tensor([[0, 1, 0, 1]]), torch.ones(1, 4)) is True

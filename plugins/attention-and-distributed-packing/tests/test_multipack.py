@@ -110,34 +110,11 @@ def test_token_lengths_of_lists_and_datasets():
         token_lengths([{"input_ids": [1]}, {"text": "x"}])
 
 
-class _Recorded(list):
-    """A list dataset that records which indices the dataloader reads."""
-
-    def __init__(self, rows):
-        super().__init__(rows)
-        self.read: list[int] = []
-
-    def __getitem__(self, index):
-        self.read.append(index)
-        return super().__getitem__(index)
-
-
 def test_trainer_reads_every_example_once_per_epoch_and_evaluates_as_usual(h, tmp_path):
     lengths = [3 + (7 * i) % 29 for i in range(40)]
-    rows = _Recorded(h.make_rows(lengths, seed=5))
+    rows = h.RecordedRows(h.make_rows(lengths, seed=5))
     framework = h.framework_for(h.MULTIPACK)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        num_train_epochs=2,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=64,
-        learning_rate=1e-3,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=11,
-        include_num_input_tokens_seen="non_padding",
-    )
+    args = h.train_args(tmp_path, num_train_epochs=2, per_device_eval_batch_size=64, seed=11)
     model, _ = framework.augmentation(h.tiny_causal_lm(), args, (None,))
     held = h.make_rows([4, 9, 17], seed=6)
     trainer = Trainer(

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 import transformers
-from transformers import DynamicCache, Trainer, TrainingArguments
+from transformers import DynamicCache, Trainer
 
 from fms_acceleration_aadp import PackedBatchError
 from fms_acceleration_aadp.flattening import FlatteningCollator
@@ -97,6 +97,16 @@ def test_guard_runs_packed_rows_without_a_cache(h, padding_free):
     assert model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values is not None
 
 
+def test_generation_with_left_padding_is_unchanged(h, padding_free):
+    reference = h.tiny_causal_lm(seed=5)
+    model, _ = padding_free.augmentation(copy.deepcopy(reference), None, (None,))
+    ids = torch.tensor([[1, 1, 7, 8, 9], [4, 5, 6, 7, 8]])
+    mask = (ids != 1).long()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+    expected = reference.generate(ids, **kwargs)
+    torch.testing.assert_close(model.generate(ids, **kwargs), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("extra", "problem"),
     [
@@ -134,19 +144,7 @@ def _train(h, rows, framework, tmp_path, steps=3):
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-    )
+    args = h.train_args(tmp_path, max_steps=steps, learning_rate=1e-2, logging_steps=1)
     model = h.tiny_causal_lm(seed=2)
     if framework is not None:
         model, _ = framework.augmentation(model, args, (None,))

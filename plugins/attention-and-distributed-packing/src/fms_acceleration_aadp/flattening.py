@@ -57,8 +57,16 @@ class FlatteningCollator(DataCollatorWithFlattening):
         return super().__call__(features, return_tensors, separator_id)
 
 
-def is_packed(position_ids: torch.Tensor) -> bool:
-    """Whether some row holds more than one example: its positions restart inside the row."""
+def is_packed(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
+    """Whether some row holds more than one example: its positions restart inside the row.
+
+    With a 2-D attention mask only attended neighbours count, so the positions a padded batch
+    gives its padding (e.g. left padding in generation) are not taken for a restart.
+    """
     if position_ids.shape[-1] < 2:
         return False
-    return bool((position_ids.diff(dim=-1) != 1).any())
+    jumps = position_ids.diff(dim=-1) != 1
+    if attention_mask is not None and attention_mask.ndim == 2:
+        attended = attention_mask.bool()
+        jumps = jumps & attended[..., 1:] & attended[..., :-1]
+    return bool(jumps.any())

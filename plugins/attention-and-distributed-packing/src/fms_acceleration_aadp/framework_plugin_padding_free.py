@@ -81,14 +81,15 @@ def build_cache_guard(backbone: torch.nn.Module) -> Callable[..., Any]:
         bound = signature.bind_partial(*args, **kwargs)
         arguments = bound.arguments
         position_ids = arguments.get("position_ids")
-        if position_ids is None or not is_packed(position_ids):
+        mask = _argument(arguments, "attention_mask")
+        if position_ids is None or not is_packed(position_ids, mask):
             return original(*args, **kwargs)
         name = type(self).__name__
         if any(_argument(arguments, n) is not None for n in ("cache", "past_key_values")):
             problem = "with a cache (past_key_values)"
         elif _argument(arguments, "use_cache") is True:
             problem = "with use_cache=True"
-        elif getattr(_argument(arguments, "attention_mask"), "ndim", 0) == 2:
+        elif getattr(mask, "ndim", 0) == 2:
             problem = "with a 2-D attention_mask"
         else:
             # everything by keyword: transformers' decorators read use_cache by position too

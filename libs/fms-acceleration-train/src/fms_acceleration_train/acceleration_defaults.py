@@ -36,7 +36,10 @@ def default_acceleration() -> DefaultAcceleration:
             f"the built-in acceleration ({DEFAULT_NAME}) needs {', '.join(missing)} "
             f"(pip install {' '.join(missing)}); training without acceleration",
         )
-    return DefaultAcceleration(str(DEFAULT_CONFIG), f"built-in default ({DEFAULT_NAME})")
+    return DefaultAcceleration(
+        str(DEFAULT_CONFIG),
+        f"built-in ({DEFAULT_NAME}); --no-acceleration trains without it, --compare runs both",
+    )
 
 
 def describe(acceleration_config: str | None) -> str:
@@ -44,7 +47,7 @@ def describe(acceleration_config: str | None) -> str:
     if acceleration_config is None:
         return "none"
     if Path(acceleration_config).resolve() == DEFAULT_CONFIG:
-        return f"built-in default: {DEFAULT_NAME} ({DEFAULT_CONFIG.name})"
+        return f"built-in ({DEFAULT_NAME})"
     return acceleration_config
 
 

@@ -313,4 +313,7 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
             for (prompt, expected, answer), b in zip(after.samples, before.samples)
         ]
     summary.write(output_dir)
+    if framework is not None:
+        # trained and saved: leave the process's modules (e.g. attention functions) as they were
+        framework.undo_patches()
     return summary

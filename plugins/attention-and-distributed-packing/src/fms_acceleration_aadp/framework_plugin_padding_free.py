@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -116,8 +117,6 @@ def _flattening_builder(boundaries: bool) -> Callable[[Any], Any]:
         if inner is not None and hasattr(collate_fn, "_remove_columns"):
             # transformers' RemoveColumnsCollator: keep it, replace what it wraps (on a copy,
             # so the Trainer's own collator is untouched)
-            import copy
-
             wrapper = copy.copy(collate_fn)
             wrapper.data_collator = build(inner)
             return wrapper

@@ -81,6 +81,8 @@ CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "hpo": ("hpo", "hpo.yaml", {}),
     "hpo-fts": ("hpo", "hpo_fts.yaml", {}),
+    "aadp-padding-free": ("attention-and-distributed-packing", "padding_free.yaml", {}),
+    "aadp-multipack": ("attention-and-distributed-packing", "multipack.yaml", {}),
 }
 
 # sample shortname -> named configurations it merges, in order
@@ -95,6 +97,11 @@ SAMPLES: dict[str, tuple[str, ...]] = {
     "fts-foak-fast-kernels": ("fts-default", "foak-fast-kernels"),
     "hpo-lora": ("hpo",),
     "hpo-fts": ("fts-default", "hpo-fts"),
+    "aadp-padding-free": ("aadp-padding-free",),
+    "aadp-padding-free-multipack": ("aadp-padding-free", "aadp-multipack"),
+    "accelerated-peft-bnb-nf4-padding-free": ("aadp-padding-free", "bnb-nf4"),
+    "accelerated-peft-bnb-nf4-foak-padding-free": ("aadp-padding-free", "bnb-nf4", "bnb-nf4-foak"),
+    "foak-fast-kernels-padding-free": ("aadp-padding-free", "foak-fast-kernels"),
 }
 
 # how a sample is run, when not by `fms-acceleration train` (samples with a search stanza)

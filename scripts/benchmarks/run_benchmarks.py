@@ -155,7 +155,10 @@ def execute(
     run.log = str(log)
     command = [sys.executable, "-m", "fms_acceleration_train", "--output-dir", str(out_dir)]
     try:
-        if shortname != BASELINE:
+        if shortname == BASELINE:
+            # the job's own default is accelerated: the baseline must ask for none
+            command.append("--no-acceleration")
+        else:
             overrides = scenario.config_overrides.get(shortname, {})
             command += ["--acceleration-config", str(config_file(shortname, overrides, out_dir))]
     except FileNotFoundError as e:
@@ -203,7 +206,7 @@ def environment() -> dict[str, str]:
     versions = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "triton",
                  "fms-acceleration", "fms-acceleration-peft", "fms-acceleration-foak",
-                 "fms-acceleration-fts"):  # fmt: skip
+                 "fms-acceleration-fts", "fms-acceleration-aadp"):  # fmt: skip
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -314,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", type=Path, default=HERE / "scenarios.yaml")
     parser.add_argument("--output-dir", type=Path, default=HERE / "refs")
+    parser.add_argument("--name", help="file name stem of the results (default: scenarios_DEVICE)")
     parser.add_argument("--work-dir", type=Path, help="run folders (default: a temp folder)")
     parser.add_argument("--only", nargs="+", metavar="SCENARIO", help="run only these scenarios")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; each run limited to {args.threads} thread(s)" if args.threads else "")
     )
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.output_dir / f"scenarios_{device}"
+    stem = args.output_dir / (args.name or f"scenarios_{device}")
     write_csv(runs, stem.with_suffix(".csv"), env)
     stem.with_suffix(".md").write_text(
         markdown(runs, scenarios, env, args.note) + f"\n![chart]({stem.name}.png)\n",

@@ -46,6 +46,17 @@ def test_and_paths_need_every_stanza(fakes):
     assert both.active_plugins == [("AndPlugin", both.plugins["and_plugin"])]
 
 
+def test_stanza_of_an_inactive_plugin_beside_active_ones_is_refused(fakes):
+    # part_a alone leaves and_plugin inactive; with another plugin active it would be ignored
+    config = _config(training__part_a={}, training__fake_kernels={})
+    with pytest.raises(AccelerationPluginConfigError) as info:
+        build_framework(config, fakes.ALL)
+    assert str(info.value).endswith(
+        "plugins.training.part_a: plugin 'and_plugin' needs plugins.training.part_b as well; "
+        "without it this stanza would be ignored. Add it, or remove plugins.training.part_a."
+    )
+
+
 @pytest.mark.parametrize("path", ["training__fake_kernels", "peft__quantization__fake_kernels"])
 def test_or_paths_need_any_stanza(fakes, path):
     framework = build_framework(_config(**{path: {"fast_loss": "fused_ce_liger"}}), fakes.ALL)

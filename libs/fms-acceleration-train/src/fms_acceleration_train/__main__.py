@@ -4,4 +4,6 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+# guarded: --compare runs each training in a spawned process, which imports this module again
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .acceleration_defaults import resolve_acceleration
 from .errors import MissingDependencyError, TrainJobError
 from .runner import DEFAULT_TARGET_MODULES, TrainJobConfig
 
@@ -17,7 +18,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--acceleration-config",
         metavar="FILE",
-        help="framework YAML (a sample-configurations/*.yaml); omit for no acceleration",
+        help="framework YAML (a sample-configurations/*.yaml); default: the built-in one "
+        "(padding-free training)",
+    )
+    parser.add_argument(
+        "--no-acceleration",
+        action="store_true",
+        help="train with plain transformers + peft (no framework plugins)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train the plain baseline (each run in a fresh process) and show both: "
+        "tokens/s, peak memory, loss, held-out accuracy and the ratio",
     )
     parser.add_argument(
         "--model",
@@ -100,11 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
+def config_from_args(args: argparse.Namespace, acceleration_config: str | None) -> TrainJobConfig:
     """Build the job configuration from parsed arguments."""
     return TrainJobConfig(
         output_dir=args.output_dir,
-        acceleration_config=args.acceleration_config,
+        acceleration_config=acceleration_config,
         model=args.model,
         dataset=args.dataset,
         max_steps=args.max_steps,
@@ -144,13 +157,30 @@ def run(args: argparse.Namespace) -> int:
         AccelerationFrameworkError,
     )
     try:
-        summary = run_train_job(config_from_args(args))
+        acceleration, note = resolve_acceleration(
+            args.acceleration_config, args.no_acceleration, args.compare
+        )
+        if note:
+            print(f"acceleration: {note}", flush=True)
+        config = config_from_args(args, acceleration)
+        if args.compare:
+            from .compare import run_comparison
+
+            comparison = run_comparison(config)
+        else:
+            summary = run_train_job(config)
     except expected as e:
         print(f"fms-acceleration train: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         print(f"fms-acceleration train: {e}", file=sys.stderr)
         return 130
+    if args.compare:
+        print(comparison.accelerated.format())
+        print(comparison.format())
+        print(f"summaries written to {args.output_dir}/{{baseline,accelerated}}/; comparison to "
+              f"{args.output_dir}/comparison.json")  # fmt: skip
+        return 0
     print(summary.format())
     print(f"summary written to {args.output_dir}/train_summary.json")
     return 0
@@ -162,8 +192,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "train",
         help="fine-tune with LoRA through the framework and print a summary",
         description="Fine-tune a causal LM with LoRA using transformers.Trainer, accelerated by "
-        "the plugins an --acceleration-config enables; saves the adapter and writes "
-        "OUTPUT_DIR/train_summary.json (tokens/s, peak memory, loss, answer accuracy).",
+        "the plugins an --acceleration-config enables (by default the built-in padding-free "
+        "configuration); saves the adapter and writes OUTPUT_DIR/train_summary.json (tokens/s, "
+        "peak memory, loss, answer accuracy). --compare also trains the plain baseline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(parser)

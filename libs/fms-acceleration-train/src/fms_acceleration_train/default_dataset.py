@@ -4,6 +4,10 @@ Three fixed-format tasks a 135M instruct model already half knows (sentiment of 
 category of a word, the opposite of an adjective). A few dozen LoRA steps teach it to answer with
 the one expected word, so loss falls and exact-match accuracy on held-out prompts rises within
 minutes on a CPU. Held-out prompts use words the training split never contains.
+
+Reviews open with zero to eight neutral sentences before the one that carries the sentiment, so
+examples range from about 45 to about 120 tokens, as instruction data does: in a padded batch a
+third of the tokens are padding, which is what padding-free training saves.
 """
 
 from __future__ import annotations
@@ -43,7 +47,20 @@ _OPPOSITES = (
     ("always", "never"),
 )  # fmt: skip
 
-_SENTIMENT_PROMPT = 'Review: "{subject} was {adjective}."\nIs this review positive or negative?'
+# Neutral context: no sentiment and none of the adjectives above.
+_CONTEXT = (
+    "We went there on a Saturday afternoon.", "It was my second time.",
+    "I went with two friends from work.", "It is close to the train station.",
+    "We had booked a week in advance.", "It took about two hours in total.",
+    "My sister had suggested it to me.", "We arrived a few minutes early.",
+    "The tickets were bought online.", "I had read about it in the newspaper.",
+    "It was raining when we got there.", "We paid by card at the end.",
+)  # fmt: skip
+_MAX_CONTEXT = 8
+
+_SENTIMENT_PROMPT = (
+    'Review: "{context}{subject} was {adjective}."\nIs this review positive or negative?'
+)
 _CATEGORY_PROMPT = 'Is "{word}" a fruit, an animal, a color or a vehicle?'
 _OPPOSITE_PROMPT = 'What is the opposite of "{word}"?'
 _SUFFIX = " Answer with one word."
@@ -56,12 +73,18 @@ def _split(items: tuple, held_out_every: int) -> tuple[list, list]:
     return train, held
 
 
-def _sentiment(adjectives: list[tuple[str, str]], subjects: tuple[str, ...]) -> list[Example]:
-    return [
-        Example(_SENTIMENT_PROMPT.format(subject=s, adjective=a) + _SUFFIX, label)
-        for a, label in adjectives
-        for s in subjects
-    ]
+def _sentiment(
+    adjectives: list[tuple[str, str]], subjects: tuple[str, ...], rng: random.Random
+) -> list[Example]:
+    examples = []
+    for a, label in adjectives:
+        for s in subjects:
+            context = rng.sample(_CONTEXT, rng.randint(0, _MAX_CONTEXT))
+            prompt = _SENTIMENT_PROMPT.format(
+                context="".join(c + " " for c in context), subject=s, adjective=a
+            )
+            examples.append(Example(prompt + _SUFFIX, label))
+    return examples
 
 
 def default_splits(seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -73,8 +96,8 @@ def default_splits(seed: int = 0) -> tuple[list[Example], list[Example]]:
     labelled_held = [(a, "positive") for a in pos_held] + [(a, "negative") for a in neg_held]
     # Training sees every subject with training adjectives; held-out reviews pair unseen
     # adjectives with a few subjects, so the answer must come from the adjective.
-    train = rng.sample(_sentiment(labelled_train, _SUBJECTS), 96)
-    held = rng.sample(_sentiment(labelled_held, _SUBJECTS), 16)
+    train = rng.sample(_sentiment(labelled_train, _SUBJECTS, rng), 96)
+    held = rng.sample(_sentiment(labelled_held, _SUBJECTS, rng), 16)
 
     for category, words in _CATEGORIES.items():
         words_train, words_held = _split(words, 3)

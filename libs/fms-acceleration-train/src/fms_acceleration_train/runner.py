@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +29,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_DATASET = "built-in (sentiment / category / opposite, one-word answers)"
 _VERSIONED = (
     "torch", "transformers", "peft", "accelerate", "fms-acceleration", "fms-acceleration-peft",
-    "fms-acceleration-foak", "fms-acceleration-fts", "bitsandbytes", "gptqmodel", "triton",
+    "fms-acceleration-foak", "fms-acceleration-fts", "fms-acceleration-aadp", "bitsandbytes",
+    "gptqmodel", "triton",
 )  # fmt: skip
 
 
@@ -65,7 +67,7 @@ class TrainJobConfig(StanzaModel):
     dataset: str | None = None
     max_steps: Annotated[int, Positive] = 40
     batch_size: Annotated[int, Positive] = 8
-    seq_len: Annotated[int, Field(ge=8)] = 64
+    seq_len: Annotated[int, Field(ge=8)] = 128
     learning_rate: Annotated[float, Positive] = 1e-3
     lora_r: Annotated[int, Positive] = 8
     lora_alpha: int = 16
@@ -255,89 +257,95 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
 
     before = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
 
-    args = _training_arguments(config, dtype, device_type)
-    peft_config = _lora_config(config)
-    if framework is not None and framework.requires_augmentation:
-        model, (peft_config,) = framework.augmentation(model, args, modifiable_args=(peft_config,))
-    if peft_config is not None:
-        try:
-            model = get_peft_model(model, peft_config)
-        except ValueError as e:
-            raise TrainJobError(f"--target-modules {list(config.target_modules)}: {e}") from e
-    # else: full fine-tuning, or a plugin (e.g. quantized peft) put the LoRA layers in itself.
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable == 0:
-        raise TrainJobError("the model has no trainable parameters after augmentation")
+    # whatever happens, leave the process's modules (e.g. attention functions) as they were
+    with ExitStack() as undo:
+        if framework is not None:
+            undo.callback(framework.undo_patches)
+        args = _training_arguments(config, dtype, device_type)
+        peft_config = _lora_config(config)
+        if framework is not None and framework.requires_augmentation:
+            model, (peft_config,) = framework.augmentation(
+                model, args, modifiable_args=(peft_config,)
+            )
+        if peft_config is not None:
+            try:
+                model = get_peft_model(model, peft_config)
+            except ValueError as e:
+                raise TrainJobError(f"--target-modules {list(config.target_modules)}: {e}") from e
+        # else: full fine-tuning, or a plugin (e.g. quantized peft) put the LoRA layers in itself.
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if trainable == 0:
+            raise TrainJobError("the model has no trainable parameters after augmentation")
 
-    losses: list[float] = []
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=rows,
-        eval_dataset=tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None,
-        data_collator=PaddingCollator(pad_token_id(tokenizer)),
-    )
-    recorder, progress = _make_callbacks(config.log_every, losses)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(progress)
-    trainer.add_callback(recorder)
-    if framework is not None:
-        for callback in framework.get_callbacks_and_ready_for_train(
-            model, trainer.accelerator, trainer=trainer
-        ):
-            trainer.add_callback(callback)
+        losses: list[float] = []
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            eval_dataset=tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None,
+            data_collator=PaddingCollator(pad_token_id(tokenizer)),
+        )
+        recorder, progress = _make_callbacks(config.log_every, losses)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(progress)
+        trainer.add_callback(recorder)
+        if framework is not None:
+            for callback in framework.get_callbacks_and_ready_for_train(
+                model, trainer.accelerator, trainer=trainer
+            ):
+                trainer.add_callback(callback)
 
-    with checkpoint_on_interrupt() as interrupt:
-        trainer.add_callback(interrupt)
-        result = trainer.train(resume_from_checkpoint=resume)
-    if interrupt.requested:
-        raise TrainingInterrupted(interrupt.outcome(config.max_steps))
-    runtime = float(result.metrics["train_runtime"])
-    tokens = int(trainer.state.num_input_tokens_seen)
-    peak, peak_kind = peak_memory_mib(device_type)
+        with checkpoint_on_interrupt() as interrupt:
+            trainer.add_callback(interrupt)
+            result = trainer.train(resume_from_checkpoint=resume)
+        if interrupt.requested:
+            raise TrainingInterrupted(interrupt.outcome(config.max_steps))
+        runtime = float(result.metrics["train_runtime"])
+        tokens = int(trainer.state.num_input_tokens_seen)
+        peak, peak_kind = peak_memory_mib(device_type)
 
-    after = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
+        after = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)
 
-    # A LoRA run saves the adapter; full fine-tuning saves the whole model.
-    saved_to = output_dir / ("adapter" if hasattr(model, "peft_config") else "model")
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(saved_to)
-    else:
-        trainer.save_model(str(saved_to))
+        # A LoRA run saves the adapter; full fine-tuning saves the whole model.
+        saved_to = output_dir / ("adapter" if hasattr(model, "peft_config") else "model")
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(saved_to)
+        else:
+            trainer.save_model(str(saved_to))
 
-    summary = TrainSummary(
-        model=f"{model_dir}" + (" (embedded SmolLM2-135M-Instruct)" if embedded else ""),
-        dataset=dataset_name,
-        acceleration_config=config.acceleration_config,
-        active_plugins=_plugin_names(framework) if framework is not None else [],
-        device=torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-        dtype=str(dtype).removeprefix("torch."),
-        cpu_threads=torch.get_num_threads() if device_type == "cpu" else 0,
-        max_steps=config.max_steps,
-        steps=int(trainer.state.global_step),
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
-        train_examples=len(rows),
-        train_tokens=tokens,
-        # enough digits that tokens / runtime reproduces tokens/s even for sub-second runs
-        train_runtime_s=round(runtime, 6),
-        train_tokens_per_s=round(tokens / runtime, 2) if runtime > 0 else 0.0,
-        peak_memory_mib=round(peak, 1),
-        peak_memory_kind=peak_kind,
-        first_loss=losses[0] if losses else float("nan"),
-        last_loss=losses[-1] if losses else float("nan"),
-        losses=losses,
-        trainable_params=trainable,
-        saved_to=str(saved_to),
-        versions=installed_versions(_VERSIONED),
-    )
-    if held_out:
-        summary.accuracy_before = before.value
-        summary.accuracy_after = after.value
-        summary.eval_examples = before.total
-        summary.eval_samples = [
-            {"prompt": prompt, "expected": expected, "before": b[2], "after": answer}
-            for (prompt, expected, answer), b in zip(after.samples, before.samples)
-        ]
-    summary.write(output_dir)
+        summary = TrainSummary(
+            model=f"{model_dir}" + (" (embedded SmolLM2-135M-Instruct)" if embedded else ""),
+            dataset=dataset_name,
+            acceleration_config=config.acceleration_config,
+            active_plugins=_plugin_names(framework) if framework is not None else [],
+            device=torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+            dtype=str(dtype).removeprefix("torch."),
+            cpu_threads=torch.get_num_threads() if device_type == "cpu" else 0,
+            max_steps=config.max_steps,
+            steps=int(trainer.state.global_step),
+            batch_size=config.batch_size,
+            seq_len=config.seq_len,
+            train_examples=len(rows),
+            train_tokens=tokens,
+            # enough digits that tokens / runtime reproduces tokens/s even for sub-second runs
+            train_runtime_s=round(runtime, 6),
+            train_tokens_per_s=round(tokens / runtime, 2) if runtime > 0 else 0.0,
+            peak_memory_mib=round(peak, 1),
+            peak_memory_kind=peak_kind,
+            first_loss=losses[0] if losses else float("nan"),
+            last_loss=losses[-1] if losses else float("nan"),
+            losses=losses,
+            trainable_params=trainable,
+            saved_to=str(saved_to),
+            versions=installed_versions(_VERSIONED),
+        )
+        if held_out:
+            summary.accuracy_before = before.value
+            summary.accuracy_after = after.value
+            summary.eval_examples = before.total
+            summary.eval_samples = [
+                {"prompt": prompt, "expected": expected, "before": b[2], "after": answer}
+                for (prompt, expected, answer), b in zip(after.samples, before.samples)
+            ]
+        summary.write(output_dir)
     return summary

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .acceleration_defaults import describe
+
 SUMMARY_FILE = "train_summary.json"
 
 
@@ -74,7 +76,7 @@ class TrainSummary:
             "fms-acceleration train: summary",
             f"  model             {self.model}",
             f"  dataset           {self.dataset} ({self.train_examples} examples)",
-            f"  acceleration      {self.acceleration_config or 'none'}",
+            f"  acceleration      {describe(self.acceleration_config)}",
             f"  active plugins    {plugins}",
             f"  device / dtype    {self.device}"
             + (f" ({self.cpu_threads} threads)" if self.cpu_threads else "")

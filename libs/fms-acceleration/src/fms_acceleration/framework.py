@@ -152,6 +152,7 @@ class AccelerationFramework:
             raise AccelerationPluginConfigError(validated.unknown[0])
         if not chosen:
             raise NoPluginsConfiguredError(f"{_NO_PLUGINS} '{self.source}': {_why_none(validated)}")
+        _refuse_ignored_stanzas(registrations, chosen, validated.present)
         return chosen
 
     def _construct(
@@ -362,6 +363,29 @@ class AccelerationFramework:
                 f"Model architectures in {sorted(archs)} are not supported for "
                 f"'{plugin.plugin_id}'; supported: {', '.join(sorted(restricted))}."
             )
+
+
+def _refuse_ignored_stanzas(
+    registrations: Sequence[PluginRegistration],
+    chosen: Sequence[PluginRegistration],
+    present: frozenset[str],
+) -> None:
+    """A stanza the user wrote whose plugin stays inactive (another stanza it needs is missing)
+    would be ignored while the others train: name what it needs instead."""
+    claimed = {path for registration in chosen for path in registration.paths}
+    for path in sorted(present - claimed):
+        registration = next(r for r in registrations if path in r.paths)
+        missing = [f"plugins.{p}" for p in registration.configuration_and_paths if p not in present]
+        if registration.configuration_or_paths and not present & set(
+            registration.configuration_or_paths
+        ):
+            missing.append(
+                "one of " + ", ".join(f"plugins.{p}" for p in registration.configuration_or_paths)
+            )
+        raise AccelerationPluginConfigError(
+            f"plugins.{path}: plugin '{registration.plugin_id}' needs {' and '.join(missing)} as "
+            f"well; without it this stanza would be ignored. Add it, or remove plugins.{path}."
+        )
 
 
 def _why_none(validated: ValidatedPlugins) -> str:

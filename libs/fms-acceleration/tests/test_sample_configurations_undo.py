@@ -56,6 +56,10 @@ def module_level_objects() -> dict[tuple[str, ...], Any]:
                             member, (staticmethod, classmethod, property)
                         ):
                             found[(name, attr, key)] = member
+                        elif type(member) is dict:  # a class's table, e.g. attention functions
+                            for entry, function in list(member.items()):
+                                if inspect.isroutine(function):
+                                    found[(name, attr, key, str(entry))] = function
             elif type(value) is dict and attr.isupper():  # not transformers' lazy mappings
                 for key, member in list(value.items()):
                     if inspect.isroutine(member) or inspect.isclass(member):
@@ -64,13 +68,14 @@ def module_level_objects() -> dict[tuple[str, ...], Any]:
 
 
 def _location(target: str) -> tuple[tuple[str, ...], Any]:
-    """(key in module_level_objects, object there now) of a dotted patch target, which may be a
-    module's attribute ('pkg.mod.f') or a class's own attribute ('pkg.mod.Class.attr')."""
+    """(key in module_level_objects, object there now) of a dotted patch target: a module's
+    attribute ('pkg.mod.f'), a class's own attribute ('pkg.mod.Class.attr') or an entry of a
+    class's table ('pkg.mod.Class.TABLE.key')."""
     parts = target.split(".")
     split = max(i for i in range(1, len(parts)) if ".".join(parts[:i]) in sys.modules)
     owner: Any = sys.modules[".".join(parts[:split])]
     for part in parts[split:]:
-        owner = vars(owner)[part]
+        owner = owner[part] if isinstance(owner, dict) else vars(owner)[part]
     return (".".join(parts[:split]), *parts[split:]), owner
 
 
@@ -214,10 +219,13 @@ def test_sample_is_undone_completely(entry, request, tmp_path):
         r.module_name for r in recorded(framework.trainer_patcher, "method")
     }
     model_records = recorded(framework.model_patcher)
-    # the kernels patch the model; the schedule wraps accelerator.prepare_optimizer
-    assert bool(model_records) == ("fused_ops_and_kernels" in framework.plugins)
-    has_schedule = "finetuning_schedule" in framework.plugins
-    assert bool(recorded(framework.accelerator_patcher)) == has_schedule
+    # the kernels and padding-free patch the model; the schedule wraps prepare_optimizer
+    assert bool(model_records) == bool(
+        {"fused_ops_and_kernels", "padding_free"} & set(framework.plugins)
+    )
+    # the schedule wraps prepare_optimizer, padding-free prepare (for its collator)
+    wraps = bool({"finetuning_schedule", "padding_free"} & set(framework.plugins))
+    assert bool(recorded(framework.accelerator_patcher)) == wraps
 
     trainer.train()
     assert trainer.state.global_step == 1

@@ -113,8 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace, acceleration_config: str | None) -> TrainJobConfig:
-    """Build the job configuration from parsed arguments."""
+def config_from_args(
+    args: argparse.Namespace, acceleration_config: str | None = None
+) -> TrainJobConfig:
+    """Build the job configuration from parsed arguments and the resolved acceleration config."""
     return TrainJobConfig(
         output_dir=args.output_dir,
         acceleration_config=acceleration_config,

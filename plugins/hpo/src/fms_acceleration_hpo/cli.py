@@ -73,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
                 "--acceleration-config: give the acceleration YAML as CONFIG (the first "
                 "argument of search)"
             )
+        for flag in ("compare", "no_acceleration"):
+            if getattr(args, flag, False):
+                raise TrainJobError(
+                    f"--{flag.replace('_', '-')}: not an option of search (each trial runs with "
+                    "the acceleration of CONFIG)"
+                )
         if args.trials <= 0:
             raise TrainJobError(f"--trials: {args.trials} must be > 0.")
         if args.timeout is not None and args.timeout <= 0:

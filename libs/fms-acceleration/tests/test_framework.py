@@ -392,3 +392,14 @@ def test_require_packages_check_can_be_disabled(fakes):
         _config(training__needs_missing={}), fakes.ALL, require_packages_check=False
     )
     assert list(framework.plugins) == ["needs_missing"]
+
+
+def test_a_second_plugin_class_of_the_same_name_is_left_out_with_a_warning(installed_fakes):
+    first = type("Twin", (AccelerationPlugin,), {})
+    second = type("Twin", (AccelerationPlugin,), {})
+    AccelerationPlugin.register_plugin(first, configuration_and_paths=["training.twin_a"])
+    AccelerationPlugin.register_plugin(second, configuration_and_paths=["training.twin_b"])
+    config = {"plugins": {"training": {"twin_a": {"x": 1}, "twin_b": {"x": 2}}}}
+    with pytest.warns(UserWarning, match="plugin class Twin from .* is not activated"):
+        framework = AccelerationFramework(config)
+    assert [(name, type(p)) for name, p in framework.active_plugins] == [("Twin", first)]

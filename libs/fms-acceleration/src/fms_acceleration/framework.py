@@ -152,7 +152,7 @@ class AccelerationFramework:
             raise AccelerationPluginConfigError(validated.unknown[0])
         if not chosen:
             raise NoPluginsConfiguredError(f"{_NO_PLUGINS} '{self.source}': {_why_none(validated)}")
-        _refuse_ignored_stanzas(registrations, chosen, validated.present)
+        _refuse_ignored_stanzas(registrations, validated.present)
         return chosen
 
     def _construct(
@@ -366,13 +366,13 @@ class AccelerationFramework:
 
 
 def _refuse_ignored_stanzas(
-    registrations: Sequence[PluginRegistration],
-    chosen: Sequence[PluginRegistration],
-    present: frozenset[str],
+    registrations: Sequence[PluginRegistration], present: frozenset[str]
 ) -> None:
     """A stanza the user wrote whose plugin stays inactive (another stanza it needs is missing)
     would be ignored while the others train: name what it needs instead."""
-    claimed = {path for registration in chosen for path in registration.paths}
+    # a plugin left out only as a same-named duplicate was activated: it was warned about
+    activated = [r for r in registrations if r.is_activated_by(present)]
+    claimed = {path for registration in activated for path in registration.paths}
     for path in sorted(present - claimed):
         registration = next(r for r in registrations if path in r.paths)
         missing = [f"plugins.{p}" for p in registration.configuration_and_paths if p not in present]

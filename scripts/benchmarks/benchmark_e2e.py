@@ -42,16 +42,6 @@ LLAMA3_8B = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
 FIELDS = (
     "date",
     "device",
@@ -114,8 +104,14 @@ def _build(run: str, args: argparse.Namespace, device):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    shape = TINY if args.tiny else {**LLAMA3_8B, "num_hidden_layers": args.layers}
-    config = LlamaConfig(**shape, attn_implementation="sdpa")
+    if args.tiny:  # the dry run: the tests' tiny Llama
+        from fms_acceleration.testing import tiny_model_config
+
+        config = tiny_model_config("llama", tie_word_embeddings=False)
+        config._attn_implementation = "sdpa"
+    else:
+        shape = {**LLAMA3_8B, "num_hidden_layers": args.layers}
+        config = LlamaConfig(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it trains: seconds on a GPU for 8B
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .acceleration_defaults import resolve_acceleration
-from .errors import MissingDependencyError, TrainJobError
+from .errors import user_errors
 from .runner import DEFAULT_TARGET_MODULES, TrainJobConfig
 
 _DEFAULTS = TrainJobConfig()
@@ -147,17 +147,10 @@ def config_from_args(
 
 def run(args: argparse.Namespace) -> int:
     """Run the job; print the summary. Exit code 0, or 2 with a one-line error for bad input."""
-    from fms_acceleration import AccelerationFrameworkError, AccelerationPluginConfigError
-
     from .interrupt import TrainingInterrupted
     from .runner import run_train_job
 
-    expected = (
-        TrainJobError,
-        MissingDependencyError,
-        AccelerationPluginConfigError,
-        AccelerationFrameworkError,
-    )
+    expected = user_errors()
     try:
         acceleration, note = resolve_acceleration(
             args.acceleration_config, args.no_acceleration, args.compare

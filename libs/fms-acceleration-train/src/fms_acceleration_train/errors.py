@@ -11,6 +11,18 @@ class MissingDependencyError(ImportError):
     """An optional package the training job needs is not installed."""
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean the input was wrong: a command prints them as one line (exit 2)."""
+    from fms_acceleration import AccelerationFrameworkError, AccelerationPluginConfigError
+
+    return (
+        TrainJobError,
+        MissingDependencyError,
+        AccelerationPluginConfigError,
+        AccelerationFrameworkError,
+    )
+
+
 def require(import_name: str, pip_name: str | None = None, purpose: str = "") -> None:
     """Raise MissingDependencyError, saying what to pip install, if `import_name` is missing."""
     import importlib.util

@@ -54,19 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run one worker; print the table. Exit 0, or 2 with a one-line error for bad input."""
-    from fms_acceleration_train import MissingDependencyError, TrainJobError
+    from fms_acceleration_train import TrainJobError
     from fms_acceleration_train.cli import config_from_args
-
-    from fms_acceleration import AccelerationFrameworkError, AccelerationPluginConfigError
+    from fms_acceleration_train.errors import user_errors
 
     from .search import SearchRequest, run_search
 
-    expected = (
-        TrainJobError,
-        MissingDependencyError,
-        AccelerationPluginConfigError,
-        AccelerationFrameworkError,
-    )
+    expected = user_errors()
     try:
         if args.acceleration_config:
             raise TrainJobError(

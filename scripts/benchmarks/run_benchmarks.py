@@ -153,7 +153,8 @@ def execute(
     out_dir.mkdir(parents=True)
     log = out_dir / "log.txt"
     run.log = str(log)
-    command = [sys.executable, "-m", "fms_acceleration_train", "--output-dir", str(out_dir)]
+    train_dir = out_dir / "train"  # the job refuses a folder that already holds files (the log)
+    command = [sys.executable, "-m", "fms_acceleration_train", "--output-dir", str(train_dir)]
     try:
         if shortname == BASELINE:
             # the job's own default is accelerated: the baseline must ask for none
@@ -183,7 +184,7 @@ def execute(
             run.wall_time_s = round(time.perf_counter() - start, 1)
             return run
     run.wall_time_s = round(time.perf_counter() - start, 1)
-    summary_file = out_dir / "train_summary.json"
+    summary_file = train_dir / "train_summary.json"
     if proc.returncode != 0 or not summary_file.is_file():
         run.status, run.error = f"failed (exit {proc.returncode})", _tail(log)
         return run

@@ -55,3 +55,24 @@ def test_scenarios_are_read_with_the_strict_loader(tmp_path):
     path.write_text("scenarios:\n  - name: x\n    device: cpu\n    device: cuda\n")
     with pytest.raises(ValueError, match=r"s\.yaml: duplicate key 'device' at line 4 \(first"):
         bench.load_scenarios(path)
+
+
+def test_one_run_trains_in_its_own_process_and_reads_the_summary(tmp_path):
+    from fms_acceleration.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", seed=4)
+    scenario = bench.Scenario(
+        name="smoke",
+        device="cpu",
+        framework_configs=(bench.BASELINE, "aadp-padding-free"),
+        baseline=bench.BASELINE,
+        arguments={"max_steps": 2, "batch_size": 2, "seq_len": 16, "no_eval": True},
+        models=(str(model),),
+        config_overrides={},
+        timeout_s=300,
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    runs = [bench.execute(scenario, name, str(model), work) for name in scenario.framework_configs]
+    assert [run.status for run in runs] == ["ok", "ok"], [run.error for run in runs]
+    assert all(run.train_tokens_per_s > 0 for run in runs)

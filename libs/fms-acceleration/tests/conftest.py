@@ -6,9 +6,11 @@ from __future__ import annotations
 import sys
 import types
 from importlib import metadata
+from typing import Annotated
 
 import pytest
 import torch
+from pydantic import Field
 
 from fms_acceleration import AccelerationPlugin, Requirement, StanzaModel, choice
 from fms_acceleration import discovery as discovery_module
@@ -87,6 +89,11 @@ class BitsSchema(StanzaModel):
 
 class ScaleSchema(StanzaModel):
     scale: float = 1.0
+    # bounded lengths, for the too-short / too-long messages
+    labels: Annotated[list[str], Field(min_length=1, max_length=2)] = Field(
+        default_factory=lambda: ["loss"]
+    )
+    tag: Annotated[str, Field(min_length=1)] = "x"
 
 
 class Empty(StanzaModel):

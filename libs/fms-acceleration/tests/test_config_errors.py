@@ -137,6 +137,18 @@ BAD_CONFIGS = {
         "plugins:\n  training:\n    other_loss:\n      scale: .inf\n",
         "plugins.training.other_loss.scale: .inf is not a finite number.",
     ),
+    "empty list": (
+        "plugins:\n  training:\n    other_loss:\n      labels: []\n",
+        "plugins.training.other_loss.labels: [] has 0 entries; at least 1 needed.",
+    ),
+    "list too long": (
+        "plugins:\n  training:\n    other_loss:\n      labels: [a, b, c]\n",
+        "plugins.training.other_loss.labels: ['a', 'b', 'c'] has 3 entries; at most 2 allowed.",
+    ),
+    "empty string": (
+        "plugins:\n  training:\n    other_loss:\n      tag: ''\n",
+        "plugins.training.other_loss.tag: '' has 0 characters; at least 1 needed.",
+    ),
     "number read as a string": (
         "plugins:\n  training:\n    other_loss:\n      scale: 1e-5\n",
         "plugins.training.other_loss.scale: expected a number, got str '1e-5'; YAML read 1e-5 "

@@ -359,7 +359,8 @@ def test_env_var_fallback(tmp_path, monkeypatch, installed_fakes):
     monkeypatch.setenv("ACCELERATION_FRAMEWORK_CONFIG_FILE", str(path))
     with pytest.warns(UserWarning, match="plugin 'broken'"):
         framework = AccelerationFramework()
-    assert framework.plugins["other_loss"].stanza("training.other_loss") == {"scale": 2.0}
+    stanza = framework.plugins["other_loss"].stanza("training.other_loss")
+    assert stanza == {"scale": 2.0, "labels": ["loss"], "tag": "x"}
 
 
 def test_discovery_reports_broken_plugin_naming_it(installed_fakes):

@@ -122,7 +122,7 @@ def test_sampler_and_pruner_options_belong_to_their_type():
         f"{PATH}.pruner.reduction_factor: 1 must be greater than or equal to 2."
     )
     assert _error(search_space=[]) == (
-        f"{PATH}.search_space: [] List should have at least 1 item after validation, not 0."
+        f"{PATH}.search_space: [] has 0 entries; at least 1 needed."
     )
 
 

@@ -251,6 +251,17 @@ def describe_error(error: Mapping[str, Any], path: str, model: type[BaseModel]) 
         )
     if kind == "finite_number":
         return f"{where}: {show(value)} is not a finite number."
+    if kind in ("too_short", "too_long", "string_too_short", "string_too_long"):
+        short = kind.endswith("too_short")
+        limit = ctx.get("min_length" if short else "max_length")
+        if isinstance(value, str):
+            actual, unit = len(value), "characters"
+        else:
+            actual, unit = ctx.get("actual_length"), "entries"
+        return (
+            f"{where}: {show(value)} has {actual} {unit}; "
+            f"{f'at least {limit} needed' if short else f'at most {limit} allowed'}."
+        )
     message = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):

@@ -392,3 +392,63 @@ def test_trainer_patcher_wraps_and_restores_instance_methods():
     assert len(patcher.history) == 1
     patcher.undo()
     assert "get_batch_samples" not in trainer.__dict__
+
+
+@pytest.mark.parametrize("order", ["newest first", "oldest first"])
+def test_two_patchers_on_one_target_undo_in_any_order(modules, order):
+    """Two frameworks in one process may patch the same function, table entry, forward and
+    method; undoing them in either order brings every original back."""
+    a = importlib.import_module("fms_pkg_a")
+    original_f = a.f
+    torch.manual_seed(7)
+    model, x = _model(), torch.randn(5, 3)
+    before = model(x)
+
+    class Trainer:
+        def step(self):
+            return 1
+
+    trainer = Trainer()
+    patchers = []
+    for n in (1, 2):
+        patcher = ModelPatcher()
+        patcher.register(
+            ModelPatcherRule(
+                f"f-{n}", import_and_maybe_reload=("fms_pkg_a.f", lambda x, n=n: n, None)
+            )
+        )
+        patcher.register(
+            ModelPatcherRule(f"loss-{n}", import_and_maybe_reload=("fms_pkg_a.TABLE.loss", n, None))
+        )
+        patcher.register(
+            ModelPatcherRule(
+                f"fwd-{n}",
+                trigger=ModelPatcherTrigger(Scale, module_name="2"),
+                forward=lambda s, v, n=n: v * 0 + n,
+            )
+        )
+        patcher.patch()  # the attribute swaps
+        patcher.patch(model)  # the forward
+        methods = TrainerPatcher()
+        methods.wrap_method(f"step-{n}", "step", lambda original, n=n: lambda: original() * 10 + n)
+        methods.install(trainer)
+        patchers.append((patcher, methods))
+
+    assert (a.f(0), a.TABLE["loss"], trainer.step()) == (2, 2, 112)
+    torch.testing.assert_close(model(x), torch.full_like(x, 2.0))
+    first, second = patchers if order == "oldest first" else patchers[::-1]
+    for patcher in first:
+        patcher.undo()
+    if order == "oldest first":
+        # the newer patches stay on until their own undo
+        assert (a.f(0), a.TABLE["loss"]) == (2, 2)
+        torch.testing.assert_close(model(x), torch.full_like(x, 2.0))
+    else:
+        assert (a.f(0), a.TABLE["loss"], trainer.step()) == (1, 1, 11)
+        torch.testing.assert_close(model(x), torch.full_like(x, 1.0))
+    for patcher in second:
+        patcher.undo()
+    assert a.f is original_f and a.TABLE == {"loss": "plain"}
+    assert trainer.step() == 1 and "step" not in trainer.__dict__
+    torch.testing.assert_close(model(x), before)
+    assert all("forward" not in m.__dict__ for m in model.modules())

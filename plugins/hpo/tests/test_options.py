@@ -121,9 +121,7 @@ def test_sampler_and_pruner_options_belong_to_their_type():
     assert _error(pruner={"type": "hyperband", "reduction_factor": 1}) == (
         f"{PATH}.pruner.reduction_factor: 1 must be greater than or equal to 2."
     )
-    assert _error(search_space=[]) == (
-        f"{PATH}.search_space: [] has 0 entries; at least 1 needed."
-    )
+    assert _error(search_space=[]) == (f"{PATH}.search_space: [] has 0 entries; at least 1 needed.")
 
 
 def test_the_sample_configuration_is_valid():

@@ -14,17 +14,16 @@ import importlib.util
 import inspect
 import types
 import warnings
-from collections.abc import Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import torch
 
 from .errors import PatchError, PatchTypeError
+from .patch_records import PatchRecord, install, swap_attribute
 from .routing import Routable, routed_attribute, routed_method, routed_reader
-
-_MISSING = object()
 
 
 class ModelPatcherTriggerType(Enum):
@@ -148,91 +147,6 @@ class ModelPatcherRule:
     @property
     def is_import_rule(self) -> bool:
         return self.import_and_maybe_reload is not None
-
-
-@dataclass
-class PatchRecord:
-    """What one applied patch changed: enough to describe it and to revert it."""
-
-    rule_id: str
-    kind: str  # "forward" or "attribute"
-    target: str
-    cls: str = ""
-    module_name: str = ""
-    parent_cls: str = ""
-    parent_module_name: str = ""
-    instance: int = 0
-    _owner: Any = field(default=None, repr=False)
-    _name: str = field(default="", repr=False)
-    _previous: Any = field(default=_MISSING, repr=False)
-    _reload: str | None = field(default=None, repr=False)
-
-    def undo(self) -> None:
-        if self._owner is None and not self._reload:
-            return  # a record of a replacement made on a copy: nothing to restore
-        if self._reload:
-            importlib.reload(importlib.import_module(self._reload))
-            return
-        _assign(self._owner, self._name, self._previous)
-
-    def as_row(self) -> dict[str, Any]:
-        return {
-            "instance": self.instance,
-            "cls": self.cls,
-            "parent_cls": self.parent_cls,
-            "module_name": self.module_name,
-            "parent_module_name": self.parent_module_name,
-            "rule_id": self.rule_id,
-        }
-
-
-def _assign(owner: Any, name: str, value: Any) -> None:
-    if isinstance(owner, MutableMapping):
-        if value is _MISSING:
-            owner.pop(name, None)
-        else:
-            owner[name] = value
-    elif value is _MISSING:
-        if name in getattr(owner, "__dict__", {}):
-            delattr(owner, name)
-    else:
-        setattr(owner, name, value)
-
-
-def _current_value(owner: Any, name: str) -> Any:
-    if isinstance(owner, MutableMapping):
-        return owner.get(name, _MISSING)
-    # an instance's or a class's own attribute: an inherited one is not ours to restore, undo
-    # removes what we set so the inherited one shows again
-    if not isinstance(owner, types.ModuleType) and hasattr(owner, "__dict__"):
-        return owner.__dict__.get(name, _MISSING)
-    return getattr(owner, name, _MISSING)
-
-
-def _resolve_owner(target: str) -> tuple[Any, str]:
-    """Split 'pkg.module.Obj.attr' (or '...MAPPING.key') into the owning object and the leaf."""
-    parts = target.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            owner: Any = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        try:
-            for part in parts[split:-1]:
-                owner = owner[part] if isinstance(owner, MutableMapping) else getattr(owner, part)
-        except (AttributeError, KeyError):
-            raise PatchError(f"patch target '{target}': '{module_name}' has no '{part}'") from None
-        return owner, parts[-1]
-    raise PatchError(f"cannot import any module of patch target '{target}'")
-
-
-def swap_attribute(rule_id: str, target: str, replacement: Any) -> PatchRecord:
-    """Replace the object at dotted `target` until the returned record is undone."""
-    owner, name = _resolve_owner(target)
-    previous = _current_value(owner, name)
-    _assign(owner, name, replacement)
-    return PatchRecord(rule_id, "attribute", target, _owner=owner, _name=name, _previous=previous)
 
 
 def forward_like(
@@ -443,11 +357,9 @@ class ModelPatcher(RecordingPatcher):
             raise PatchTypeError(
                 f"rule '{rule_id}' built a forward that is not callable: {forward!r}"
             )
-        previous = module.__dict__.get("forward", _MISSING)
-        module.forward = types.MethodType(forward, module)
         parent_name, _, leaf = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        return PatchRecord(
+        record = PatchRecord(
             rule_id,
             "forward",
             f"{name or '<root>'} ({type(module).__name__})",
@@ -458,8 +370,8 @@ class ModelPatcher(RecordingPatcher):
             instance=id(module),
             _owner=module,
             _name="forward",
-            _previous=previous,
         )
+        return install(record, types.MethodType(forward, module))
 
 
 def _touches(rule: ModelPatcherRule, prefix: str) -> bool:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PatchError, PatchTypeError
-from .model_patcher import PatchRecord, RecordingPatcher, _assign, _current_value
+from .model_patcher import RecordingPatcher
+from .patch_records import PatchRecord, install
 
 
 @dataclass(frozen=True)
@@ -68,22 +69,18 @@ class MethodPatcher(RecordingPatcher):
                 raise PatchError(
                     f"rule '{rule.rule_id}': {type(obj).__name__} has no method '{rule.method}'"
                 )
-            previous = _current_value(obj, rule.method)
-            _assign(obj, rule.method, rule.builder(original))
-            self._installed.add(key)
-            records.append(
-                PatchRecord(
-                    rule.rule_id,
-                    "method",
-                    f"{type(obj).__name__}.{rule.method}",
-                    cls=type(obj).__name__,
-                    module_name=rule.method,
-                    instance=id(obj),
-                    _owner=obj,
-                    _name=rule.method,
-                    _previous=previous,
-                )
+            record = PatchRecord(
+                rule.rule_id,
+                "method",
+                f"{type(obj).__name__}.{rule.method}",
+                cls=type(obj).__name__,
+                module_name=rule.method,
+                instance=id(obj),
+                _owner=obj,
+                _name=rule.method,
             )
+            records.append(install(record, rule.builder(original)))
+            self._installed.add(key)
         self._history.extend(records)
         return records
 

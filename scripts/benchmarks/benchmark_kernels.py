@@ -21,6 +21,10 @@ the memory the step added on top of its inputs.
     python scripts/benchmarks/benchmark_kernels.py --device cpu \\
         --kernels fused_linear_cross_entropy --passes full --warmup 0 --tokens 4096 \\
         --hidden 2048 --vocab 49152 128256 --out scripts/benchmarks/refs/kernels_cpu.csv
+    # prompt-heavy labels (half of them -100): fused linear CE computes only the scored rows
+    python scripts/benchmarks/benchmark_kernels.py --device cpu --in-process \\
+        --kernels fused_linear_cross_entropy --passes full --tokens 2048 --hidden 576 \\
+        --vocab 49152 --ignored-fraction 0.5 --frozen-lm-head --out flce_prompt_heavy.csv
     # fix 1 on CPU: loss memory of bf16 logits, ours (interpreter) vs previous vs HF
     python scripts/benchmarks/benchmark_kernels.py --device cpu --interpret \\
         --kernels causal_lm_loss --impls foak previous hf_eager --passes full --warmup 0 \\
@@ -49,6 +53,7 @@ KERNELS = (
     "fused_linear_cross_entropy",
     "swiglu",
 )
+LABELLED_KERNELS = ("cross_entropy", "causal_lm_loss", "fused_linear_cross_entropy")
 IMPLS = ("foak", "reference", "hf_eager", "liger", "previous")
 PASSES = ("forward", "backward", "full")
 FIELDS = (
@@ -143,7 +148,7 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
         qk = (q.numel() + k.numel()) * size
         return [q, k], fns[impl], 2 * qk, 2 * qk, (batch, seq, heads, kv_heads, dim)
     target = torch.randint(0, args.vocab, (tokens,), device=device)
-    target[torch.rand(tokens, device=device) < 0.1] = -100
+    target[torch.rand(tokens, device=device) < args.ignored_fraction] = -100
     if kernel == "cross_entropy":
         from transformers.loss.loss_utils import fixed_cross_entropy
 
@@ -383,6 +388,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fused_linear_cross_entropy: lm_head weight without grad (LoRA training)",
     )
     parser.add_argument(
+        "--ignored-fraction",
+        type=float,
+        default=0.1,
+        help="share of labels set to -100 (instruction data: the prompt's tokens)",
+    )
+    parser.add_argument(
         "--interpret",
         action="store_true",
         help="CPU: run our Triton kernels through the interpreter (for memory, not speed)",
@@ -493,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                     notes = [foak_note] if impl == "foak" and foak_note else []
                     if args.frozen_lm_head and kernel == "fused_linear_cross_entropy":
                         notes.append("lm_head frozen")
+                    if kernel in LABELLED_KERNELS and args.ignored_fraction != 0.1:
+                        notes.append(f"{args.ignored_fraction:.0%} labels ignored")
                     row["note"] = "; ".join(notes)
                     rows.append(row)
                     writer.writerow(row)  # as it comes: a run stopped early keeps its rows

@@ -278,6 +278,43 @@ def test_fused_linear_cross_entropy(
         )
 
 
+@pytest.mark.parametrize("ignored", [0.0, 0.7, 1.0], ids=["none", "most", "all"])
+def test_fused_linear_cross_entropy_computes_only_scored_rows(
+    seed, leaf, device, monkeypatch, ignored
+):
+    # prompt tokens (label -100) get no logits at all: the chunk loop sees only scored rows,
+    # and the loss and every gradient still equal the reference's, zeros in ignored rows
+    flce = importlib.import_module("fms_acceleration_foak.kernels.fused_linear_cross_entropy")
+    seen = []
+    inner = flce.chunked_loss_and_grads
+    monkeypatch.setattr(
+        flce,
+        "chunked_loss_and_grads",
+        lambda h, *a, **k: seen.append(h.shape[0]) or inner(h, *a, **k),
+    )
+    tokens, hidden, vocab = 301, 40, 517
+    h = torch.randn(tokens, hidden, device=device)
+    w = torch.randn(vocab, hidden, device=device) * hidden**-0.5 * 3
+    b = torch.randn(vocab, device=device) * 0.1
+    target = torch.randint(0, vocab, (tokens,), device=device)
+    target[torch.rand(tokens, device=device) < ignored] = -100
+    scored = int((target != -100).sum())
+    hk, wk, bk = leaf(h), leaf(w), leaf(b)
+    loss = K.fused_linear_cross_entropy(hk, wk, target, bk, -100, 211, chunk_size=64)
+    loss.backward()
+    hr, wr, br = leaf(h), leaf(w), leaf(b)
+    ref = K.fused_linear_cross_entropy_reference(hr, wr, target, br, -100, 211)
+    ref.backward()
+    assert seen == [scored if scored else tokens]
+    assert 0 < scored < tokens or ignored in (0.0, 1.0)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    for got, want in ((hk.grad, hr.grad), (wk.grad, wr.grad), (bk.grad, br.grad)):
+        torch.testing.assert_close(
+            got, want, atol=1e-4 * want.abs().max().item() + 1e-12, rtol=1e-4
+        )
+    assert torch.all(hk.grad[target == -100] == 0)
+
+
 def test_fused_linear_cross_entropy_accumulates_weight_grad_in_fp32(seed, device):
     # Fix 5: the weight gradient sums one contribution per chunk. Summed in fp16 it is rounded
     # once per chunk; in fp32 once at the end. 64 chunks make the difference plain.

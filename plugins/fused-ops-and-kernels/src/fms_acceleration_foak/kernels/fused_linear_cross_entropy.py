@@ -1,9 +1,10 @@
 """Fused lm_head projection + cross-entropy that never materialises the full [tokens, vocab] logits.
 
-Tokens are processed in chunks; for each chunk the logits are computed, turned in place into
-d loss / d logits (already divided by the loss divisor), and immediately contracted into the
-hidden-state and weight gradients. The gradients are therefore computed in the forward and only
-scaled by grad_output in the backward.
+Only the rows whose label is not ignore_index are computed (`scored_rows`). They are processed
+in chunks; for each chunk the logits are computed, turned in place into d loss / d logits
+(already divided by the loss divisor), and immediately contracted into the hidden-state and
+weight gradients. The gradients are therefore computed in the forward and only scaled by
+grad_output in the backward.
 
 Per chunk: one matmul for the logits (bias fused through addmm), one kernel for the row losses
 and the gradient in place, one matmul into the hidden-state gradient and one accumulating
@@ -153,6 +154,22 @@ def chunked_loss_and_grads(
     return loss_rows.sum() / divisor, grad_hidden, grad_weight, grad_bias
 
 
+def scored_rows(
+    hidden: torch.Tensor, target: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows whose label counts. An ignored row adds nothing to the loss and gets a zero
+    gradient, so its [vocab] logits need not be computed: in instruction data the prompt's
+    labels are ignore_index, often half the tokens or more. The index's backward scatters the
+    gradients back, zeros in the ignored rows. Everything is kept when no row, or every row,
+    is ignored (one host sync, as the label check already makes)."""
+    keep = target != ignore_index
+    kept = int(keep.sum())
+    if kept in (0, target.numel()):
+        return hidden, target
+    index = keep.nonzero().squeeze(1)
+    return hidden.index_select(0, index), target.index_select(0, index)
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """sum_rows CE(hidden @ weight.T + bias, target) / divisor; gradients made in the forward."""
 
@@ -207,6 +224,7 @@ def fused_linear_cross_entropy(
     target2 = target.reshape(-1)
     check_targets(target2, weight.shape[0], ignore_index)
     divisor = loss_divisor(target2, ignore_index, num_items_in_batch)
+    hidden2, target2 = scored_rows(hidden2, target2, ignore_index)
     triton_ce = use_triton(hidden2, weight)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

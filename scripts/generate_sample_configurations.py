@@ -74,6 +74,18 @@ CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
         },
     ),
     "foak-fast-kernels": ("fused-ops-and-kernels", "fast_kernels.yaml", {}),
+    # the loss only: lm_head fused with the cross-entropy pays off on CPU as well, where the
+    # other kernels fall back to PyTorch and are switched off (they default to on)
+    "foak-fused-ce": (
+        "fused-ops-and-kernels",
+        "fast_kernels.yaml",
+        {
+            "training.fused_ops_and_kernels.fast_loss": "fused_ce_liger",
+            "training.fused_ops_and_kernels.fast_rms_layernorm": False,
+            "training.fused_ops_and_kernels.fast_rope_embeddings": False,
+            "training.fused_ops_and_kernels.fast_swiglu": False,
+        },
+    ),
     "fts-default": (
         "finetuning-schedule",
         "finetuning_schedule.yaml",
@@ -102,6 +114,7 @@ SAMPLES: dict[str, tuple[str, ...]] = {
     "accelerated-peft-bnb-nf4-padding-free": ("aadp-padding-free", "bnb-nf4"),
     "accelerated-peft-bnb-nf4-foak-padding-free": ("aadp-padding-free", "bnb-nf4", "bnb-nf4-foak"),
     "foak-fast-kernels-padding-free": ("aadp-padding-free", "foak-fast-kernels"),
+    "foak-fused-ce-padding-free": ("aadp-padding-free", "foak-fused-ce"),
 }
 
 # how a sample is run, when not by `fms-acceleration train` (samples with a search stanza)

@@ -15,8 +15,8 @@ from .errors import TrainJobError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default_acceleration.yaml"
 # what the default turns on, and the plugin packages it needs
-DEFAULT_NAME = "padding-free"
-DEFAULT_PACKAGES = ("fms-acceleration-aadp",)
+DEFAULT_NAME = "padding-free, fused CE"
+DEFAULT_PACKAGES = ("fms-acceleration-aadp", "fms-acceleration-foak")
 
 
 @dataclass(frozen=True)

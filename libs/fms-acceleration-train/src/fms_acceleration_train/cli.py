@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--acceleration-config",
         metavar="FILE",
         help="framework YAML (a sample-configurations/*.yaml); default: the built-in one "
-        "(padding-free training)",
+        "(padding-free training with fused linear cross-entropy)",
     )
     parser.add_argument(
         "--no-acceleration",

@@ -91,6 +91,9 @@ def test_builtin_dataset_reports_accuracy_before_and_after(tmp_path, tiny_model)
     assert len(summary.eval_samples) == 3
     assert set(summary.eval_samples[0]) == {"prompt", "expected", "before", "after"}
     assert summary.format().count("answer accuracy") == 1
+    for threads, shown in ((1, "cpu (1 thread) / "), (2, "cpu (2 threads) / "), (0, "cpu / ")):
+        summary.device, summary.cpu_threads = "cpu", threads
+        assert f"  device / dtype    {shown}{summary.dtype}\n" in summary.format()
 
 
 def test_missing_dataset_names_the_path(tmp_path, tiny_model):

@@ -71,6 +71,9 @@ class TrainSummary:
     def format(self) -> str:
         """Human-readable lines for the terminal."""
         plugins = ", ".join(self.active_plugins) or "none (plain transformers + peft)"
+        device, threads = self.device, self.cpu_threads
+        if threads:
+            device += f" ({threads} thread{'s' * (threads != 1)})"
         lines = [
             "=" * 64,
             "fms-acceleration train: summary",
@@ -78,9 +81,7 @@ class TrainSummary:
             f"  dataset           {self.dataset} ({self.train_examples} examples)",
             f"  acceleration      {describe(self.acceleration_config)}",
             f"  active plugins    {plugins}",
-            f"  device / dtype    {self.device}"
-            + (f" ({self.cpu_threads} threads)" if self.cpu_threads else "")
-            + f" / {self.dtype}",
+            f"  device / dtype    {device} / {self.dtype}",
             f"  steps             {self.steps} x batch {self.batch_size}, "
             f"seq-len <= {self.seq_len}",
             f"  trainable params  {self.trainable_params:,}",

@@ -293,17 +293,18 @@ def jit_kernels() -> dict[str, Any]:
 
 
 def uncovered(launched: set[str]) -> list[str]:
-    """Entry kernels never launched, and helpers no launched kernel calls."""
+    """Entry kernels never launched, and helpers that no launched kernel calls, directly or
+    through other helpers."""
     kernels = jit_kernels()
-    sources = "\n".join(kernels[name].src for name in launched if name in kernels)
-    missing = []
-    for name in kernels:
-        if name.endswith("_kernel"):
-            if name not in launched:
-                missing.append(name)
-        elif f"{name}(" not in sources:
-            missing.append(name)
-    return sorted(missing)
+    reached = {name for name in launched if name in kernels}
+    pending = list(reached)
+    while pending:
+        source = kernels[pending.pop()].src
+        for name in kernels:
+            if name not in reached and f"{name}(" in source:
+                reached.add(name)
+                pending.append(name)
+    return sorted(name for name in kernels if name not in reached)
 
 
 def run(targets: list[int], dtypes: list[str], small_dtypes: list[str]) -> dict:

@@ -45,15 +45,34 @@ def _row_target(TARGET, row, n_cols, ignore_index):
 
 
 @triton.jit
-def _ce_loss_kernel(
-    LOGITS, stride_l, TARGET, LOSS, LSE, n_cols, ignore_index, BLOCK_V: tl.constexpr
-):
-    row = tl.program_id(0).to(tl.int64)
-    base = LOGITS + row * stride_l
+def _row_loss(base, TARGET, LOSS, row, n_cols, ignore_index, BLOCK_V: tl.constexpr):
+    """Store the loss of the row of logits at `base` (0 where ignored); return (target, keep,
+    lse) for its gradient."""
     target, valid = _row_target(TARGET, row, n_cols, ignore_index)
     lse = _row_lse(base, n_cols, BLOCK_V)
     x_target = tl.load(base + target).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - x_target, 0.0))
+    return target, valid, lse
+
+
+@triton.jit
+def _store_row_grad(src, dst, target, lse, scale, n_cols, BLOCK_V: tl.constexpr):
+    """(softmax - onehot(target)) * scale of the row of logits at `src`, written to `dst` in
+    its dtype; `dst` may be `src`."""
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+        g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+        tl.store(dst + cols, g.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_loss_kernel(
+    LOGITS, stride_l, TARGET, LOSS, LSE, n_cols, ignore_index, BLOCK_V: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    _, _, lse = _row_loss(LOGITS + row * stride_l, TARGET, LOSS, row, n_cols, ignore_index, BLOCK_V)
     tl.store(LSE + row, lse)
 
 
@@ -74,17 +93,18 @@ def _ce_grad_kernel(
     # d loss_row / d logits = softmax - onehot(target), times SCALE; GRAD may alias LOGITS.
     row = tl.program_id(0).to(tl.int64)
     target, valid = _row_target(TARGET, row, n_cols, ignore_index)
-    lse = tl.load(LSE + row)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(SCALE).to(tl.float32)
-    keep = tl.where(valid, scale, 0.0)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        x = tl.load(LOGITS + row * stride_l + cols, mask=mask, other=0.0).to(tl.float32)
-        g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * keep
-        tl.store(GRAD + row * stride_g + cols, g.to(GRAD.dtype.element_ty), mask=mask)
+    _store_row_grad(
+        LOGITS + row * stride_l,
+        GRAD + row * stride_g,
+        target,
+        tl.load(LSE + row),
+        tl.where(valid, scale, 0.0),
+        n_cols,
+        BLOCK_V,
+    )
 
 
 @triton.jit
@@ -102,18 +122,10 @@ def _ce_loss_and_grad_kernel(
     # Fused linear CE: the row loss, then (softmax - onehot) * SCALE over the logits in place.
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
-    target, valid = _row_target(TARGET, row, n_cols, ignore_index)
-    lse = _row_lse(base, n_cols, BLOCK_V)
-    x_target = tl.load(base + target).to(tl.float32)
-    tl.store(LOSS + row, tl.where(valid, lse - x_target, 0.0))
+    target, valid, lse = _row_loss(base, TARGET, LOSS, row, n_cols, ignore_index, BLOCK_V)
     if WRITE_GRAD:
-        keep = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < n_cols
-            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * keep
-            tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+        scale = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
+        _store_row_grad(base, base, target, lse, scale, n_cols, BLOCK_V)
 
 
 def vocab_block(n_cols: int) -> int:

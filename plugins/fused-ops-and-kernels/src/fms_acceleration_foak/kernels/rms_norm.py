@@ -78,6 +78,16 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _load_bwd_chunk(dy_row, x_row, W, cols, n_cols):
+    """dy, x and the weight over `cols` of one row, in fp32 (0 past the row's end)."""
+    mask = cols < n_cols
+    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    return dy, x, w
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY,
     X,
@@ -104,21 +114,17 @@ def _rms_norm_bwd_kernel(
         for row32 in range(pid, n_rows, n_programs):
             row = tl.cast(row32, tl.int64)
             rstd = tl.load(RSTD + row)
+            dy_row, x_row = DY + row * stride_dy, X + row * stride_x
             dot = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_cols
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                dy, x, w = _load_bwd_chunk(dy_row, x_row, W, cols, n_cols)
                 dot += dy * w * x
             mean = tl.sum(dot, axis=0) * rstd / n_cols
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                dy, x, w = _load_bwd_chunk(dy_row, x_row, W, cols, n_cols)
                 normed = x * rstd
                 dx = rstd * (dy * w - normed * mean)
                 tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)

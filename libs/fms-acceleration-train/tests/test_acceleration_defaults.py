@@ -12,16 +12,9 @@ from fms_acceleration_train import acceleration_defaults, cli
 from fms_acceleration_train.acceleration_defaults import DEFAULT_CONFIG, resolve_acceleration
 from fms_acceleration_train.errors import TrainJobError
 
-from fms_acceleration.testing import save_tiny_model
-
 ROOT = Path(__file__).resolve().parents[3]
 NOTE = "built-in (padding-free, fused CE); --no-acceleration trains without it, --compare runs both"
 ACTIVE = ["fused_ops_and_kernels", "padding_free"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3)
 
 
 @pytest.fixture()

@@ -10,13 +10,6 @@ from pathlib import Path
 import pytest
 from fms_acceleration_train.cli import main
 
-from fms_acceleration.testing import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=2)
-
 
 def _dataset(folder: Path) -> Path:
     path = folder / "data.jsonl"

@@ -14,17 +14,10 @@ from fms_acceleration_train.eval_and_checkpoints import (
     split_for_evaluation,
 )
 
-from fms_acceleration.testing import save_tiny_model
-
 _ROWS = [
     {"prompt": f"tok{i} tok{i + 1} tok{i + 2}", "response": f"tok{i + 3} tok{i + 4}"}
     for i in range(10, 30)
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3)
 
 
 @pytest.fixture(scope="module")

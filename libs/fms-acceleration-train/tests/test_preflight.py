@@ -17,12 +17,7 @@ from fms_acceleration_train.preflight import (
     check_output_dir,
 )
 
-from fms_acceleration.testing import save_tiny_model, tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=1)
+from fms_acceleration.testing import tiny_dataset
 
 
 @pytest.fixture

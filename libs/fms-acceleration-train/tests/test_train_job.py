@@ -17,18 +17,13 @@ from fms_acceleration_train.errors import require
 
 from fms_acceleration import AccelerationPlugin, StanzaModel
 from fms_acceleration.framework_plugin import isolated_registrations
-from fms_acceleration.testing import build_framework, save_tiny_model
+from fms_acceleration.testing import build_framework
 
 # Words of the tiny word-level tokenizer (tok0..tok123), so nothing maps to <unk>.
 _ROWS = [
     {"prompt": f"tok{i} tok{i + 1} tok{i + 2}", "response": f"tok{i + 3} tok{i + 4}"}
     for i in range(10, 26)
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=3)
 
 
 @pytest.fixture()

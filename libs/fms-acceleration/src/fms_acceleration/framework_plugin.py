@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from .accelerator_patcher import AcceleratorPatcher
+from .dotted_paths import lookup, set_at
 from .errors import (
     AccelerationPluginConfigError,
     PluginHookMissingError,
@@ -367,12 +368,7 @@ class AccelerationPlugin:
 
 def stanza_at(configuration: Mapping[str, Any], path: str) -> Any:
     """The body at dotted `path` of a `plugins:` body, or None when absent."""
-    node: Any = configuration
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
+    return lookup(configuration, path)[1]
 
 
 def relevant_sections(configuration: Mapping[str, Any], paths: Sequence[str]) -> dict[str, Any]:
@@ -380,13 +376,8 @@ def relevant_sections(configuration: Mapping[str, Any], paths: Sequence[str]) ->
     out: dict[str, Any] = {}
     for path in paths:
         body = stanza_at(configuration, path)
-        if body is None:
-            continue
-        *parents, leaf = path.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = body
+        if body is not None:
+            set_at(out, path, body)
     return out
 
 

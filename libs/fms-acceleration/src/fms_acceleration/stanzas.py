@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .dotted_paths import lookup, set_at
 from .errors import AccelerationPluginConfigError, PluginImportError
 from .framework_plugin import PluginRegistration
 from .packages import BrokenEntryPoint, installed_version
@@ -80,23 +81,6 @@ def collect_schemas(
     return schemas
 
 
-def _lookup(tree: Mapping[str, Any], path: str) -> tuple[bool, Any]:
-    node: Any = tree
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-
-
 def _missing_plugin_error(
     path: str, known: KnownStanza, broken: Sequence[BrokenEntryPoint]
 ) -> PluginImportError | None:
@@ -127,7 +111,7 @@ def validate_plugins_tree(
     tree: dict[str, Any] = {}
     present: set[str] = set()
     for path in sorted(schemas):
-        found, value = _lookup(body, path)
+        found, value = lookup(body, path)
         schema = schemas[path][0]
         if not found or (schema is None and value is None):
             continue  # a schema-less stanza with no body is absent, as in the reference
@@ -135,7 +119,7 @@ def validate_plugins_tree(
             value = validate_model(schema, value, f"plugins.{path}").model_dump()
         else:
             value = copy.deepcopy(value)  # the plugin may change it; the user's dict stays
-        _set_path(tree, path, value)
+        set_at(tree, path, value)
         present.add(path)
 
     known_paths = set(schemas) | set(KNOWN_STANZAS)
@@ -158,7 +142,7 @@ def validate_plugins_tree(
                     f"(pip install {known.install})",
                     stacklevel=4,
                 )
-                _set_path(tree, path, value)
+                set_at(tree, path, value)
                 passed[path] = known.install
                 continue
             below = sorted(

@@ -161,12 +161,10 @@ def scored_rows(
     gradient, so its [vocab] logits need not be computed: in instruction data the prompt's
     labels are ignore_index, often half the tokens or more. The index's backward scatters the
     gradients back, zeros in the ignored rows. Everything is kept when no row, or every row,
-    is ignored (one host sync, as the label check already makes)."""
-    keep = target != ignore_index
-    kept = int(keep.sum())
-    if kept in (0, target.numel()):
+    is ignored (one host sync, for the index's length, as the label check already makes)."""
+    index = (target != ignore_index).nonzero().squeeze(1)
+    if index.numel() in (0, target.numel()):
         return hidden, target
-    index = keep.nonzero().squeeze(1)
     return hidden.index_select(0, index), target.index_select(0, index)
 
 

@@ -52,15 +52,14 @@ class PatchRecord:
         key = (id(self._owner), self._name)
         layers = _live_layers(key)
         index = next((i for i, layer in enumerate(layers) if layer() is self), None)
-        if index is None:
-            return  # undone already
         if index == len(layers) - 1:
             assign(self._owner, self._name, self._previous)
-        else:
+        elif index is not None:
             # a later patch sits on top of this one: it now restores what this one replaced
             above = layers[index + 1]()
             above._previous = self._previous  # type: ignore[union-attr]
-        del layers[index]
+        if index is not None:  # else undone already
+            del layers[index]
         if not layers:
             _LAYERS.pop(key, None)
 

@@ -6,7 +6,6 @@ patches must not touch the baseline. Both get the same data, steps and seed.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -15,7 +14,7 @@ from typing import Any
 
 from .acceleration_defaults import describe
 from .runner import TrainJobConfig, run_train_job
-from .summary import TrainSummary
+from .summary import TrainSummary, write_json
 
 COMPARISON_FILE = "comparison.json"
 RUNS = ("baseline", "accelerated")
@@ -79,10 +78,7 @@ class Comparison:
 
     def write(self, output_dir: str | Path) -> Path:
         """Write OUTPUT_DIR/comparison.json and return its path."""
-        path = Path(output_dir) / COMPARISON_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(Path(output_dir) / COMPARISON_FILE, self.to_json())
 
 
 def _ratio(value: float, base: float) -> float:

@@ -63,10 +63,7 @@ class TrainSummary:
 
     def write(self, output_dir: str | Path) -> Path:
         """Write OUTPUT_DIR/train_summary.json and return its path."""
-        path = Path(output_dir) / SUMMARY_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(Path(output_dir) / SUMMARY_FILE, self.to_json())
 
     def format(self) -> str:
         """Human-readable lines for the terminal."""
@@ -104,3 +101,10 @@ class TrainSummary:
             lines.append(f"  saved to          {self.saved_to}")
         lines.append("=" * 64)
         return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write `data` as indented JSON at `path` (creating its folder) and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path

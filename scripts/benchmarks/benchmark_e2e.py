@@ -180,15 +180,10 @@ def measure(run: str, args: argparse.Namespace) -> dict:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from fms_acceleration.packages import installed_version
 
-    out = {}
-    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = ""
-    return out
+    names = ("torch", "triton", "transformers", "peft", "bitsandbytes")
+    return {name: installed_version(name) or "" for name in names}
 
 
 def _write(path: Path, rows: list[dict]) -> None:

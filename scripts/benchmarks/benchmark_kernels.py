@@ -342,17 +342,13 @@ def versions() -> dict:
     import transformers
     import triton
 
-    try:
-        from importlib.metadata import version
+    from fms_acceleration.packages import installed_version
 
-        liger = version("liger-kernel")
-    except Exception:
-        liger = ""
     return {
         "torch": torch.__version__,
         "triton": triton.__version__,
         "transformers": transformers.__version__,
-        "liger": liger,
+        "liger": installed_version("liger-kernel") or "",
     }
 
 

@@ -67,15 +67,10 @@ COLUMNS = [
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
+    from fms_acceleration.packages import installed_version
 
-    found = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "gptqmodel"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    names = ("torch", "transformers", "peft", "bitsandbytes", "gptqmodel")
+    return {name: installed_version(name) or "not installed" for name in names}
 
 
 def _cpu_name() -> str:

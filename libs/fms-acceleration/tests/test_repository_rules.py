@@ -48,12 +48,12 @@ def test_no_plugin_imports_another_plugin(module):
     assert not offenders, sorted(offenders)
 
 
-def test_core_depends_on_torch_pyyaml_pydantic_only():
+def test_core_depends_on_torch_pyyaml_pydantic_packaging_only():
     project = tomllib.loads((ROOT / "libs/fms-acceleration/pyproject.toml").read_text())
     names = {
         dep.split(">")[0].split("=")[0].split("<")[0] for dep in project["project"]["dependencies"]
     }
-    assert names == {"torch", "pyyaml", "pydantic"}
+    assert names == {"torch", "pyyaml", "pydantic", "packaging"}
 
 
 def test_importing_the_core_brings_no_ml_library():

@@ -109,9 +109,11 @@ def save_tiny_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from .compat import dtype_kwargs
+
     config = tiny_model_config(arch, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
     path = Path(path)
     model.save_pretrained(path)
     tiny_tokenizer(config.vocab_size).save_pretrained(path)

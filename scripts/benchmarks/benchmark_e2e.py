@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from fms_acceleration.compat import dtype_kwargs
+
 RUNS = ("lora/hf", "lora/foak", "qlora/hf", "qlora/foak")
 ROLES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA3_8B = dict(
@@ -114,7 +116,7 @@ def _build(run: str, args: argparse.Namespace, device):
         config = LlamaConfig(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it trains: seconds on a GPU for 8B
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.bfloat16))
     model.to(device)  # a no-op unless from_config ignored the device context
     if run.startswith("qlora"):
         from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears

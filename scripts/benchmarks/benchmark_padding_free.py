@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from fms_acceleration.compat import dtype_kwargs
+
 COLUMNS = [
     "variant", "batches_timed", "batch_size", "tokens", "slots", "cpu_s", "wall_s",
     "tokens_per_cpu_s", "tokens_per_s", "speedup_cpu", "speedup_wall", "mean_loss", "device",
@@ -59,7 +61,7 @@ def measure(batches: int, batch_size: int, seed: int) -> list[dict[str, object]]
     random.Random(seed).shuffle(rows)
     groups = [rows[i : i + batch_size] for i in range(0, batch_size * (batches + 1), batch_size)]
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwargs(torch.float32))
     framework = build_framework(
         {"plugins": {"training": {"attention": {"padding_free": {"method": "huggingface"}}}}},
         [PaddingFreeAccelerationPlugin],

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fms_acceleration.compat import dtype_kwargs
+
 VARIANTS = ("lora-bf16", "nf4", "nf4+quantized-embeddings", "gptq-4bit")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 COLUMNS = [
@@ -102,7 +104,7 @@ def _load(variant: str, model_dir: str, gptq_dir: str | None, lora):
     from fms_acceleration import AccelerationFramework
 
     if variant == "lora-bf16":
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwargs(torch.bfloat16))
         return base, lambda: get_peft_model(base, lora)
     if variant == "nf4":
         stanza, path = {"bitsandbytes": {"quant_type": "nf4"}}, model_dir

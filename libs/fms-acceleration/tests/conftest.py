@@ -30,7 +30,9 @@ class FakeLoader(AccelerationPlugin):
     def model_loader(self, model_name: str, **kwargs):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+        from fms_acceleration.compat import model_dtype_kwargs
+
+        return AutoModelForCausalLM.from_pretrained(model_name, **model_dtype_kwargs(kwargs))
 
 
 class OtherLoader(FakeLoader):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from fms_acceleration import AccelerationPlugin, StanzaModel
+from fms_acceleration.compat import dtype_kwargs
 from fms_acceleration.framework_plugin import isolated_registrations
 from fms_acceleration.testing import build_framework, tiny_dataset
 
@@ -40,7 +41,7 @@ def main(model_dir: str, out: str) -> None:
         framework = build_framework(
             {"plugins": {"training": {"stop_on_rank_one": {}}}}, [StopOnRankOne]
         )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwargs(torch.float32))
     args = TrainingArguments(
         output_dir=os.path.join(out, "run"), max_steps=6, per_device_train_batch_size=2,
         logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,

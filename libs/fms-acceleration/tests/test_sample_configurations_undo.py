@@ -40,15 +40,22 @@ def _watched(name: str) -> bool:
     return name in WATCHED_EXACT or name.split(".")[0] in WATCHED_MODULES
 
 
+def _hub_function(value: Any) -> bool:
+    """A module function that transformers 5.2x turned into a callable module instance for the
+    kernels hub (`@use_kernel_forward_from_hub` on `apply_rotary_pos_emb`)."""
+    return isinstance(value, torch.nn.Module) and hasattr(type(value), "kernel_layer_name")
+
+
 def module_level_objects() -> dict[tuple[str, ...], Any]:
-    """Every function and class of the watched modules, the functions and descriptors of their
-    classes, and the entries of their upper-case dict tables (e.g. LOSS_MAPPING), by location."""
+    """Every function (plain or hub-decorated) and class of the watched modules, the functions
+    and descriptors of their classes, and the entries of their upper-case dict tables (e.g.
+    LOSS_MAPPING), by location."""
     found: dict[tuple[str, ...], Any] = {}
     for name, module in list(sys.modules.items()):
         if module is None or not _watched(name):
             continue
         for attr, value in list(vars(module).items()):
-            if inspect.isroutine(value) or inspect.isclass(value):
+            if inspect.isroutine(value) or inspect.isclass(value) or _hub_function(value):
                 found[(name, attr)] = value
                 if inspect.isclass(value) and value.__module__ == name:
                     for key, member in list(vars(value).items()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
@@ -143,16 +144,26 @@ def test_trainer_reads_every_example_once_per_epoch_and_evaluates_as_usual(h, tm
     framework.undo_patches()
 
 
-def test_multipack_refuses_another_training_sampler(h, tmp_path):
+SAMPLER_OPTIONS = {  # transformers 5's option, 4.x's option
+    "train_sampling_strategy": (
+        "group_by_length",
+        "train_sampling_strategy='group_by_length' asks for another one (use 'random')",
+    ),
+    "group_by_length": (True, "group_by_length=True asks for another one (set it to False)"),
+}
+
+
+@pytest.mark.parametrize("option", sorted(SAMPLER_OPTIONS))
+def test_multipack_refuses_another_training_sampler(h, tmp_path, option):
     from fms_acceleration import AccelerationPluginConfigError
 
+    if option not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        pytest.skip(f"this transformers' TrainingArguments has no {option}")
+    value, why = SAMPLER_OPTIONS[option]
     framework = h.framework_for(h.MULTIPACK)
-    args = TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, train_sampling_strategy="group_by_length"
-    )
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **{option: value})
     with pytest.raises(AccelerationPluginConfigError) as info:
         framework.augmentation(h.tiny_causal_lm(), args, (None,))
     assert str(info.value) == (
-        "plugins.training.dataloader.multipack: multipack replaces the training sampler; "
-        "train_sampling_strategy='group_by_length' asks for another one (use 'random')"
+        "plugins.training.dataloader.multipack: multipack replaces the training sampler; " + why
     )

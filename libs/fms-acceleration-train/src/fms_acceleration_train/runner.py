@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 
 from fms_acceleration import StanzaModel, choice
+from fms_acceleration.compat import dtype_kwargs
 from fms_acceleration.packages import installed_versions
 from fms_acceleration.validation import config_error
 
@@ -157,7 +158,7 @@ def _build_model(model_dir: Path, framework: Any, dtype: Any) -> Any:
 
     if framework is not None and framework.requires_custom_loading:
         return framework.model_loader(str(model_dir), dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwargs(dtype))
 
 
 def _place(model: Any, device_type: str) -> Any:
@@ -169,7 +170,7 @@ def _place(model: Any, device_type: str) -> Any:
 
 
 def _training_arguments(config: TrainJobConfig, dtype: Any, device_type: str) -> Any:
-    """TrainingArguments of the job: per-step loss logging, no checkpoints, tokens counted."""
+    """TrainingArguments of the job: per-step loss logging, no checkpoints."""
     import torch
     from transformers import TrainingArguments
 
@@ -188,7 +189,6 @@ def _training_arguments(config: TrainJobConfig, dtype: Any, device_type: str) ->
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=device_type == "cpu",
-        include_num_input_tokens_seen="non_padding",
         # Half-precision weights train under autocast of the same type (plugins such as the
         # fused LoRA kernels on quantized layers require mixed precision).
         bf16=dtype == torch.bfloat16,
@@ -218,7 +218,7 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     `framework` (an AccelerationFramework) is used as given instead of one built from
     `config.acceleration_config`, e.g. one made by fms_acceleration.testing.build_framework.
     """
-    for name, pip_name in (("torch", "torch"), ("transformers", "transformers>=5")):
+    for name, pip_name in (("torch", "torch"), ("transformers", "transformers>=4.55")):
         require(name, pip_name, purpose="fms-acceleration train")
     require("peft", "peft", purpose="LoRA fine-tuning in fms-acceleration train")
 
@@ -228,6 +228,7 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
 
     from .interrupt import TrainingInterrupted, checkpoint_on_interrupt
     from .model_source import resolve_model
+    from .token_count import TrainingTokenCounter
 
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, config.overwrite, config.resume_from_checkpoint is not None)
@@ -295,13 +296,15 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
             ):
                 trainer.add_callback(callback)
 
+        counter = TrainingTokenCounter(model)
+        undo.callback(counter.remove)
         with checkpoint_on_interrupt() as interrupt:
             trainer.add_callback(interrupt)
             result = trainer.train(resume_from_checkpoint=resume)
         if interrupt.requested:
             raise TrainingInterrupted(interrupt.outcome(config.max_steps))
         runtime = float(result.metrics["train_runtime"])
-        tokens = int(trainer.state.num_input_tokens_seen)
+        tokens = counter.tokens
         peak, peak_kind = peak_memory_mib(device_type)
 
         after = answer_accuracy(model, tokenizer, held_out, config.eval_max_new_tokens)

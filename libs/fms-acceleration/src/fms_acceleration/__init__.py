@@ -7,6 +7,7 @@ from .errors import (
     AccelerationPluginConfigError,
     NoPluginsConfiguredError,
     PatchError,
+    PatchNotInEffectError,
     PluginImportError,
 )
 from .framework import AccelerationFramework
@@ -34,6 +35,7 @@ __all__ = [
     "ModelPatcherTrigger",
     "NoPluginsConfiguredError",
     "PatchError",
+    "PatchNotInEffectError",
     "PluginImportError",
     "PluginRegistration",
     "Requirement",

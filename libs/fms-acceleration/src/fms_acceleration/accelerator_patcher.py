@@ -130,6 +130,11 @@ class AcceleratorPatcher(MethodPatcher):
     def _rule_ids(self) -> set[str]:
         return super()._rule_ids() | {r.rule_id for r in self._replacement_rules.values()}
 
+    def unused_replacements(self) -> list[AcceleratorRuleReplace]:
+        """Replacement rules that no DataLoader given to `prepare` has gone through yet."""
+        used = {record.rule_id for record in self._history}
+        return [r for r in self._replacement_rules.values() if r.rule_id not in used]
+
     @routed_method
     def patch(self, accelerator: Any) -> list[PatchRecord]:
         """The reference's name for `install`."""

@@ -8,7 +8,7 @@ one module. Nothing here imports transformers at module import: the core stays l
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from functools import cache
 from typing import Any
 
@@ -18,6 +18,9 @@ from .packages import installed_version
 
 # the release that renamed `torch_dtype=` to `dtype=` in from_pretrained / from_config
 _DTYPE_KEYWORD_SINCE = Version("4.56.0")
+# the release whose Trainer counts num_items_in_batch over the shifted labels (`labels[..., 1:]`,
+# the tokens a causal-LM loss scores); before it, over every label
+_SHIFTED_LABEL_COUNT_SINCE = Version("5.11.0")
 # the release line whose MoE experts are one module with fused 3-D parameters (4.x: a
 # ModuleList of per-expert MLPs)
 _FUSED_EXPERTS_SINCE = Version("5.0.0.dev0")
@@ -68,6 +71,34 @@ def model_dtype_kwargs(kwargs: MutableMapping[str, Any]) -> MutableMapping[str, 
     return kwargs
 
 
+def trainer_counts_shifted_labels() -> bool:
+    """Whether the Trainer's num_items_in_batch counts `labels[..., 1:]` (else all labels)."""
+    return transformers_version() >= _SHIFTED_LABEL_COUNT_SINCE
+
+
 def fused_moe_experts() -> bool:
     """Whether MoE blocks keep their experts as one module of fused 3-D parameters (5.x)."""
     return transformers_version() >= _FUSED_EXPERTS_SINCE
+
+
+def is_hub_kernel_layer(module: Any) -> bool:
+    """Whether the module's class is decorated for the kernels hub (transformers 5.2x with the
+    `kernels` package): `kernelize` resets the forward of such a module's instances."""
+    return hasattr(type(module), "kernel_layer_name")
+
+
+def stop_hub_kernels(model: Any) -> Callable[[], None] | None:
+    """Turn a model's hub kernels off, so that its train()/eval() switches stop re-kernelizing
+    (5.2x does that on every switch, dropping forwards set on instances, ours included).
+
+    Returns how to turn them back on, or None when they were off.
+    """
+    if not getattr(model, "use_kernels", False):
+        return None
+    mode = getattr(model, "kernels_mode", None)
+    model.use_kernels = False  # transformers' own reset: torch forwards, no re-kernelization
+
+    def restore() -> None:
+        model.set_use_kernels(True, mode=mode)
+
+    return restore

@@ -46,3 +46,7 @@ class ModelWithoutConfigError(AccelerationFrameworkError, AttributeError):
 
 class PluginImportError(AccelerationPluginConfigError):
     """The configuration needs a plugin that is installed but fails to import."""
+
+
+class PatchNotInEffectError(AccelerationFrameworkError):
+    """A patch was applied but the model will not call it (the library routes around it)."""

@@ -23,7 +23,7 @@ from .batch_hooks import (
     validation_batch_builder,
 )
 from .compatibility import check_requirements, refuse_duplicate_ids, run_order, slot_owners
-from .config_file import read_configuration, resolve_configuration_source
+from .config_file import load_configuration, resolve_configuration_source
 from .constants import KEY_PLUGINS
 from .discovery import plugin_catalogue
 from .errors import (
@@ -31,6 +31,7 @@ from .errors import (
     AccelerationPluginConfigError,
     ModelWithoutConfigError,
     NoPluginsConfiguredError,
+    PatchNotInEffectError,
     PluginHookMissingError,
 )
 from .framework_plugin import (
@@ -42,6 +43,8 @@ from .framework_plugin import (
     relevant_sections,
 )
 from .model_patcher import ModelPatcher
+from .packages import installed_version
+from .patch_effect import IneffectivePatch, ineffective_patches
 from .stanzas import ValidatedPlugins, validate_plugins_tree
 from .summary import active_plugin_lines, ready_for_train_table
 from .trainer_patcher import TrainerPatcher
@@ -86,7 +89,10 @@ class AccelerationFramework:
         *,
         plugin_classes: Sequence[type[AccelerationPlugin]] | None = None,
     ) -> None:
-        body, self.source = read_configuration(resolve_configuration_source(configuration_file))
+        configuration = load_configuration(resolve_configuration_source(configuration_file))
+        body, self.source = configuration.plugins, configuration.source
+        self.strict = configuration.strict
+        self.not_in_effect: list[IneffectivePatch] = []
         self.model_patcher = ModelPatcher()
         self.accelerator_patcher = AcceleratorPatcher()
         self.trainer_patcher = TrainerPatcher()
@@ -277,9 +283,49 @@ class AccelerationFramework:
                 self.accelerator_patcher.install(accelerator)
             if trainer is not None:
                 self.trainer_patcher.install(trainer)
+        self.check_patches(call_sites=True)
+        if self._patch_records():
+            callbacks.append(patch_watch_callback(self))
         if accelerator is None or getattr(accelerator, "is_main_process", True):
             logger.info("\n%s", self.summary())
         return callbacks
+
+    def _patch_records(self) -> list:
+        patchers = (self.model_patcher, self.accelerator_patcher, self.trainer_patcher)
+        return [record for patcher in patchers for record in patcher.history]
+
+    def check_patches(self, *, call_sites: bool = False, trained: bool = False) -> None:
+        """Confirm every applied patch is what the model (Trainer, accelerator) will call; with
+        `trained` (after a training step), also that every collator/dataloader replacement was
+        used. Not in effect: an error naming the patch, or with `strict: false` a warning and a
+        "not applied" line in the summary."""
+        found = ineffective_patches(self._patch_records(), call_sites=call_sites)
+        if trained:
+            found += [
+                IneffectivePatch(
+                    rule.rule_id,
+                    rule.component.name,
+                    "no DataLoader went through accelerator.prepare, so it was never replaced",
+                )
+                for rule in self.accelerator_patcher.unused_replacements()
+            ]
+        new = [problem for problem in found if problem not in self.not_in_effect]
+        if not new:
+            return
+        versions = ", ".join(
+            f"{name} {installed_version(name) or 'not installed'}"
+            for name in ("transformers", "peft", "accelerate")
+        )
+        lines = "; ".join(problem.describe() for problem in new)
+        if self.strict:
+            raise PatchNotInEffectError(
+                f"{self.source}: {lines} ({versions}). Training would run without it. Set "
+                "'strict: false' at the top of the configuration to train anyway with a warning."
+            )
+        self.not_in_effect.extend(new)
+        warnings.warn(
+            f"{self.source}: not applied (strict: false): {lines} ({versions})", stacklevel=2
+        )
 
     def _plugin_hooks(self, trainer: Any) -> list:
         """Register the batch-hook rules of the slot owners; the callback for stop requests."""
@@ -347,11 +393,9 @@ class AccelerationFramework:
             for (rule_id, kind), targets in counts.items()
         ]
         header = active_plugin_lines([(type(p).__name__, p._registration) for p in self._ordered])
-        return (
-            header
-            + "\n"
-            + ready_for_train_table(plugin_rows, patch_rows, sorted(self.passed_through))
-        )
+        table = ready_for_train_table(plugin_rows, patch_rows, sorted(self.passed_through))
+        not_applied = "".join(f"\nnot applied: {p.describe()}" for p in self.not_in_effect)
+        return header + "\n" + table + not_applied
 
     def _check_architecture(self, plugin: AccelerationPlugin, model: Any) -> None:
         restricted = type(plugin).restricted_model_archs
@@ -363,6 +407,18 @@ class AccelerationFramework:
                 f"Model architectures in {sorted(archs)} are not supported for "
                 f"'{plugin.plugin_id}'; supported: {', '.join(sorted(restricted))}."
             )
+
+
+def patch_watch_callback(framework: AccelerationFramework) -> Any:
+    """A Trainer callback that re-checks the patches after every training step: a layer that
+    transformers resets on a train()/eval() switch would otherwise train unpatched."""
+    from transformers import TrainerCallback
+
+    class PatchWatchCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            framework.check_patches(trained=True)
+
+    return PatchWatchCallback()
 
 
 def _refuse_ignored_stanzas(

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import compat
 from .errors import PatchError, PatchTypeError
 from .patch_records import PatchRecord, install, swap_attribute
 from .routing import Routable, routed_attribute, routed_method, routed_reader
@@ -315,8 +316,10 @@ class ModelPatcher(RecordingPatcher):
         kwargs: dict[str, Any],
         prefix: str = "",
         done: set[int] | None = None,
+        root: torch.nn.Module | None = None,
     ) -> list[PatchRecord]:
         done = set() if done is None else done
+        root = model if root is None else root
         records: list[PatchRecord] = []
         for local_name, module in model.named_modules():
             if id(module) in done:
@@ -343,8 +346,10 @@ class ModelPatcher(RecordingPatcher):
                     ModelPatcherRule(f"{rule.rule_id}-{i + 1}", trigger=trigger, forward=fwd)
                     for i, (trigger, fwd) in enumerate(forward)
                 ]
-                records += self._patch_forwards(module, sub_rules, kwargs, name, done)
+                records += self._patch_forwards(module, sub_rules, kwargs, name, done, root)
                 continue
+            if compat.is_hub_kernel_layer(module):
+                records += _keep_instance_forwards(root)
             records.append(self._set_forward(rule.rule_id, model, module, name, forward))
             done.add(id(module))
         return records
@@ -372,6 +377,25 @@ class ModelPatcher(RecordingPatcher):
             _name="forward",
         )
         return install(record, types.MethodType(forward, module))
+
+
+def _keep_instance_forwards(root: torch.nn.Module) -> list[PatchRecord]:
+    """Hub kernels off for a model whose hub-decorated layers get our forwards: otherwise its
+    next train()/eval() switch re-kernelizes them and drops ours (transformers 5.2x)."""
+    base = root.get_base_model() if hasattr(root, "get_base_model") else root
+    restore = compat.stop_hub_kernels(base)
+    if restore is None:
+        return []
+    record = PatchRecord(
+        "hub-kernels-off",
+        "setting",
+        f"{type(base).__name__}.use_kernels",
+        cls=type(base).__name__,
+        module_name="use_kernels",
+        instance=id(base),
+        _restore=restore,
+    )
+    return [record]
 
 
 def _touches(rule: ModelPatcherRule, prefix: str) -> bool:

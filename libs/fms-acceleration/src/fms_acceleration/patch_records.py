@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import types
 import weakref
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +41,15 @@ class PatchRecord:
     _owner: Any = field(default=None, repr=False)
     _name: str = field(default="", repr=False)
     _previous: Any = field(default=MISSING, repr=False)
+    _installed: Any = field(default=MISSING, repr=False)
     _reload: str | None = field(default=None, repr=False)
+    _restore: Callable[[], None] | None = field(default=None, repr=False)
 
     def undo(self) -> None:
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+            return
         if self._reload:
             importlib.reload(importlib.import_module(self._reload))
             return
@@ -63,6 +69,21 @@ class PatchRecord:
         if not layers:
             _LAYERS.pop(key, None)
 
+    def problem(self) -> str | None:
+        """Why this patch is not what its target holds now (None when it is, or cannot be
+        told: a patch picked up by a module reload, or one made on a copy)."""
+        if self._owner is None or self._reload or self._installed is MISSING:
+            return None
+        layers = _live_layers((id(self._owner), self._name))
+        if not any(layer() is self for layer in layers):
+            return None  # undone
+        top = layers[-1]()
+        now = current_value(self._owner, self._name)
+        if top is None or now is top._installed:
+            return None  # ours, or a later framework's layer on top of ours
+        where = "its forward" if self.kind == "forward" else f"'{self._name}'"
+        return f"{where} was replaced after patching (now {_describe(now)})"
+
     def as_row(self) -> dict[str, Any]:
         return {
             "instance": self.instance,
@@ -74,6 +95,14 @@ class PatchRecord:
         }
 
 
+def _describe(value: Any) -> str:
+    if value is MISSING:
+        return "the class's own"
+    function = getattr(value, "__func__", value)
+    name = getattr(function, "__qualname__", None) or type(value).__qualname__
+    return f"{getattr(function, '__module__', '?')}.{name}"
+
+
 def _live_layers(key: tuple[int, str]) -> list[weakref.ref[PatchRecord]]:
     layers = [layer for layer in _LAYERS.get(key, ()) if layer() is not None]
     _LAYERS[key] = layers
@@ -83,6 +112,7 @@ def _live_layers(key: tuple[int, str]) -> list[weakref.ref[PatchRecord]]:
 def install(record: PatchRecord, value: Any) -> PatchRecord:
     """Set `value` at the record's owner and name as the newest layer there; undo reverts it."""
     record._previous = current_value(record._owner, record._name)
+    record._installed = value
     assign(record._owner, record._name, value)
     _live_layers((id(record._owner), record._name)).append(weakref.ref(record))
     return record

@@ -55,11 +55,18 @@ class MultipackDataloaderAccelerationPlugin(AccelerationPlugin):
 
     def augmentation(self, model: Any, train_args: Any, modifiable_args: tuple):
         """Register the dataloader replacement (made when the Trainer prepares its loader)."""
+        # transformers 5 names the sampler train_sampling_strategy; 4.x has group_by_length
         strategy = getattr(train_args, "train_sampling_strategy", "random")
-        if strategy != "random" or getattr(train_args, "group_by_length", False):
+        asked = (
+            f"train_sampling_strategy={strategy!r} asks for another one (use 'random')"
+            if strategy != "random"
+            else "group_by_length=True asks for another one (set it to False)"
+            if getattr(train_args, "group_by_length", False)
+            else None
+        )
+        if asked is not None:
             raise AccelerationPluginConfigError(
-                f"plugins.{MULTIPACK_PATH}: multipack replaces the training sampler; "
-                f"train_sampling_strategy={strategy!r} asks for another one (use 'random')"
+                f"plugins.{MULTIPACK_PATH}: multipack replaces the training sampler; {asked}"
             )
         seed = getattr(train_args, "data_seed", None)
         seed = getattr(train_args, "seed", 42) if seed is None else seed

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from fms_acceleration.compat import dtype_kwargs
 from fms_acceleration.testing import build_framework, tiny_dataset
 from fms_acceleration_fts.framework_plugin_fts import FinetuningSchedulePlugin
 
@@ -101,7 +102,7 @@ def main() -> None:
         }
     }
     framework = build_framework(config, [FinetuningSchedulePlugin])
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **dtype_kwargs(torch.float32))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     model, _ = framework.augmentation(model, train_args, modifiable_args=())
 

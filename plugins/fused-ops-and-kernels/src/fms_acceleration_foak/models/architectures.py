@@ -1,9 +1,10 @@
 """Which transformers architectures are supported, and where their patchable pieces live.
 
 Adding an architecture is one ArchSpec line: the causal-LM class, its modeling module, its
-RMSNorm class (None when it has none), whether the module defines apply_rotary_pos_emb, and its
-SwiGLU MLP class (dense, with gate_proj/up_proj/down_proj) or MoE experts class (transformers
-5's packed 3-D gate_up_proj, whose gating goes through `_apply_gate`).
+RMSNorm class (None when it has none), whether the module defines apply_rotary_pos_emb, its
+SwiGLU MLP class (dense, with gate_proj/up_proj/down_proj), and for a MoE its experts class in
+transformers 5 (packed 3-D gate_up_proj, whose gating goes through `_apply_gate`) and in 4.x
+(one SwiGLU MLP module per expert, with its gate/up/down projection names).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ArchSpec:
     rope: bool = False
     mlp: str | None = None
     experts: str | None = None
+    expert_mlp: tuple[str, tuple[str, str, str]] | None = None  # 4.x: class, (gate, up, down)
 
     def modeling_module(self):
         """The transformers modeling module of this architecture."""
@@ -38,6 +40,17 @@ class ArchSpec:
     def mlp_class(self) -> type[torch.nn.Module] | None:
         """The dense SwiGLU MLP class, or None."""
         return getattr(self.modeling_module(), self.mlp) if self.mlp else None
+
+    def _defined(self, name: str | None) -> type[torch.nn.Module] | None:
+        return getattr(self.modeling_module(), name, None) if name else None
+
+    def experts_class(self) -> type[torch.nn.Module] | None:
+        """The packed MoE experts class when this transformers defines it (5.x), else None."""
+        return self._defined(self.experts)
+
+    def expert_mlp_class(self) -> type[torch.nn.Module] | None:
+        """The per-expert SwiGLU MLP class when this transformers defines it (4.x), else None."""
+        return self._defined(self.expert_mlp[0] if self.expert_mlp else None)
 
     @property
     def experts_gate(self) -> str | None:
@@ -52,7 +65,12 @@ class ArchSpec:
     @property
     def loss_only(self) -> bool:
         """True when only the loss can be patched (no RMSNorm, rotary embedding or SwiGLU)."""
-        return self.rms_norm is None and not self.rope and not (self.mlp or self.experts)
+        return self.rms_norm is None and not self.rope and not self.has_swiglu
+
+    @property
+    def has_swiglu(self) -> bool:
+        """Whether the architecture has a SwiGLU MLP or SwiGLU experts (in some release)."""
+        return bool(self.mlp or self.experts or self.expert_mlp)
 
 
 def _tf(name: str) -> str:
@@ -64,7 +82,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec("LlamaForCausalLM", _tf("llama"), "LlamaRMSNorm", True, "LlamaMLP"),
     "mistral": ArchSpec("MistralForCausalLM", _tf("mistral"), "MistralRMSNorm", True, "MistralMLP"),
     "mixtral": ArchSpec(
-        "MixtralForCausalLM", _tf("mixtral"), "MixtralRMSNorm", True, experts="MixtralExperts"
+        "MixtralForCausalLM",
+        _tf("mixtral"),
+        "MixtralRMSNorm",
+        True,
+        experts="MixtralExperts",
+        expert_mlp=("MixtralBlockSparseTop2MLP", ("w1", "w3", "w2")),
     ),
     "granite": ArchSpec("GraniteForCausalLM", _tf("granite"), "GraniteRMSNorm", True, "GraniteMLP"),
     "granitemoe": ArchSpec(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from fms_acceleration import ModelPatcherRule, ModelPatcherTrigger
+from fms_acceleration.compat import transformers_version
 
 from ..kernels import rms_norm, rope, swiglu, swiglu_packed
 from .architectures import ArchSpec, is_silu, unwrap_model
@@ -89,15 +90,26 @@ def fast_loss_rules(model: torch.nn.Module) -> list[ModelPatcherRule]:
     ]
 
 
-def _swiglu_mlp_forward(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-    return forward
+DENSE_ROLES = ("gate_proj", "up_proj", "down_proj")
 
 
-def _is_swiglu_mlp(cls: type[torch.nn.Module]) -> Callable[[torch.nn.Module], bool]:
-    roles = ("gate_proj", "up_proj", "down_proj")
+def _swiglu_mlp_builder(
+    roles: tuple[str, str, str],
+) -> Callable[[torch.nn.Module], Callable[..., torch.Tensor]]:
+    gate, up, down = roles
+
+    def build(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return getattr(self, down)(swiglu(getattr(self, gate)(x), getattr(self, up)(x)))
+
+        return forward
+
+    return build
+
+
+def _is_swiglu_mlp(
+    cls: type[torch.nn.Module], roles: tuple[str, str, str] = DENSE_ROLES
+) -> Callable[[torch.nn.Module], bool]:
     return lambda module: (
         isinstance(module, cls)
         and is_silu(getattr(module, "act_fn", None))
@@ -114,29 +126,36 @@ def _swiglu_apply_gate(previous: Callable[..., torch.Tensor]) -> Callable[..., t
     return apply_gate
 
 
+def _mlp_rule(name: str, cls: type[torch.nn.Module], roles: tuple[str, str, str]):
+    return ModelPatcherRule(
+        rule_id=f"foak.swiglu.{name}",
+        trigger=ModelPatcherTrigger(check=_is_swiglu_mlp(cls, roles)),
+        forward_builder=_swiglu_mlp_builder(roles),
+    )
+
+
 def swiglu_rules(spec: ArchSpec) -> list[ModelPatcherRule]:
-    """SwiGLU kernel in the dense MLPs (forward) or the MoE experts' gating (_apply_gate).
+    """SwiGLU kernel in the dense MLPs (forward), the MoE experts' gating (_apply_gate, 5.x) or
+    the per-expert MLPs (forward, 4.x).
 
     MoE experts run _apply_gate in transformers' batched_mm / grouped_mm implementations (the
     default); the eager per-expert loop computes silu(gate) * up inline and stays as it is.
     """
     rules = []
     if spec.mlp:
-        rules.append(
-            ModelPatcherRule(
-                rule_id=f"foak.swiglu.{spec.mlp}",
-                trigger=ModelPatcherTrigger(check=_is_swiglu_mlp(spec.mlp_class())),
-                forward_builder=_swiglu_mlp_forward,
-            )
-        )
-    if spec.experts:
-        module = spec.modeling_module()
-        previous = getattr(module, spec.experts).__dict__.get("_apply_gate")
+        rules.append(_mlp_rule(spec.mlp, spec.mlp_class(), DENSE_ROLES))
+    experts = spec.experts_class()
+    expert_mlp = spec.expert_mlp_class()
+    if experts is None and expert_mlp is not None:
+        rules.append(_mlp_rule(spec.expert_mlp[0], expert_mlp, spec.expert_mlp[1]))
+    elif experts is not None:
+        previous = experts.__dict__.get("_apply_gate")
         if previous is None:
             logger.warning(
-                "fused_ops_and_kernels: %s has no _apply_gate in this transformers version; "
+                "fused_ops_and_kernels: %s has no _apply_gate in transformers %s; "
                 "its experts keep their own SwiGLU",
                 spec.experts,
+                transformers_version(),
             )
         else:
             rules.append(
@@ -200,15 +219,17 @@ def build_kernel_rules(
         else:
             skipped.append("fast_rope_embeddings")
     if fast_swiglu:
-        if spec.mlp or spec.experts:
-            rules += swiglu_rules(spec)
+        swiglu = swiglu_rules(spec) if spec.has_swiglu else []
+        if swiglu:
+            rules += swiglu
         else:
             skipped.append("fast_swiglu")
     if skipped:
         logger.warning(
-            "fused_ops_and_kernels: %s do(es) not apply to %s (no RMSNorm / rotary embedding / "
-            "SwiGLU MLP); only the loss is patched",
+            "fused_ops_and_kernels: %s do(es) not apply to %s in transformers %s (it has no "
+            "RMSNorm / rotary embedding / SwiGLU MLP there); the other kernels are patched",
             ", ".join(skipped),
             spec.causal_lm,
+            transformers_version(),
         )
     return rules

@@ -20,6 +20,13 @@ _MULTIPROCESS_LOCK = os.path.join(tempfile.gettempdir(), "fms-acceleration-multi
 
 
 @pytest.fixture(autouse=True)
+def _run_in_a_fresh_directory(tmp_path_factory, monkeypatch):
+    """Every test starts in an empty folder of its own: nothing may depend on (or write into)
+    the folder pytest was started from, e.g. outputs/ left by the README's training command."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture(autouse=True)
 def _one_multiprocess_test_at_a_time(request):
     """Serialize the multi-process (torchrun, gloo) tests across xdist workers: two such jobs
     at once on a 2-core machine starve each other into collective timeouts."""

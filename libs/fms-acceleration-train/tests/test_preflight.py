@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,19 @@ def test_partial_resume_only_when_asked(checkpoint, tmp_path):
     shutil.copytree(checkpoint, copy)
     (copy / "optimizer.pt").unlink()
     check_checkpoint(copy, allow_partial=True)
+
+
+def test_runs_without_an_output_dir_get_folders_of_their_own(tmp_path, monkeypatch):
+    from fms_acceleration_train.preflight import RUNS_DIR, resolve_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_output_dir("mine", None) == Path("mine")
+    with pytest.raises(TrainJobError, match="no earlier run under outputs/train"):
+        resolve_output_dir(None, "last")
+    first = resolve_output_dir(None, None)
+    assert first.parent == RUNS_DIR and first.name.startswith("run-")
+    first.mkdir(parents=True)
+    second = resolve_output_dir(None, None)  # same second: a suffix, never the earlier run
+    assert second != first and second.parent == RUNS_DIR
+    second.mkdir()
+    assert resolve_output_dir(None, "last") == max(first, second)

@@ -65,3 +65,22 @@ def test_importing_the_core_brings_no_ml_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_discovering_the_plugins_loads_none_of_their_heavy_dependencies():
+    """Discovery imports every installed plugin; a plugin nobody configured must not cost its
+    heavy imports (seconds each, and their start-up messages)."""
+    code = (
+        "import sys\n"
+        "from fms_acceleration.discovery import plugin_catalogue\n"
+        "catalogue = plugin_catalogue()\n"
+        "print(len(catalogue.registrations), len(catalogue.broken))\n"
+        "print(sorted(m for m in ('gptqmodel', 'bitsandbytes', 'optuna', 'torchao', "
+        "'sklearn', 'sentence_transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    counts, heavy = done.stdout.strip().splitlines()
+    registered, broken = map(int, counts.split())
+    assert registered >= 6 and broken == 0
+    assert heavy == "[]"

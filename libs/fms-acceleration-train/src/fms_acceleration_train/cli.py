@@ -7,7 +7,8 @@ import sys
 
 from .acceleration_defaults import resolve_acceleration
 from .errors import user_errors
-from .runner import DEFAULT_TARGET_MODULES, TrainJobConfig
+from .quiet import quiet_third_party_start
+from .runner import DEFAULT_TARGET_MODULES, TrainJobConfig, with_run_folder
 
 _DEFAULTS = TrainJobConfig()
 
@@ -44,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "held-out prompts measure answer accuracy before and after training)",
     )
     parser.add_argument(
-        "--output-dir", default=d.output_dir, metavar="DIR", help="adapter and summary go here"
+        "--output-dir",
+        metavar="DIR",
+        help="adapter and summary go here (default: a new outputs/train/run-<UTC time> folder)",
     )
     parser.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
@@ -103,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume-from-checkpoint",
         metavar="DIR|last",
-        help="continue from a checkpoint-N folder, or 'last': the newest one in --output-dir",
+        help="continue from a checkpoint-N folder, or 'last': the newest one in --output-dir "
+        "(without --output-dir: in the newest run under outputs/train)",
     )
     parser.add_argument(
         "--allow-partial-resume",
@@ -150,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from .interrupt import TrainingInterrupted
     from .runner import run_train_job
 
+    quiet_third_party_start()
     expected = user_errors()
     try:
         acceleration, note = resolve_acceleration(
@@ -157,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if note:
             print(f"acceleration: {note}", flush=True)
-        config = config_from_args(args, acceleration)
+        config = with_run_folder(config_from_args(args, acceleration))
         if args.compare:
             from .compare import run_comparison
 
@@ -173,11 +178,11 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         print(comparison.accelerated.format())
         print(comparison.format())
-        print(f"summaries written to {args.output_dir}/{{baseline,accelerated}}/; comparison to "
-              f"{args.output_dir}/comparison.json")  # fmt: skip
+        print(f"summaries written to {config.output_dir}/{{baseline,accelerated}}/; comparison "
+              f"to {config.output_dir}/comparison.json")  # fmt: skip
         return 0
     print(summary.format())
-    print(f"summary written to {args.output_dir}/train_summary.json")
+    print(f"summary written to {config.output_dir}/train_summary.json")
     return 0
 
 

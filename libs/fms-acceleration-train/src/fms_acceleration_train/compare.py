@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .acceleration_defaults import describe
-from .runner import TrainJobConfig, run_train_job
+from .quiet import quiet_third_party_start
+from .runner import TrainJobConfig, run_train_job, with_run_folder
 from .summary import TrainSummary, write_json
 
 COMPARISON_FILE = "comparison.json"
@@ -99,12 +100,18 @@ def run_in_fresh_process(config: TrainJobConfig) -> TrainSummary:
     """run_train_job in a new (spawned) Python process; its errors are raised here."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(run_train_job, config).result()
+        return pool.submit(_run_quietly, config).result()
+
+
+def _run_quietly(config: TrainJobConfig) -> TrainSummary:
+    quiet_third_party_start()  # a spawned process starts with Python's defaults
+    return run_train_job(config)
 
 
 def run_comparison(config: TrainJobConfig) -> Comparison:
     """Train without acceleration, then with `config.acceleration_config`; outputs go to
     OUTPUT_DIR/baseline and OUTPUT_DIR/accelerated, the comparison to OUTPUT_DIR."""
+    config = with_run_folder(config)
     summaries = {}
     for index, name in enumerate(RUNS, start=1):
         acceleration = None if name == "baseline" else config.acceleration_config

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import TrainJobError
@@ -90,6 +91,32 @@ def check_model_dir(path: Path) -> None:
             check_safetensors(path / shard)
     else:
         check_torch_file(path / present[0])
+
+
+RUNS_DIR = Path("outputs/train")  # where runs go when --output-dir is not given
+RUN_PREFIX = "run-"
+
+
+def resolve_output_dir(output_dir: str | None, resume: str | None) -> Path:
+    """The folder a run writes to: --output-dir as given, else a new `run-<UTC time>` folder
+    under outputs/train (so running the job again never meets an earlier run's results), or
+    for `--resume-from-checkpoint last` the newest run there."""
+    if output_dir is not None:
+        return Path(output_dir)
+    runs = sorted(RUNS_DIR.glob(f"{RUN_PREFIX}*")) if RUNS_DIR.is_dir() else []
+    if resume == "last":
+        if not runs:
+            raise TrainJobError(
+                f"--resume-from-checkpoint last: no earlier run under {RUNS_DIR}; pass "
+                "--output-dir with the run to resume"
+            )
+        return runs[-1]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    candidate, n = RUNS_DIR / f"{RUN_PREFIX}{stamp}", 1
+    while candidate.exists():  # two runs within one second
+        n += 1
+        candidate = RUNS_DIR / f"{RUN_PREFIX}{stamp}-{n}"
+    return candidate
 
 
 def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,7 @@ from .eval_and_checkpoints import (
     split_for_evaluation,
 )
 from .evaluation import answer_accuracy
-from .preflight import check_checkpoint, check_model_dir, check_output_dir
+from .preflight import check_checkpoint, check_model_dir, check_output_dir, resolve_output_dir
 from .summary import TrainSummary, peak_memory_mib
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -62,7 +63,7 @@ class TrainJobConfig(StanzaModel):
 
     model_config = ConfigDict(alias_generator=_flag, populate_by_name=True, frozen=True)
 
-    output_dir: str = "outputs/train"
+    output_dir: str | None = None  # None: a new run-<time> folder under outputs/train
     acceleration_config: Annotated[str | None, AfterValidator(_existing_file)] = None
     model: str | None = None
     dataset: str | None = None
@@ -95,6 +96,12 @@ class TrainJobConfig(StanzaModel):
             super().__init__(**{_flag(name): value for name, value in options.items()})
         except ValidationError as err:
             raise config_error(err, "", type(self), TrainJobError) from None
+
+
+def with_run_folder(config: TrainJobConfig) -> TrainJobConfig:
+    """`config` with its output folder chosen (a new run folder when none was given)."""
+    folder = resolve_output_dir(config.output_dir, config.resume_from_checkpoint)
+    return config.model_copy(update={"output_dir": str(folder)})
 
 
 def _load_examples(config: TrainJobConfig) -> tuple[list[Example], list[Example], str]:
@@ -134,11 +141,24 @@ def _plugin_names(framework: Any) -> list[str]:
     return list(framework.plugins)
 
 
+def process_started() -> float:
+    """Wall-clock time this process started (the command, for the job's start-up time)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def _make_callbacks(log_every: int, losses: list[float]) -> tuple[Any, Any]:
     """(loss recorder, progress bar that prints the loss every `log_every` steps)."""
     from transformers import ProgressCallback, TrainerCallback
 
     class LossRecorder(TrainerCallback):
+        first_step_at: float | None = None  # wall-clock time the first step began
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
@@ -230,11 +250,12 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     from .model_source import resolve_model
     from .token_count import TrainingTokenCounter
 
+    config = with_run_folder(config)
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, config.overwrite, config.resume_from_checkpoint is not None)
     train, held_out, dataset_name = _load_examples(config)
     train, evaluation = split_for_evaluation(train, config.eval_split, config.seed)
-    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    resume = resolve_resume(config.resume_from_checkpoint, output_dir)
     if resume is not None:
         check_checkpoint(Path(resume), config.allow_partial_resume)
     model_dir, embedded = resolve_model(config.model)
@@ -341,6 +362,9 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
             trainable_params=trainable,
             saved_to=str(saved_to),
             versions=installed_versions(_VERSIONED),
+            startup_s=round(recorder.first_step_at - process_started(), 1)
+            if recorder.first_step_at is not None
+            else 0.0,
         )
         if held_out:
             summary.accuracy_before = before.value

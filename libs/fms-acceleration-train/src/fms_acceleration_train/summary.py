@@ -56,6 +56,7 @@ class TrainSummary:
     eval_examples: int = 0
     eval_samples: list[dict[str, str]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    startup_s: float = 0.0  # from the process's start to the first training step
 
     def to_json(self) -> dict[str, Any]:
         """The summary as a JSON-serializable dict."""
@@ -88,6 +89,8 @@ class TrainSummary:
             f"  loss              {self.first_loss:.4f} (first step) -> "
             f"{self.last_loss:.4f} (last step)",
         ]
+        if self.startup_s:
+            lines.append(f"  start-up          {self.startup_s:.1f} s (command to first step)")
         if self.accuracy_before is not None and self.accuracy_after is not None:
             n = self.eval_examples
             lines.append(

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from fms_acceleration import AccelerationPlugin
 
@@ -30,8 +28,21 @@ from .errors import SearchError
 from .options import PATH, STANZA, HPOOptions
 from .suggestions import suggest, suggest_search_space
 
+if TYPE_CHECKING:
+    import optuna
+
 logger = logging.getLogger(__name__)
 PRUNED_AT_ATTR = "pruned_at_step"
+
+
+class _PrunedExceptions:
+    """`(optuna.TrialPruned,)`, read on first use: optuna loads only when a search runs, not
+    whenever plugin discovery imports this package."""
+
+    def __get__(self, instance: Any, owner: type) -> tuple[type[BaseException], ...]:
+        import optuna
+
+        return (optuna.TrialPruned,)
 
 
 def distributed_world() -> tuple[int, int]:
@@ -52,7 +63,7 @@ class OptunaPlugin(AccelerationPlugin):
     """Reports evaluations to an optuna trial; stops training when the trial is pruned."""
 
     order = 1000  # last, so that its end-of-training hook runs after the others'
-    train_exceptions: ClassVar[tuple[type[BaseException], ...]] = (optuna.TrialPruned,)
+    train_exceptions = _PrunedExceptions()
 
     def __init__(self, configurations: dict) -> None:
         super().__init__(configurations)
@@ -127,6 +138,8 @@ class OptunaPlugin(AccelerationPlugin):
     def check_pruned(self) -> None:
         """Raise optuna.TrialPruned if the trial was pruned (call it after trainer.train())."""
         if self.pruned_at is not None:
+            import optuna
+
             raise optuna.TrialPruned(
                 f"pruned at step {self.pruned_at} ({self.options.metric} {self.last_value:.6g})"
             )

@@ -230,10 +230,6 @@ BAD_CONFIGS = {
         "plugins: &a\n  training: *a\n",
         "an alias at line 1, column 10 refers to itself.",
     ),
-    "one loader and an unknown stanza": (
-        "plugins:\n  peft:\n    quantization:\n      fake_loader: {}\n  training:\n    odd: {}\n",
-        "plugins.training.odd: unknown stanza 'odd'",
-    ),
     "AND plugin with one part": (
         "plugins:\n  training:\n    part_a: {}\n",
         "No plugins could be configured. Please check the acceleration framework configuration "
@@ -271,6 +267,27 @@ def test_framework_raises_config_error(case, tmp_path, installed_fakes):
     with pytest.raises(AccelerationPluginConfigError) as info:
         AccelerationFramework(_write(tmp_path, text))
     assert expected in str(info.value)
+
+
+BESIDE_A_LOADER = (
+    "plugins:\n  peft:\n    quantization:\n      fake_loader: {}\n  training:\n    odd: {}\n"
+)
+
+
+def test_an_unclaimed_stanza_beside_active_plugins_warns_here_and_fails_check(
+    tmp_path, installed_fakes, capsys
+):
+    """The reference ignored it; clients build frameworks from configurations that name
+    stanzas of plugins they did not register. Typos are still never silent."""
+    path = _write(tmp_path, BESIDE_A_LOADER)
+    expected = "plugins.training.odd: unknown stanza 'odd'"
+    with pytest.warns(UserWarning, match=f"{expected}.*It is ignored; `fms-acceleration check`"):
+        framework = AccelerationFramework(path)
+    assert list(framework.plugins) == ["fake_loader"]
+    with pytest.raises(AccelerationPluginConfigError, match=expected):
+        AccelerationFramework(path, strict_stanzas=True)
+    assert main(["check", str(path)]) == 1
+    assert expected in capsys.readouterr().err
 
 
 def test_known_but_uninstalled_stanza_warns_and_passes_through(tmp_path, installed_fakes, capsys):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fms_acceleration import NoPluginsConfiguredError, PatchError
+from fms_acceleration import AccelerationPluginConfigError, NoPluginsConfiguredError, PatchError
 from fms_acceleration.accelerator_patcher import (
     AcceleratorPatcher,
     AcceleratorPatcherComponent,
@@ -25,6 +25,7 @@ from fms_acceleration.framework_plugin import (
     PLUGIN_REGISTRATIONS,
     AccelerationPlugin,
     PluginRegistration,
+    registration_of,
 )
 from fms_acceleration.model_patcher import (
     ModelPatcher,
@@ -243,3 +244,23 @@ def test_reference_style_plugin_runs_through_a_real_trainer(tmp_path, tiny_llama
     with instantiate_model_patcher() as patcher:
         ModelPatcher.register(framework.model_patcher.rules["reference-style-norm"])
     assert list(patcher.rules) == ["reference-style-norm"]
+
+
+def test_a_schema_less_subclass_keeps_its_parents_validation_and_defaults(fakes):
+    """fms-hf-tuning's tests register spies (subclasses made with type()) without schemas; the
+    parent's code reads its defaults, so the stanza must still be validated and filled."""
+    spy = type("LoaderSpy", (fakes.FakeLoader,), {})
+    registration = AccelerationPlugin.register_plugin(
+        spy, configuration_and_paths=["peft.quantization.fake_loader"]
+    )
+    parent = registration_of(fakes.FakeLoader)
+    assert registration.validated and registration.package_name == parent.package_name
+    config = {"plugins": {"peft": {"quantization": {"fake_loader": {}}}}}
+    framework = AccelerationFramework(config, plugin_classes=[spy])  # no "no schema" warning
+    stanza = framework.plugins["LoaderSpy"].stanza("peft.quantization.fake_loader")
+    assert stanza == {"quant_type": "nf4", "no_peft_model": False}
+    config["plugins"]["peft"]["quantization"]["fake_loader"] = {"quant_typ": "fp4"}
+    with pytest.raises(
+        AccelerationPluginConfigError, match="unknown key 'quant_typ' \\(did you mean 'quant_type'"
+    ):
+        AccelerationFramework(config, plugin_classes=[spy])

@@ -69,7 +69,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            framework = AccelerationFramework(args.config)
+            framework = AccelerationFramework(args.config, strict_stanzas=True)
         except (AccelerationPluginConfigError, AccelerationFrameworkError) as err:
             _print_warnings(caught)
             print(f"error: {_with_source(str(err), args.config)}", file=sys.stderr)

@@ -88,7 +88,10 @@ class AccelerationFramework:
         require_packages_check: bool = True,
         *,
         plugin_classes: Sequence[type[AccelerationPlugin]] | None = None,
+        strict_stanzas: bool = False,
     ) -> None:
+        """`strict_stanzas`: a stanza no plugin claims is an error (as `fms-acceleration check`
+        reports it), not a warning naming it (the reference ignored it silently)."""
         configuration = load_configuration(resolve_configuration_source(configuration_file))
         body, self.source = configuration.plugins, configuration.source
         self.strict = configuration.strict
@@ -97,6 +100,7 @@ class AccelerationFramework:
         self.accelerator_patcher = AcceleratorPatcher()
         self.trainer_patcher = TrainerPatcher()
         self._validation_batches = BatchCounter()
+        self._strict_stanzas = strict_stanzas
         try:
             catalogue = plugin_catalogue(plugin_classes)
             validated = validate_plugins_tree(body, catalogue.registrations, catalogue.broken)
@@ -155,7 +159,14 @@ class AccelerationFramework:
                 raise NoPluginsConfiguredError(
                     f"{_NO_PLUGINS} '{self.source}': {validated.unknown[0]}"
                 )
-            raise AccelerationPluginConfigError(validated.unknown[0])
+            if self._strict_stanzas:
+                raise AccelerationPluginConfigError(validated.unknown[0])
+            for message in validated.unknown:
+                warnings.warn(
+                    f"{self.source}: {message} It is ignored; `fms-acceleration check` reports "
+                    "it as an error.",
+                    stacklevel=4,
+                )
         if not chosen:
             raise NoPluginsConfiguredError(f"{_NO_PLUGINS} '{self.source}': {_why_none(validated)}")
         _refuse_ignored_stanzas(registrations, validated.present)

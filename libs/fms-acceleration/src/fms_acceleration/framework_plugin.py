@@ -28,7 +28,7 @@ from .errors import (
     PluginRegistrationError,
 )
 from .model_patcher import ModelPatcher
-from .packages import distribution_of_module, installed_version
+from .packages import NOT_INSTALLED, distribution_of_module, installed_version
 from .trainer_patcher import TrainerPatcher
 
 MODEL_LOADER_SLOT = "model_loader"
@@ -108,6 +108,15 @@ class PluginRegistration:
 def registration_of(plugin_class: type) -> PluginRegistration | None:
     """The latest registration made on exactly this class (subclasses do not inherit it)."""
     return plugin_class.__dict__.get(_REGISTRATION_ATTR)
+
+
+def _registered_ancestor(plugin_class: type) -> PluginRegistration | None:
+    """The registration of the nearest registered base class, if any."""
+    for base in plugin_class.__mro__[1:]:
+        registration = registration_of(base)
+        if registration is not None:
+            return registration
+    return None
 
 
 # --- the registrations of this process ----------------------------------------------------------
@@ -238,9 +247,17 @@ class AccelerationPlugin:
                 f"{plugin.__name__}: Specify at least one AND or OR path (register_plugin needs "
                 "at least one stanza path)"
             )
+        parent = _registered_ancestor(plugin)
         package, version = distribution_of_module(plugin.__module__)
         if package_name is not None:
             package, version = package_name, installed_version(package_name) or version
+        elif parent is not None and version == NOT_INSTALLED:
+            # a subclass made at run time (a client's test spy) ships in its parent's package
+            package, version = parent.package_name, parent.package_version
+        if schemas is None and parent is not None:
+            # the reference's style (no schema) on a subclass of ours: its stanzas keep the
+            # parent's validation and defaults, which the parent's code reads
+            schemas = {p: parent.schemas[p] for p in and_paths + or_paths if p in parent.schemas}
         registration = PluginRegistration(
             plugin_class=plugin,
             plugin_id=plugin_id or plugin.__name__,

@@ -13,6 +13,8 @@ from functools import cache
 from importlib import metadata
 from typing import Any
 
+NOT_INSTALLED = "<not installed>"  # the version of a module no installed distribution ships
+
 
 @dataclass(frozen=True)
 class LoadedEntryPoint:
@@ -110,4 +112,4 @@ def distribution_of_module(module_name: str) -> tuple[str, str]:
         version = installed_version(name)
         if version is not None:
             return name, version
-    return top, "<not installed>"
+    return top, NOT_INSTALLED

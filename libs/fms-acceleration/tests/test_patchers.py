@@ -6,12 +6,15 @@ from __future__ import annotations
 import importlib
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from fms_acceleration import (
+    AccelerationFramework,
+    AccelerationPlugin,
     AcceleratorPatcher,
     AcceleratorPatcherComponent,
     ModelPatcher,
@@ -452,3 +455,70 @@ def test_two_patchers_on_one_target_undo_in_any_order(modules, order):
     assert trainer.step() == 1 and "step" not in trainer.__dict__
     torch.testing.assert_close(model(x), before)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_predicate_that_raises_on_every_module_is_named():
+    """A typo in a predicate (`m.wieght`) raises everywhere: it judged nothing, so patching is
+    refused rather than silently selecting nothing."""
+    patcher = ModelPatcher()
+    patcher.register(
+        ModelPatcherRule(
+            rule_id="typo",
+            trigger=ModelPatcherTrigger(check=lambda m: m.wieght.shape[0] == 4),
+            forward=lambda self, x: x,
+        )
+    )
+    with pytest.raises(PatchError) as info:
+        patcher.patch(_model())
+    assert str(info.value).startswith(
+        "rule 'typo': its trigger raised on every module it was asked about, so it selects "
+        "nothing; on <root>: AttributeError: 'Sequential' object has no attribute 'wieght'"
+    )
+
+
+def test_a_predicate_that_raises_on_some_modules_selects_the_others():
+    patcher = ModelPatcher()
+    patcher.register(
+        ModelPatcherRule(
+            rule_id="rows",  # containers and activations have no weight: not selected
+            trigger=ModelPatcherTrigger(check=lambda m: m.weight.shape[0] == 4),
+            forward=lambda self, x: x,
+        )
+    )
+    linears = [torch.nn.Linear(3, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)]
+    model = torch.nn.Sequential(linears[0], torch.nn.ReLU(), *linears[1:])
+    patcher.patch(model)
+    assert sorted(r.target for r in patcher.history) == ["0 (Linear)", "2 (Linear)"]
+    patcher.undo()
+
+
+def test_rules_registered_in_a_plugins_init_reach_the_framework():
+    class RegistersInInit(AccelerationPlugin):
+        def __init__(self, configurations):
+            super().__init__(configurations)
+            self.model_patcher.register(
+                ModelPatcherRule(
+                    rule_id="in-init",
+                    trigger=ModelPatcherTrigger(check=torch.nn.ReLU),
+                    forward=lambda self, x: x * 0,
+                )
+            )
+
+        @property
+        def requires_augmentation(self):
+            return True
+
+        def augmentation(self, model, train_args, modifiable_args):
+            return model, modifiable_args
+
+    AccelerationPlugin.register_plugin(RegistersInInit, configuration_and_paths=["training.x"])
+    with pytest.warns(UserWarning, match="declares no schema"):
+        framework = AccelerationFramework(
+            {"plugins": {"training": {"x": {"on": True}}}}, plugin_classes=[RegistersInInit]
+        )
+    model = torch.nn.Sequential(Scale(2.0), torch.nn.ReLU())
+    model.config = types.SimpleNamespace(architectures=["Toy"])
+    framework.augmentation(model, None, None)
+    assert framework.model_patcher.counts() == {"in-init": 1}
+    assert torch.equal(model(torch.ones(2)), torch.zeros(2))
+    framework.undo_patches()

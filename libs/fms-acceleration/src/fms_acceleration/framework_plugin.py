@@ -275,9 +275,10 @@ class AccelerationPlugin:
     def __init__(self, configurations: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         # extra arguments: our own plugins were once built with require_packages_check
         self.configurations = configurations
-        self.model_patcher = ModelPatcher()
-        self.accelerator_patcher = AcceleratorPatcher()
-        self.trainer_patcher = TrainerPatcher()
+        # built by a framework: its patchers (rules registered in __init__ reach them)
+        self.model_patcher = ModelPatcher.current() or ModelPatcher()
+        self.accelerator_patcher = AcceleratorPatcher.current() or AcceleratorPatcher()
+        self.trainer_patcher = TrainerPatcher.current() or TrainerPatcher()
 
     @property
     def plugin_id(self) -> str:

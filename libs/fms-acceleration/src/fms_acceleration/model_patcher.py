@@ -69,17 +69,23 @@ class ModelPatcherTrigger:
         self.type = kind
 
     def is_triggered(self, module: torch.nn.Module, module_name: str | None = None) -> bool:
-        """Whether this trigger selects `module` (named `module_name` in its model)."""
+        """Whether this trigger selects `module` (named `module_name` in its model); a predicate
+        that raises does not select it (the reference's semantics)."""
+        try:
+            return self.selects(module, module_name)
+        except Exception:
+            return False
+
+    def selects(self, module: torch.nn.Module, module_name: str | None = None) -> bool:
+        """Like is_triggered, but a predicate's exception propagates (the patcher reports a
+        predicate that never judged a module without raising)."""
         if self.module_name is not None:
             name = module_name or ""
             if self.module_name not in (name, name.rpartition(".")[2]):
                 return False
         if self.type == ModelPatcherTriggerType.module:
             return isinstance(module, self.check)
-        try:
-            return bool(self.check(module))
-        except Exception:  # a predicate that cannot judge a module does not select it
-            return False
+        return bool(self.check(module))
 
 
 @dataclass
@@ -236,7 +242,9 @@ class ModelPatcher(RecordingPatcher):
         records = self._apply_import_rules([r for r in pending if r.is_import_rule], model)
         forward_rules = [r for r in pending if not r.is_import_rule]
         if model is not None and forward_rules:
-            records += self._patch_forwards(model, forward_rules, kwargs)
+            judged = _TriggerOutcomes()
+            records += self._patch_forwards(model, forward_rules, kwargs, judged=judged)
+            judged.refuse_predicates_that_never_judged(forward_rules)
             self._applied.update(r.rule_id for r in forward_rules)
         self._history.extend(records)
         return records
@@ -317,15 +325,17 @@ class ModelPatcher(RecordingPatcher):
         prefix: str = "",
         done: set[int] | None = None,
         root: torch.nn.Module | None = None,
+        judged: _TriggerOutcomes | None = None,
     ) -> list[PatchRecord]:
         done = set() if done is None else done
         root = model if root is None else root
+        judged = _TriggerOutcomes() if judged is None else judged
         records: list[PatchRecord] = []
         for local_name, module in model.named_modules():
             if id(module) in done:
                 continue
             name = ".".join(p for p in (prefix, local_name) if p)
-            hits = [r for r in rules if r.trigger.is_triggered(module, name)]  # type: ignore[union-attr]
+            hits = [r for r in rules if judged.selects(r, module, name)]
             if not hits:
                 continue
             rule = hits[0]
@@ -346,7 +356,7 @@ class ModelPatcher(RecordingPatcher):
                     ModelPatcherRule(f"{rule.rule_id}-{i + 1}", trigger=trigger, forward=fwd)
                     for i, (trigger, fwd) in enumerate(forward)
                 ]
-                records += self._patch_forwards(module, sub_rules, kwargs, name, done, root)
+                records += self._patch_forwards(module, sub_rules, kwargs, name, done, root, judged)
                 continue
             if compat.is_hub_kernel_layer(module):
                 records += _keep_instance_forwards(root)
@@ -377,6 +387,33 @@ class ModelPatcher(RecordingPatcher):
             _name="forward",
         )
         return install(record, types.MethodType(forward, module))
+
+
+class _TriggerOutcomes:
+    """What each rule's trigger said over one model: a predicate that raised for every module
+    it was asked about (a typo such as `m.wieght`) judged nothing, and is reported."""
+
+    def __init__(self) -> None:
+        self.judged: set[str] = set()
+        self.first_error: dict[str, tuple[str, Exception]] = {}
+
+    def selects(self, rule: ModelPatcherRule, module: torch.nn.Module, name: str) -> bool:
+        try:
+            selected = rule.trigger.selects(module, name)  # type: ignore[union-attr]
+        except Exception as err:  # the reference's semantics: not selected
+            self.first_error.setdefault(rule.rule_id, (name or "<root>", err))
+            return False
+        self.judged.add(rule.rule_id)
+        return selected
+
+    def refuse_predicates_that_never_judged(self, rules: Sequence[ModelPatcherRule]) -> None:
+        for rule in rules:
+            if rule.rule_id in self.first_error and rule.rule_id not in self.judged:
+                name, err = self.first_error[rule.rule_id]
+                raise PatchError(
+                    f"rule '{rule.rule_id}': its trigger raised on every module it was asked "
+                    f"about, so it selects nothing; on {name}: {type(err).__name__}: {err}"
+                )
 
 
 def _keep_instance_forwards(root: torch.nn.Module) -> list[PatchRecord]:

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ruamel.yaml.comments import CommentedMap
+
 from commented_yaml import (
     comment_out,
     copy_key,
@@ -29,8 +31,6 @@ from commented_yaml import (
     remove,
     set_comments_before,
 )
-from ruamel.yaml.comments import CommentedMap
-
 from fms_acceleration.yaml_loading import load_yaml, read_text_file
 
 ROOT = Path(__file__).resolve().parent.parent

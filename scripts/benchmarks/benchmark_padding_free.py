@@ -45,15 +45,15 @@ def _versions() -> dict[str, str]:
 def measure(batches: int, batch_size: int, seed: int) -> list[dict[str, object]]:
     """Time padded and padding-free steps on the same batches; one row per variant."""
     import torch
-    from fms_acceleration_train.data import PaddingCollator, pad_token_id, tokenize
-    from fms_acceleration_train.default_dataset import default_splits
-    from fms_acceleration_train.model_source import resolve_model
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fms_acceleration.testing import build_framework
     from fms_acceleration_aadp import PaddingFreeAccelerationPlugin
     from fms_acceleration_aadp.flattening import FlatteningCollator
+    from fms_acceleration_train.data import PaddingCollator, pad_token_id, tokenize
+    from fms_acceleration_train.default_dataset import default_splits
+    from fms_acceleration_train.model_source import resolve_model
 
     model_dir, _ = resolve_model(None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

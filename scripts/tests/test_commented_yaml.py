@@ -3,9 +3,10 @@ keys can be removed, commented out and copied without losing or stealing comment
 
 from __future__ import annotations
 
-import commented_yaml as cy
 import pytest
 import yaml
+
+import commented_yaml as cy
 
 DOC = """\
 # file header

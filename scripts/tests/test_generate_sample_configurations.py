@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import textwrap
 
-import generate_sample_configurations as gen
 import pytest
 import yaml
+
+import generate_sample_configurations as gen
 
 BNB = textwrap.dedent(
     """\

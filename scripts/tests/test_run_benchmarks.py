@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import generate_sample_configurations as gen
 import pytest
 import run_benchmarks as bench
+
+import generate_sample_configurations as gen
 
 SCENARIOS = Path(bench.__file__).resolve().parent / "scenarios.yaml"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from fms_acceleration_train import acceleration_defaults, cli
 from fms_acceleration_train.acceleration_defaults import DEFAULT_CONFIG, resolve_acceleration
 from fms_acceleration_train.errors import TrainJobError

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from fms_acceleration_train.cli import main
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+
 from fms_acceleration_train import TrainJobConfig, TrainJobError, run_train_job
 from fms_acceleration_train import cli as train_cli
 from fms_acceleration_train.eval_and_checkpoints import (

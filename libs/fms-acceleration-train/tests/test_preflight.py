@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fms_acceleration.testing import tiny_dataset
 from fms_acceleration_train.errors import TrainJobError
 from fms_acceleration_train.interrupt import TrainingInterrupted, checkpoint_on_interrupt
 from fms_acceleration_train.preflight import (
@@ -17,8 +19,6 @@ from fms_acceleration_train.preflight import (
     check_model_dir,
     check_output_dir,
 )
-
-from fms_acceleration.testing import tiny_dataset
 
 
 @pytest.fixture

@@ -6,6 +6,10 @@ import json
 import math
 
 import pytest
+
+from fms_acceleration import AccelerationPlugin, StanzaModel
+from fms_acceleration.framework_plugin import isolated_registrations
+from fms_acceleration.testing import build_framework
 from fms_acceleration_train import (
     MissingDependencyError,
     TrainJobConfig,
@@ -14,10 +18,6 @@ from fms_acceleration_train import (
 )
 from fms_acceleration_train import cli as train_cli
 from fms_acceleration_train.errors import require
-
-from fms_acceleration import AccelerationPlugin, StanzaModel
-from fms_acceleration.framework_plugin import isolated_registrations
-from fms_acceleration.testing import build_framework
 
 # Words of the tiny word-level tokenizer (tok0..tok123), so nothing maps to <unk>.
 _ROWS = [
@@ -250,8 +250,9 @@ def test_builtin_dataset_is_deterministic_and_held_out_words_are_unseen():
 
 
 def test_tokenize_masks_the_prompt_and_keeps_the_answer_when_truncating(tiny_model):
-    from fms_acceleration_train.data import IGNORE_INDEX, Example, PaddingCollator, tokenize
     from transformers import AutoTokenizer
+
+    from fms_acceleration_train.data import IGNORE_INDEX, Example, PaddingCollator, tokenize
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     long_prompt = " ".join(f"tok{i}" for i in range(20))

@@ -121,8 +121,34 @@ def test_install_by_short_name_inside_and_outside_a_checkout(tmp_path):
         "fms-acceleration-foak"
     )
     assert cli_module.install_command(str(tmp_path), [], tmp_path)[-1] == str(tmp_path)
-    with pytest.raises(Exception, match="unknown plugin 'nope'; known: aadp, adapters"):
+    with pytest.raises(Exception, match="unknown plugin 'nope'; known: aadp, foak, "):
         cli_module.install_command("nope", [], tmp_path)
+    with pytest.raises(Exception, match="unknown plugin 'pfet' \\(did you mean 'peft'\\?\\)"):
+        cli_module.install_command("pfet", [], tmp_path)
+
+
+def test_install_keeps_the_installed_torch_transformers_and_peft(tmp_path, monkeypatch, capsys):
+    """A plugin installed into a client's venv must not upgrade its stack: pip gets the
+    installed releases as constraints, and a failure says nothing of them changed."""
+    seen = {}
+
+    def pip(command):
+        seen["command"] = command
+        seen["pins"] = Path(command[command.index("-c") + 1]).read_text()
+        return 1  # pip: ResolutionImpossible
+
+    monkeypatch.setattr(cli_module.subprocess, "call", pip)
+    monkeypatch.chdir(tmp_path)
+    assert cli_module.main(["install", "foak"]) == 1
+    held = cli_module.held_versions()
+    assert set(held) >= {"torch", "transformers", "peft"}
+    assert seen["pins"].splitlines() == [f"{n}=={v}" for n, v in held.items()]
+    assert seen["command"][-1] == "fms-acceleration-foak"
+    err = capsys.readouterr().err
+    assert (
+        f"against the installed torch {held['torch']}, transformers {held['transformers']}" in err
+    )
+    assert "nothing of those was changed" in err
 
 
 def test_python_dash_m_cli_lists_plugins():

@@ -8,6 +8,7 @@ import sys
 import time
 
 import optuna
+
 from fms_acceleration_hpo import HPOOptions, StudyStorage
 from fms_acceleration_hpo.worker import open_study, run_worker
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from fms_acceleration_hpo import HPOOptions
 from optuna.distributions import FloatDistribution, IntDistribution
 
 from fms_acceleration import AccelerationPluginConfigError, validate_model
 from fms_acceleration.yaml_loading import load_yaml
+from fms_acceleration_hpo import HPOOptions
 
 PATH = "plugins.training.hpo"
 

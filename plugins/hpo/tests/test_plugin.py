@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from fms_acceleration_hpo import HPOOptions, OptunaPlugin, SearchError, trial_name
-from fms_acceleration_hpo.suggestions import apply_values
 
 from fms_acceleration.testing import build_framework
+from fms_acceleration_hpo import HPOOptions, OptunaPlugin, SearchError, trial_name
+from fms_acceleration_hpo.suggestions import apply_values
 
 STANZA = {
     "metric": "loss",

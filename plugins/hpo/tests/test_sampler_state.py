@@ -6,6 +6,7 @@ import pickle
 
 import optuna
 import pytest
+
 from fms_acceleration_hpo import HPOOptions, StudyStorage, checkpoint_sampler, restore_sampler
 from fms_acceleration_hpo.sampler_state import (
     SamplerCheckpointWarning,

@@ -11,10 +11,10 @@ import time
 
 import optuna
 import pytest
-from fms_acceleration_hpo.search import SearchRequest, run_search
 from optuna.trial import TrialState
 
 from fms_acceleration.cli import main as cli_main
+from fms_acceleration_hpo.search import SearchRequest, run_search
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import CLI, cli_env, train_flags, write_search_config

@@ -79,6 +79,7 @@ def test_failures_timeout_and_a_retry_past_the_total(tmp_path):
     import time
 
     from fake_worker import OPTIONS
+
     from fms_acceleration_hpo import StudyStorage
     from fms_acceleration_hpo.worker import open_study, run_worker
 

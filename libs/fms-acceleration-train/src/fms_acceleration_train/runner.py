@@ -29,11 +29,19 @@ from .summary import TrainSummary, peak_memory_mib
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_DATASET = "built-in (sentiment / category / opposite, one-word answers)"
-_VERSIONED = (
-    "torch", "transformers", "peft", "accelerate", "fms-acceleration", "fms-acceleration-peft",
-    "fms-acceleration-foak", "fms-acceleration-fts", "fms-acceleration-aadp", "bitsandbytes",
-    "gptqmodel", "triton",
+# the libraries a run's figures depend on; the active plugins' packages are added per run
+_LIBRARIES = (
+    "torch", "transformers", "peft", "accelerate", "triton", "bitsandbytes", "gptqmodel",
+    "fms-acceleration", "fms-acceleration-train",
 )  # fmt: skip
+
+
+def _versioned(framework: Any) -> tuple[str, ...]:
+    """Packages whose versions the summary records: the libraries and the active plugins'."""
+    plugins = (
+        [p._registration.package_name for p in framework.plugins.values()] if framework else []
+    )
+    return (*_LIBRARIES, *dict.fromkeys(plugins))
 
 
 def _flag(name: str) -> str:
@@ -361,7 +369,7 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
             losses=losses,
             trainable_params=trainable,
             saved_to=str(saved_to),
-            versions=installed_versions(_VERSIONED),
+            versions=installed_versions(_versioned(framework)),
             startup_s=round(recorder.first_step_at - process_started(), 1)
             if recorder.first_step_at is not None
             else 0.0,

@@ -1,7 +1,7 @@
 """fms-acceleration: one YAML file turns on acceleration plugins around a HF Trainer."""
 
 from .accelerator_patcher import AcceleratorPatcher, AcceleratorPatcherComponent
-from .constants import PLUGIN_PREFIX, PLUGINS
+from .constants import PLUGIN_PREFIX
 from .errors import (
     AccelerationFrameworkError,
     AccelerationPluginConfigError,
@@ -20,6 +20,15 @@ from .framework_plugin import (
 from .model_patcher import ModelPatcher, ModelPatcherRule, ModelPatcherTrigger
 from .trainer_patcher import TrainerPatcher
 from .validation import StanzaModel, choice, validate_model
+
+
+def __getattr__(name: str) -> object:
+    if name == "PLUGINS":  # derived when read (see constants.py)
+        from . import constants
+
+        return constants.PLUGINS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PLUGINS",

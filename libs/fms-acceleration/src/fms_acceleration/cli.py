@@ -7,32 +7,24 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from .catalogue import PACKAGE_PREFIX, checkout_packages, checkout_root, plugin_short_names
 from .constants import CLI_GROUP, PLUGIN_PREFIX
 from .discovery import plugin_catalogue
 from .errors import AccelerationFrameworkError, AccelerationPluginConfigError
 from .framework import AccelerationFramework
-from .packages import entry_points_of, load_entry_points
+from .packages import entry_points_of, installed_versions, load_entry_points
 from .summary import format_table
+from .validation import suggestion
 from .yaml_loading import read_yaml_file
 
 CONTENTS_FILE = "CONTENTS.yaml"
 SAMPLES_DIR = "sample-configurations"
 SAMPLES_ENV_VAR = "FMS_ACCELERATION_SAMPLE_CONFIGS"
-
-# short name -> (folder in this monorepo, pip package)
-INSTALLABLE = {
-    "peft": ("plugins/accelerated-peft", "fms-acceleration-peft"),
-    "foak": ("plugins/fused-ops-and-kernels", "fms-acceleration-foak"),
-    "fts": ("plugins/finetuning-schedule", "fms-acceleration-fts"),
-    "adapters": ("plugins/strategy-adapters", "fms-acceleration-adapters"),
-    "aadp": ("plugins/attention-and-distributed-packing", "fms-acceleration-aadp"),
-    "hpo": ("plugins/hpo", "fms-acceleration-hpo"),
-    "train": ("libs/fms-acceleration-train", "fms-acceleration-train"),
-}
 
 _LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
@@ -123,43 +115,62 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
-def find_checkout(start: Path) -> Path | None:
-    """The root of an fms-acceleration checkout at or above `start`."""
-    for folder in [start, *start.parents]:
-        if (folder / "libs" / "fms-acceleration" / "pyproject.toml").is_file():
-            return folder
-    return None
-
-
 def install_command(name: str, flags: Sequence[str], cwd: Path) -> list[str]:
-    """The pip command that installs plugin `name` (short name, module or package name)."""
-    short = name.removeprefix(PLUGIN_PREFIX).removeprefix("fms-acceleration-")
+    """The pip command that installs plugin `name` (short name, module or package name): from
+    the checkout around `cwd` when there is one, else by package name from the index."""
+    short = name.removeprefix(PLUGIN_PREFIX).removeprefix(PACKAGE_PREFIX)
     pip = [sys.executable, "-m", "pip", "install", *flags]
     if Path(name).exists():
         return [*pip, name]
-    if short not in INSTALLABLE:
-        known = ", ".join(sorted(INSTALLABLE))
+    root = checkout_root(cwd)
+    local = {p.short_name: p for p in checkout_packages(root)} if root is not None else {}
+    known = sorted(set(plugin_short_names(root)) | set(local))
+    if short not in known:
         raise AccelerationFrameworkError(
-            f"unknown plugin '{name}'; known: {known} (or give a path or a pip requirement)"
+            f"unknown plugin '{name}'{suggestion(short, known)}; known: {', '.join(known)} (or "
+            "give a path or a pip requirement)"
         )
-    folder, package = INSTALLABLE[short]
-    checkout = find_checkout(cwd)
-    if checkout is not None and (checkout / folder / "pyproject.toml").is_file():
-        constraints = checkout / "constraints.txt"
+    if short in local:
+        constraints = root / "constraints.txt"  # type: ignore[operator]
         pins = ["-c", str(constraints)] if constraints.is_file() else []
-        return [*pip, *pins, str(checkout / folder)]
-    return [*pip, package]
+        return [*pip, *pins, str(root / local[short].folder)]  # type: ignore[operator]
+    return [*pip, PACKAGE_PREFIX + short]
+
+
+# what a plugin install must never replace: a client's stack pins these (fms-hf-tuning: torch
+# 2.8, transformers 4.55, peft 0.19), and a newer release pulled in by our metadata breaks it
+HELD_PACKAGES = ("torch", "transformers", "peft", "accelerate")
+
+
+def held_versions() -> dict[str, str]:
+    """The installed release of each held package."""
+    return installed_versions(HELD_PACKAGES)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    """Install a plugin by short name: from this checkout when inside one, else from PyPI."""
+    """Install a plugin by short name (from this checkout when inside one, else from the
+    package index) against the torch / transformers / peft / accelerate already installed."""
     try:
         command = install_command(args.plugin, args.pip_flags, Path.cwd())
     except AccelerationFrameworkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print("running: " + " ".join(command))
-    return subprocess.call(command)
+    held = held_versions()
+    with tempfile.TemporaryDirectory() as folder:
+        pins = Path(folder) / "held.txt"
+        pins.write_text("".join(f"{n}=={v}\n" for n, v in held.items()), encoding="utf-8")
+        command = [*command[:4], "-c", str(pins), *command[4:]]
+        print("running: " + " ".join(command))
+        code = subprocess.call(command)
+    if code != 0 and held:
+        kept = ", ".join(f"{n} {v}" for n, v in held.items())
+        print(
+            f"error: pip could not install {args.plugin} against the installed {kept} (see its "
+            "output above); nothing of those was changed. Install a release of the plugin "
+            "that supports them, or upgrade them yourself first.",
+            file=sys.stderr,
+        )
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,9 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     configs = sub.add_parser("configs", help="list sample configurations")
     configs.add_argument("--dir", help=f"folder holding {CONTENTS_FILE}")
     configs.set_defaults(func=cmd_configs)
-    install = sub.add_parser(
-        "install", help=f"install a plugin by short name ({', '.join(sorted(INSTALLABLE))})"
-    )
+    known = ", ".join(plugin_short_names(checkout_root(Path.cwd())))
+    install = sub.add_parser("install", help=f"install a plugin by short name ({known})")
     install.add_argument("plugin", help="short name (e.g. peft), module name or path")
     install.add_argument("pip_flags", nargs=argparse.REMAINDER, help="flags passed to pip")
     install.set_defaults(func=cmd_install)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 KEY_PLUGINS = "plugins"
 PLUGIN_PREFIX = "fms_acceleration_"
 ACCELERATION_FRAMEWORK_ENV_KEY = "ACCELERATION_FRAMEWORK_CONFIG_FILE"
 
-# Short names of the plugin modules (fms_acceleration_<name>), as the reference lists them.
-# Discovery does not use this list: plugins are found through the entry-point group below.
-PLUGINS = ("peft", "foak", "aadp", "moe", "odm", "mcp", "fts", "hpo")
-
 PLUGIN_GROUP = "fms_acceleration.plugins"
 CLI_GROUP = "fms_acceleration.cli"
 STRATEGY_ADAPTER_GROUP = "fms_acceleration.strategy_adapters"
+
+
+def __getattr__(name: str) -> Any:
+    # PLUGINS: the reference's list of installable short names (fms_acceleration_<name>), here
+    # derived from the installed plugins and the reference's (catalogue.py), never hand-kept
+    if name == "PLUGINS":
+        from .catalogue import plugin_short_names
+
+        return plugin_short_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

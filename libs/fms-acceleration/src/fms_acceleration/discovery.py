@@ -91,3 +91,13 @@ def plugin_catalogue(
 def discover_plugins() -> list[PluginRegistration]:
     """Every plugin this process can activate; a broken one is a warning that names it."""
     return list(plugin_catalogue().registrations)
+
+
+def known_stanza_paths() -> frozenset[str]:
+    """Every stanza path a plugin here claims, and those of the reference's plugins."""
+    from .catalogue import REFERENCE_STANZAS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a broken plugin is reported where it is used
+        registrations = plugin_catalogue().registrations
+    return frozenset(p for r in registrations for p in r.paths) | frozenset(REFERENCE_STANZAS)

@@ -12,41 +12,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .catalogue import REFERENCE_STANZAS
 from .dotted_paths import lookup, set_at
 from .errors import AccelerationPluginConfigError, PluginImportError
 from .framework_plugin import PluginRegistration
 from .packages import BrokenEntryPoint, installed_version
 from .validation import suggestion, validate_model
 
-
-@dataclass(frozen=True)
-class KnownStanza:
-    """A stanza of a plugin package published by this project or the reference project."""
-
-    package: str  # the distribution that provides it
-    install: str  # what to pip install
-
-
-def _known(package: str, extra: str = "") -> KnownStanza:
-    return KnownStanza(package, f"{package}{extra}")
-
-
-# Names only: the framework never imports a plugin to learn its stanzas.
-KNOWN_STANZAS: Mapping[str, KnownStanza] = MappingProxyType(
-    {
-        "peft.quantization.bitsandbytes": _known("fms-acceleration-peft"),
-        "peft.quantization.auto_gptq": _known("fms-acceleration-peft", "[gptq]"),
-        "peft.quantization.fused_ops_and_kernels": _known("fms-acceleration-foak"),
-        "training.fused_ops_and_kernels": _known("fms-acceleration-foak"),
-        "training.finetuning_schedule": _known("fms-acceleration-fts"),
-        "training.attention.padding_free": _known("fms-acceleration-aadp"),
-        "training.dataloader.multipack": _known("fms-acceleration-aadp"),
-        "training.hpo": _known("fms-acceleration-hpo"),
-        "training.moe.scattermoe": _known("fms-acceleration-moe"),
-        "training.odm.odm": _known("fms-acceleration-odm"),
-        "training.mamba.cp": _known("fms-acceleration-mcp"),
-    }
-)
+# stanza path -> the package to install for it, when no installed plugin claims it
+KNOWN_STANZAS: Mapping[str, str] = REFERENCE_STANZAS
 
 
 @dataclass(frozen=True)
@@ -82,15 +56,15 @@ def collect_schemas(
 
 
 def _broken_plugin_error(
-    path: str, known: KnownStanza, broken: Sequence[BrokenEntryPoint]
+    path: str, package: str, broken: Sequence[BrokenEntryPoint]
 ) -> PluginImportError | None:
     """The stanza's plugin is installed but failed to import: say why (never ignored)."""
-    failures = [b for b in broken if b.package.lower() == known.package.lower()]
+    failures = [b for b in broken if b.package.lower() == package.lower()]
     if not failures:
         return None
     return PluginImportError(
         f"plugins.{path}: the plugin for this stanza is installed but failed to import: "
-        f"plugin {failures[0].describe()}. Fix or reinstall {known.install}; training "
+        f"plugin {failures[0].describe()}. Fix or reinstall {package}; training "
         "without it would silently ignore this stanza."
     )
 
@@ -127,26 +101,26 @@ def validate_plugins_tree(
             if path in schemas:
                 continue
             if path in KNOWN_STANZAS:
-                known = KNOWN_STANZAS[path]
-                error = _broken_plugin_error(path, known, broken)
+                package = KNOWN_STANZAS[path]
+                error = _broken_plugin_error(path, package, broken)
                 if error is not None:
                     raise error
-                if installed_version(known.package) is not None:
+                if installed_version(package) is not None:
                     # installed, yet no plugin registered here claims it (e.g. a client's test
                     # that registers only some plugins): unclaimed, as the reference ignores it
                     unknown.append(
                         f"plugins.{path}: no registered plugin claims this stanza (its package "
-                        f"'{known.package}' is installed but registers no plugin for it here)."
+                        f"'{package}' is installed but registers no plugin for it here)."
                     )
                     continue
                 warnings.warn(
-                    f"plugins.{path}: this stanza belongs to the package '{known.package}', "
+                    f"plugins.{path}: this stanza belongs to the package '{package}', "
                     f"which is not installed; it is passed through unused "
-                    f"(pip install {known.install})",
+                    f"(pip install {package})",
                     stacklevel=4,
                 )
                 set_at(tree, path, value)
-                passed[path] = known.install
+                passed[path] = package
                 continue
             below = sorted(
                 {k[len(path) + 1 :].split(".")[0] for k in known_paths if k.startswith(path + ".")}

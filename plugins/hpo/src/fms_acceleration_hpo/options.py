@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, ValidationInfo, model_validator
 
 from fms_acceleration import StanzaModel, choice
-from fms_acceleration.stanzas import KNOWN_STANZAS
+from fms_acceleration.discovery import known_stanza_paths
 from fms_acceleration.validation import suggestion
 
 STANZA = "training.hpo"
@@ -125,7 +125,7 @@ def _target(value: str | None) -> str | None:
                 "stanza (e.g. training.finetuning_schedule.base_max_lr)"
             )
         return value
-    stanzas = sorted(p for p in KNOWN_STANZAS if p != STANZA)
+    stanzas = sorted(p for p in known_stanza_paths() if p != STANZA)
     stanza = next((p for p in stanzas if value.startswith(p + ".")), None)
     if stanza is None:
         prefix = ".".join(value.split(".")[:-1])

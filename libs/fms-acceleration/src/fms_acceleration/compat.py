@@ -102,3 +102,13 @@ def stop_hub_kernels(model: Any) -> Callable[[], None] | None:
         model.set_use_kernels(True, mode=mode)
 
     return restore
+
+
+def fsdp_plugin_kwargs(training_args: Any) -> dict[str, Any]:
+    """Arguments of accelerate's FullyShardedDataParallelPlugin for these TrainingArguments:
+    transformers 5 computes them (`fsdp_plugin_args`); 4.x hands its options over in FSDP_*
+    environment variables, which the plugin reads itself, all but the FSDP version."""
+    computed = getattr(training_args, "fsdp_plugin_args", None)
+    if computed is not None:
+        return dict(computed)
+    return {"fsdp_version": int((training_args.fsdp_config or {}).get("version", 1))}

@@ -135,7 +135,7 @@ def train(out: str, fsdp: bool, grad_accum: int = 1) -> dict:
     return {
         "adapter": type(fts.adapter).__name__,
         "dtensors": sum(hasattr(p, "full_tensor") for p in model.parameters()),
-        "transitions": [(t["depth"], t["global_step"]) for t in fts.callback.transitions],
+        "transitions": [(t["depth"], t["global_step"]) for t in fts.callback.state.transitions],
         "optimizer": type(optimizer).__name__,
         "scheduler": type(trainer.lr_scheduler).__name__,
         "groups": [(g["fts_phase"], len(g["params"])) for g in optimizer.param_groups],

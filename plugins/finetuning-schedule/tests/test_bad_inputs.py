@@ -592,7 +592,7 @@ def test_default_schedule_never_replaces_a_users_file(tmp_path, h, caplog):
         _, plugin, _ = h.run_fts(str(tmp_path), {"max_depth": 0}, args=args)
     assert mine.read_text() == "# my own schedule\n0:\n  params: [lm_head.weight]\n"
     written = tmp_path / "LlamaForCausalLM_ft_schedule_1.yaml"
-    assert plugin.callback.written == {"LlamaForCausalLM_ft_schedule.yaml": str(written)}
+    assert plugin.callback.state.written == {"LlamaForCausalLM_ft_schedule.yaml": str(written)}
     assert len(yaml.safe_load(written.read_text())) == 6
     assert f"{mine} exists and differs, so the generated default schedule was written to " in (
         caplog.text
@@ -688,5 +688,5 @@ def test_state_file_missing_uses_the_copy_in_optimizer(tmp_path, h, checkpoints,
     with caplog.at_level(logging.WARNING, logger="fms_acceleration_fts"):
         trainer, plugin, _ = resume(tmp_path, h, ckpt)
     assert f"{ckpt}/fts_state.json is missing; using the copy of the schedule state" in caplog.text
-    assert [t["global_step"] for t in plugin.callback.transitions] == [4]
+    assert [t["global_step"] for t in plugin.callback.state.transitions] == [4]
     assert trainer.state.global_step == 8

@@ -84,7 +84,7 @@ def test_explicit_implicit_max_depth(tmp_path, explicit, max_depth):
     cb = plugin.callback
     stopped, remaining, depth, epochs, thawed, groups, lrs = EXPIMP[(explicit, max_depth)]
     assert round(trainer.state.epoch) == epochs and epochs - 1 == stopped
-    assert cb.stopped is not None
+    assert cb.state.stopped is not None
     assert (cb.final_depth - cb.depth, cb.depth, len(cb.thawed_names())) == (
         remaining,
         depth,
@@ -147,7 +147,7 @@ def test_intrafit(tmp_path, restore_best):
         str(tmp_path), fts(restore_best=restore_best), DIVERGE_AT_4, epochs=20, **save
     )
     assert {e: short(r) for e, r in rec.rows.items()} == INTRAFIT
-    assert [t["depth"] for t in plugin.callback.transitions] == [1, 2, 3]
+    assert [t["depth"] for t in plugin.callback.state.transitions] == [1, 2, 3]
 
 
 def test_no_lr_scheduler(tmp_path):
@@ -706,7 +706,8 @@ def test_early_stopping_on_non_finite_monitor(tmp_path, bad):
         str(tmp_path), fts(max_depth=0), [4.0, 3.0, bad, 2.0, 1.0], epochs=10
     )
     assert round(trainer.state.epoch) - 1 == 2
-    assert plugin.callback.stopped.startswith(f"monitored metric eval_loss = {bad} is not finite")
+    stopped = plugin.callback.state.stopped
+    assert stopped.startswith(f"monitored metric eval_loss = {bad} is not finite")
 
 
 @pytest.mark.parametrize(
@@ -1221,7 +1222,7 @@ def test_accepted_schedules_with_a_warning(tmp_path, caplog):
     assert rec.lrs[1] == (2e-06, 2e-06)
     valid = yaml.safe_load((tmp_path / "BoringModel_ft_schedule_valid.yaml").read_text())
     assert sorted(valid) == [0, 1]
-    assert plugin.callback.written["BoringModel_ft_schedule.yaml"] == str(
+    assert plugin.callback.state.written["BoringModel_ft_schedule.yaml"] == str(
         tmp_path / "BoringModel_ft_schedule.yaml"
     )
 

@@ -423,7 +423,7 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
         def builder(original: Any) -> Any:
             def load_optimizer_and_scheduler(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
                 if checkpoint is not None and plugin.callback is not None:
-                    plugin.callback.resume_dir = str(checkpoint)
+                    plugin.callback.state.resume_dir = str(checkpoint)
                 return original(checkpoint, *args, **kwargs)
 
             return load_optimizer_and_scheduler

@@ -153,7 +153,7 @@ SCHEDULE_FILES = {
     ),
     "negative-lr": (
         {"s.yaml": phase1("  lr: -1.0e-4\n")},
-        SCHEDULE + "phase 1.lr: -0.0001 must be > 0.",
+        SCHEDULE + "phase 1.lr: -0.0001 must be greater than 0.",
     ),
     "lr-in-phase-0": (
         {"s.yaml": "0:\n  params: [a]\n  lr: 1.0e-3\n"},
@@ -295,7 +295,11 @@ STANZAS = {
     ),
     "patience-zero": (
         {"early_stopping": {"patience": 0}},
-        f"{OPTS}.early_stopping.patience: 0 must be > 0.",
+        f"{OPTS}.early_stopping.patience: 0 must be greater than 0.",
+    ),
+    "negative-min-delta": (
+        {"early_stopping": {"min_delta": -0.5}},
+        f"{OPTS}.early_stopping.min_delta: -0.5 must be greater than or equal to 0.",
     ),
     "mode-typo": (
         {"early_stopping": {"mode": "mni"}},
@@ -306,7 +310,10 @@ STANZAS = {
         {"early_stopping": {"stopping_threshold": float("nan")}},
         f"{OPTS}.early_stopping.stopping_threshold: .nan is not a finite number.",
     ),
-    "negative-base-lr": ({"base_max_lr": -1.0e-5}, f"{OPTS}.base_max_lr: -1e-05 must be > 0."),
+    "negative-base-lr": (
+        {"base_max_lr": -1.0e-5},
+        f"{OPTS}.base_max_lr: -1e-05 must be greater than 0.",
+    ),
     "inf-base-lr": (
         {"base_max_lr": float("inf")},
         f"{OPTS}.base_max_lr: .inf is not a finite number.",

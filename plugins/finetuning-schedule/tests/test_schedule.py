@@ -288,7 +288,9 @@ INVALID = [
         "phase 1.lr: .nan is not a finite number.",
         id="nan-string-lr",
     ),
-    pytest.param({0: ok(), 1: bias(lr=0.0)}, {}, "phase 1.lr: 0.0 must be > 0.", id="zero-lr"),
+    pytest.param(
+        {0: ok(), 1: bias(lr=0.0)}, {}, "phase 1.lr: 0.0 must be greater than 0.", id="zero-lr"
+    ),
     pytest.param(
         {0: ok(lr=1e-3)},
         {},
@@ -343,7 +345,7 @@ INVALID = [
     pytest.param(
         {0: ok(), 1: bias(new_lr_scheduler={**STEP, "pl_lrs_cfg": {"frequency": 0}})},
         {},
-        "phase 1.new_lr_scheduler.pl_lrs_cfg.frequency: 0 must be >= 1.",
+        "phase 1.new_lr_scheduler.pl_lrs_cfg.frequency: 0 must be greater than or equal to 1.",
         id="zero-frequency",
     ),
     pytest.param(

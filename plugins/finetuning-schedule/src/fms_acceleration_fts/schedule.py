@@ -51,22 +51,9 @@ def _float_like(value: Any) -> Any:
     return value
 
 
-def must_be_positive(value: float) -> float:
-    """A pydantic AfterValidator: refuse values <= 0."""
-    if value <= 0:
-        raise ValueError("must be > 0")
-    return value
-
-
 def _limit(value: int) -> int:
     if value < -1:
         raise ValueError("must be >= 0, or -1 for no limit")
-    return value
-
-
-def _at_least_one(value: int) -> int:
-    if value < 1:
-        raise ValueError("must be >= 1")
     return value
 
 
@@ -80,7 +67,7 @@ def _non_empty(value: list) -> list:
     return value
 
 
-PositiveLr = Annotated[float, BeforeValidator(_float_like), AfterValidator(must_be_positive)]
+PositiveLr = Annotated[float, BeforeValidator(_float_like), Field(gt=0)]
 TransitionLimit = Annotated[int, AfterValidator(_limit)]
 
 
@@ -113,7 +100,7 @@ class LrsConfig(StanzaModel):
 
     interval: choice("epoch", "step") = "epoch"
     """step the scheduler once per epoch (FTS's default) or once per optimizer step"""
-    frequency: Annotated[int, AfterValidator(_at_least_one)] = 1
+    frequency: Annotated[int, Field(ge=1)] = 1
     """step every `frequency` intervals"""
     monitor: str | None = None
     """ReduceLROnPlateau: metric it reduces on (must be TrainingArguments.metric_for_best_model)"""

@@ -19,6 +19,7 @@ import yaml
 from fms_acceleration import AccelerationFrameworkError, AccelerationPluginConfigError
 from fms_acceleration.cli import main
 from fms_acceleration.testing import build_framework, save_tiny_model, write_config
+from fms_acceleration_adapters import strategy_names
 from fms_acceleration_fts import FinetuningSchedulePlugin, FTSTransitionError
 
 STANZA = "plugins.training.finetuning_schedule"
@@ -284,6 +285,13 @@ STANZAS = {
         f"{OPTS}.custom_strategy_adapters.ddp: strategy adapter 'torch.optim:SGD' resolves to "
         "<class 'torch.optim.sgd.SGD'>, which is not a subclass of "
         "fms_acceleration_adapters.StrategyAdapter",
+    ),
+    "custom-adapter-unknown-strategy": (
+        {"custom_strategy_adapters": {"fdsp": "fms_acceleration_adapters:FSDPStrategyAdapter"}},
+        f"{OPTS}.custom_strategy_adapters.fdsp: unknown strategy 'fdsp' (mapped to "
+        "'fms_acceleration_adapters:FSDPStrategyAdapter') (did you mean 'fsdp'?); strategies: "
+        f"{', '.join(strategy_names())}, or an accelerate DistributedType value such as NO, "
+        "MULTI_GPU or FSDP",
     ),
     "stanza-key-typo": (
         {"restore_bset": True},

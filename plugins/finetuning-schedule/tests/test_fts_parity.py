@@ -931,7 +931,8 @@ class _Accelerator:
             {"custom_strategy_adapters": {"xla": "fms_acceleration_adapters.IAmMissing"}},
             "custom_strategy_adapters.xla: strategy adapter",
         ),
-        # FTS refuses a mapping that lacks the running strategy; here it falls back (README)
+        # FTS's csa_not_found: a key that is no strategy is refused (here when the framework is
+        # built, naming the key and its value)
         (
             {
                 "custom_strategy_adapters": {
@@ -939,10 +940,28 @@ class _Accelerator:
                 },
                 "allow_untested": True,
             },
+            "custom_strategy_adapters.IAmMissing: unknown strategy 'IAmMissing' (mapped to "
+            "'fms_acceleration_adapters.FSDPStrategyAdapter')",
+        ),
+        # FTS refuses a mapping that lacks the running strategy; here it falls back (README)
+        (
+            {
+                "custom_strategy_adapters": {
+                    "ddp": "fms_acceleration_adapters.FSDPStrategyAdapter"
+                },
+                "allow_untested": True,
+            },
             "StrategyAdapter",
         ),
     ],
-    ids=["allow_untested", "disallow_untested", "found", "not_importable", "not_mapped"],
+    ids=[
+        "allow_untested",
+        "disallow_untested",
+        "found",
+        "not_importable",
+        "not_found",
+        "other_strategy_mapped",
+    ],
 )
 def test_strategy_adapter_selection(tmp_path, options, outcome):
     """FTS test_fts_distributed_compat, with accelerate's XLA as the untested strategy."""
@@ -952,8 +971,9 @@ def test_strategy_adapter_selection(tmp_path, options, outcome):
         }
     }
     if outcome.startswith("custom_strategy_adapters"):
-        with pytest.raises(AccelerationPluginConfigError, match=outcome):
+        with pytest.raises(AccelerationPluginConfigError) as err:
             build_framework(config, [FinetuningSchedulePlugin])
+        assert f": plugins.training.finetuning_schedule.{outcome}" in str(err.value)
         return
     framework = build_framework(config, [FinetuningSchedulePlugin])
     model = BoringModel()

@@ -22,6 +22,7 @@ from fms_acceleration_adapters import (
     StrategyAdapter,
     StrategyAdapterError,
     adapter_name_for,
+    check_custom_strategy_adapters,
     distributed_type_of,
     has_strategy_adapter,
     resolve_strategy_adapter,
@@ -179,6 +180,10 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
 
     def _candidate_adapters(self) -> dict[str, type[StrategyAdapter]]:
         """Adapters this stanza could select: the built-ins and every custom reference."""
+        try:
+            check_custom_strategy_adapters(self.custom_strategy_adapters)
+        except StrategyAdapterError as err:
+            raise AccelerationPluginConfigError(f"{PATH}.{err}") from None
         found: dict[str, type[StrategyAdapter]] = {}
         for name in BUILTIN_ADAPTERS:
             found[name] = resolve_strategy_adapter(name)

@@ -116,7 +116,8 @@ SCHEDULE_FILES = {
     "non-contiguous": (
         {"s.yaml": OK0 + "2:\n  params: [b]\n"},
         SCHEDULE + "phase keys must be contiguous integers starting at 0, got [0, 2]: phase 1 is "
-        "missing; renumbered in order (2 -> 1) the schedule would be valid",
+        "missing; renumbered in order (2 -> 1) the schedule would be valid; the renumbered "
+        "schedule is in <tmp>/s_valid.yaml",
     ),
     "phase-not-mapping": (
         {"s.yaml": "0: [lm_head.weight]\n"},
@@ -155,11 +156,6 @@ SCHEDULE_FILES = {
     "negative-lr": (
         {"s.yaml": phase1("  lr: -1.0e-4\n")},
         SCHEDULE + "phase 1.lr: -0.0001 must be greater than 0.",
-    ),
-    "lr-in-phase-0": (
-        {"s.yaml": "0:\n  params: [a]\n  lr: 1.0e-3\n"},
-        SCHEDULE + "phase 0: lr is taken from the Trainer (TrainingArguments.learning_rate or your "
-        "optimizer); set it there and remove lr from phase 0",
     ),
     "key-typo": (
         {"s.yaml": "0:\n  params: [a]\n  max_transiton_epoch: 1\n"},
@@ -249,7 +245,13 @@ SCHEDULE_FILES = {
 @pytest.mark.parametrize("case", [k for k, v in SCHEDULE_FILES.items() if v[1] is not None])
 def test_bad_schedule_file_is_one_error_in_check(tmp_path, monkeypatch, capsys, case):
     files, expected = SCHEDULE_FILES[case]
+    expected = expected.replace("<tmp>", str(tmp_path))
     assert run_check(tmp_path, monkeypatch, capsys, {"ft_schedule": "s.yaml"}, files) == expected
+    if case == "non-contiguous":  # FTS writes the renumbered schedule for the user to check
+        assert yaml.safe_load((tmp_path / "s_valid.yaml").read_text()) == {
+            0: {"params": ["lm_head.weight"]},
+            1: {"params": ["b"]},
+        }
 
 
 OPTS = f"error: accel.yaml: {STANZA}"
@@ -368,9 +370,8 @@ STANZAS = {
         "needs max_transition_epoch >= 0",
     ),
     "inline-schedule-string-key": (
-        {"ft_schedule": {"0": {"params": ["a"], "lr": 1.0e-3}}},
-        f"{OPTS}.ft_schedule: phase 0: lr is taken from the Trainer (TrainingArguments."
-        "learning_rate or your optimizer); set it there and remove lr from phase 0",
+        {"ft_schedule": {"0": {"params": ["a"], "max_transition_epoch": -2}}},
+        f"{OPTS}.ft_schedule: phase 0.max_transition_epoch: -2 must be >= 0, or -1 for no limit.",
     ),
 }
 

@@ -382,6 +382,12 @@ def parse_schedule(raw: Any, epoch_transitions_only: bool = False) -> ParsedSche
         phases.append(validate_model(PhaseSpec, spec, f"phase {depth}", FTSScheduleError))
     _check_phases(phases, epoch_transitions_only)
     notes = []
+    if phases[0].lr is not None:
+        # FTS accepts it with a warning and drops it: the initial optimizer sets phase 0's lr
+        notes.append(
+            f"phase 0: lr {phases[0].lr} is not used: phase 0 trains at the lr the Trainer's "
+            "optimizer has (TrainingArguments.learning_rate, or your optimizer's); set it there"
+        )
     if strings:
         notes.append(f"phase keys {', '.join(show(k) for k in strings)} were read as integers")
     return ParsedSchedule(
@@ -399,11 +405,6 @@ def _check_phases(phases: Sequence[PhaseSpec], epoch_transitions_only: bool) -> 
             _check_entry_syntax(entry, depth, index)
         set_keys = spec.model_fields_set
         if depth == 0:
-            if spec.lr is not None:
-                raise FTSScheduleError(
-                    "phase 0: lr is taken from the Trainer (TrainingArguments.learning_rate or "
-                    "your optimizer); set it there and remove lr from phase 0"
-                )
             for key in REINIT_KEYS:
                 if getattr(spec, key) is not None:
                     raise FTSScheduleError(
@@ -603,6 +604,17 @@ def unscheduled_params(phases: Sequence[Phase], param_names: Sequence[str]) -> l
     """Names of parameters no phase thaws (they stay frozen for the whole run)."""
     scheduled = {n for p in phases for n in p.params}
     return [n for n in param_names if n not in scheduled]
+
+
+def schedule_epochs(phases: Sequence[PhaseSpec]) -> int | None:
+    """Epochs the schedule asks the run to last, or None (FTS's `max_epochs` extension).
+
+    When the last phase has a max_transition_epoch, FTS runs at least as many epochs as the
+    largest max_transition_epoch of phases 1.. (phase 0's and max_depth play no part).
+    """
+    if len(phases) < 2 or phases[-1].max_transition_epoch < 0:
+        return None
+    return max(spec.max_transition_epoch for spec in phases[1:])
 
 
 def final_depth(phases: Sequence[Phase], max_depth: int) -> int:

@@ -110,7 +110,8 @@ def _entry_point(name: str, value: str, load_error: Exception) -> types.SimpleNa
 
 
 def test_failing_entry_point_load_falls_back_to_importing_its_value(monkeypatch):
-    """FTS test_discover_strategy_adapters_ep_load_failure / _both_imports_fail: ep.load()
+    """FTS test_discover_strategy_adapters_ep_load_failure / _both_imports_fail /
+    _no_value_attribute: ep.load()
     raising is not the end: the value is imported as a reference; only if that fails too is the
     entry point skipped, with both reasons."""
     from fms_acceleration_adapters import registry
@@ -120,12 +121,19 @@ def test_failing_entry_point_load_falls_back_to_importing_its_value(monkeypatch)
                      ImportError("simulated ep.load() failure")),
         _entry_point("twice_broken", "nonexistent_mod_xyz:Adapter",
                      ImportError("simulated ep.load() failure")),
+        _entry_point("no_value", None, AttributeError("no value attribute")),
     ]  # fmt: skip
     monkeypatch.setattr(registry, "entry_points_of", lambda group: eps)
     with pytest.warns(StrategyAdapterWarning) as record:
         found = discover_strategy_adapters()
     assert found["fallback"] is DDPStrategyAdapter and "twice_broken" not in found
-    [message] = [str(w.message) for w in record]
+    assert "no_value" not in found
+    message, no_value = [str(w.message) for w in record]
+    assert no_value == (
+        "strategy adapter entry point 'no_value' (None) from package '<unknown>' <unknown> "
+        "failed to import: AttributeError: no value attribute; as a 'module.Class' reference: "
+        "no reference (value None); it is skipped"
+    )
     assert message == (
         "strategy adapter entry point 'twice_broken' (nonexistent_mod_xyz:Adapter) from package "
         "'<unknown>' <unknown> failed to import: ImportError: simulated ep.load() failure; as a "

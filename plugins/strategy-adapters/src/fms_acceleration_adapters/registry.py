@@ -162,6 +162,8 @@ def _load_reference(ref: str, label: str) -> type[StrategyAdapter]:
 
 def _import_reference(ref: str, label: str) -> Any:
     """The object a 'module:attr' or 'module.attr' reference names."""
+    if not isinstance(ref, str):
+        raise StrategyAdapterError(f"strategy adapter {label!r}: no reference (value {ref!r})")
     if ":" in ref:
         module_name, _, attr_path = ref.partition(":")
     else:

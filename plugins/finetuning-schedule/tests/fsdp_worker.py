@@ -73,7 +73,12 @@ def enable_fsdp2_on_cpu(trainer: Trainer) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    plugin_args = getattr(trainer.args, "fsdp_plugin_args", None)
+    if plugin_args is None:
+        # transformers 4.55 hands its FSDP options to accelerate as FSDP_* environment
+        # variables, which the plugin reads; the FSDP version is not among them
+        plugin_args = {"fsdp_version": 2}
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
     PartialState().distributed_type = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
@@ -89,7 +94,14 @@ def train(out: str, fsdp: bool, grad_accum: int = 1) -> dict:
     if fsdp:
         extra = dict(
             fsdp="full_shard auto_wrap",
-            fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+            # every rank builds the same seeded model, so nothing needs broadcasting; and
+            # accelerate 1.9 refuses sync_module_states (transformers 4.55's default) without
+            # a GPU
+            fsdp_config={
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "sync_module_states": False,
+            },
             ddp_backend="gloo",
         )
     args = TrainingArguments(

@@ -480,10 +480,13 @@ def test_gen_schedule_bad_model_dir(tmp_path, capsys, setup, problem):
         (target / "config.json").write_text('{"hidden_size": 8}')
     code, _, err = gen(capsys, str(target), "-o", str(tmp_path / "s.yaml"))
     expected = problem.format(target=target)
-    assert (code, err) == (
-        2,
-        f"gen-schedule: cannot read a model config from '{target}': {expected}\n",
-    )
+    line = f"gen-schedule: cannot read a model config from '{target}': {expected}\n"
+    if setup == "unknown-architecture":
+        # transformers' own words: 4.55 goes on to list every model type it knows
+        head = line.split("` key in its config.json")[0]
+        assert code == 2 and err.startswith(head) and err.count("\n") == 1, err
+    else:
+        assert (code, err) == (2, line)
 
 
 # ----------------------------------------------------------------------- names (need a model)

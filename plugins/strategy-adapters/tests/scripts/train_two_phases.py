@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from fms_acceleration.compat import dtype_kwargs
 from fms_acceleration.testing import build_framework, tiny_dataset
 from fms_acceleration_fts.framework_plugin_fts import FinetuningSchedulePlugin
 
@@ -44,7 +45,12 @@ def enable_fsdp_on_cpu(trainer: Trainer) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    plugin_args = getattr(trainer.args, "fsdp_plugin_args", None)
+    if plugin_args is None:
+        # transformers 4.55 hands its FSDP options to accelerate as FSDP_* environment
+        # variables, which the plugin reads; the FSDP version is not among them
+        plugin_args = {"fsdp_version": 2}
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
     if state.mixed_precision != "no":
         state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
     # AcceleratorState() re-reads PartialState's fields, so both must say FSDP
@@ -66,7 +72,14 @@ def main() -> None:
     if args.strategy == "fsdp2":
         fsdp = dict(
             fsdp="full_shard auto_wrap",
-            fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+            # every rank builds the same seeded model, so nothing needs broadcasting; and
+            # accelerate 1.9 refuses sync_module_states (transformers 4.55's default) without
+            # a GPU
+            fsdp_config={
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "sync_module_states": False,
+            },
         )
     train_args = TrainingArguments(
         output_dir=args.out,
@@ -101,7 +114,7 @@ def main() -> None:
         }
     }
     framework = build_framework(config, [FinetuningSchedulePlugin])
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **dtype_kwargs(torch.float32))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     model, _ = framework.augmentation(model, train_args, modifiable_args=())
 

@@ -26,6 +26,9 @@ from .errors import PatchError, PatchTypeError
 from .patch_records import PatchRecord, install, swap_attribute
 from .routing import Routable, routed_attribute, routed_method, routed_reader
 
+SETTING = "setting"  # the kind of a record that changed a setting, not a forward or attribute
+HUB_KERNELS_OFF = "hub-kernels-off"
+
 
 class ModelPatcherTriggerType(Enum):
     """How a trigger selects modules: by class (isinstance) or by a predicate."""
@@ -255,10 +258,12 @@ class ModelPatcher(RecordingPatcher):
         self._applied.clear()
 
     def counts(self) -> dict[str, int]:
-        """How many targets each applied rule patched."""
+        """How many targets each applied rule patched (settings the patcher changed for a
+        rule's sake, such as hub kernels turned off, are in the history, not here)."""
         out: dict[str, int] = {}
         for record in self._history:
-            out[record.rule_id] = out.get(record.rule_id, 0) + 1
+            if record.kind != SETTING:
+                out[record.rule_id] = out.get(record.rule_id, 0) + 1
         return out
 
     @routed_reader
@@ -424,8 +429,8 @@ def _keep_instance_forwards(root: torch.nn.Module) -> list[PatchRecord]:
     if restore is None:
         return []
     record = PatchRecord(
-        "hub-kernels-off",
-        "setting",
+        HUB_KERNELS_OFF,
+        SETTING,
         f"{type(base).__name__}.use_kernels",
         cls=type(base).__name__,
         module_name="use_kernels",

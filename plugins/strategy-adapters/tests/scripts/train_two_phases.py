@@ -116,7 +116,7 @@ def main() -> None:
             "adapter": type(adapter).__name__,
             "distributed_type": str(trainer.accelerator.distributed_type),
             "depth": fts.callback.depth,
-            "transitions": fts.callback.transitions,
+            "transitions": fts.callback.state.transitions,
             "thawed": fts.callback.thawed_names(),
             "synced_param_count": getattr(adapter, "synced_param_count", None),
             "dtensor_params": sum(hasattr(p, "full_tensor") for p in model.parameters()),

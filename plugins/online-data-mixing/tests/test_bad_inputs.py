@@ -177,6 +177,14 @@ def test_dataloader_workers_are_refused(h, tmp_path):
         framework.augmentation(h.tiny_model(), args, modifiable_args=(None,))
 
 
+def test_no_eval_sets_for_an_entropy_reward_is_refused_before_training(h, tmp_path):
+    # the reference accepted the dataset without evaluation sets; training with them is refused
+    mixer = OnlineMixingDataset(h.categories(), None, {}, None, output_dir=tmp_path)
+    with pytest.raises(ODMConfigError, match=r"eval_dataset_dict\['count'\]: reward_type entropy"):
+        h.train(tmp_path, mixer, h.odm_framework())
+    assert mixer.produced == 0
+
+
 def test_training_without_a_mixer_is_refused(h, tmp_path):
     framework = h.odm_framework()
     data = rows(8)

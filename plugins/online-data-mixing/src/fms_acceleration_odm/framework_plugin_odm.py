@@ -145,6 +145,7 @@ class OnlineDataMixingCallback(TrainerCallback):
         self.mixer = mixer
         if mixer.needs_model_for_categories:
             mixer.categorize(model, kwargs.get("processing_class"))
+        mixer.check_eval_sets()
         if "exploration" in self.options.model_fields_set:
             mixer.exploration = self.options.exploration
         if state.global_step > 0:

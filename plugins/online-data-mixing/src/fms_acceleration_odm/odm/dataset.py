@@ -211,7 +211,10 @@ class OnlineMixingDataset(IterableDataset):
             c: CategoryStream(c, self.dataset_dict[c], self.collators_dict.get(c))
             for c in self.category_list
         }
-        self._check_eval_sets()
+        if self.eval_dataset_dict:
+            # none at all may still come (the reference allowed it until the first update);
+            # some but not all is a mistake now
+            self.check_eval_sets()
         if self._initial_weights:
             missing = [c for c in self.category_list if c not in self._initial_weights]
             if missing:
@@ -242,7 +245,8 @@ class OnlineMixingDataset(IterableDataset):
         self._current_epoch = 0
         self._log_header()
 
-    def _check_eval_sets(self) -> None:
+    def check_eval_sets(self) -> None:
+        """Every category has evaluation rows, if the reward is computed on them."""
         if not self.reward_type.needs_eval_data:
             return
         for c in self.category_list:
@@ -385,6 +389,7 @@ class OnlineMixingDataset(IterableDataset):
         this process's share of each category's evaluation set; train-loss and gradnorm
         rewards read the Trainer's `state.log_history`.
         """
+        self.check_eval_sets()
         rank, world = _distributed()
         parameter = next(iter(model.parameters()), None) if model is not None else None
         device = parameter.device if parameter is not None else torch.device("cpu")

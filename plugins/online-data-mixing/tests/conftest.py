@@ -106,12 +106,13 @@ def train(
     framework: Any,
     model_seed: int = 0,
     resume: Any = None,
+    model: Any = None,
     **overrides: Any,
 ):
-    """Train a tiny model on `mixer` through the framework; return the Trainer."""
+    """Train a tiny model (or `model`) on `mixer` through the framework; return the Trainer."""
     from transformers import Trainer
 
-    model = tiny_model(model_seed)
+    model = model if model is not None else tiny_model(model_seed)
     args = train_args(output_dir, **overrides)
     model, _ = framework.augmentation(model, args, modifiable_args=(None,))
     trainer = Trainer(model=model, args=args, train_dataset=mixer, data_collator=PadCollator())

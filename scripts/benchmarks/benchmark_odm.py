@@ -38,9 +38,8 @@ VERSIONS = ("torch", "transformers", "fms-acceleration", "fms-acceleration-odm")
 def tiny_model(folder: Path) -> Path:
     """A random-init 2-layer Llama with the embedded SmolLM2 tokenizer, saved under `folder`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from fms_acceleration_train.model_source import resolve_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if (folder / "config.json").is_file():
         return folder

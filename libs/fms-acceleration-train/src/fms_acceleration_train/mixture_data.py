@@ -2,9 +2,11 @@
 own training rows, reward rows (what online data mixing evaluates its rewards on) and held-out
 rows (what the job measures), so that a learned mixture can be compared with the uniform one.
 
-The domains differ in difficulty for a 135M model: the sentiment of a review and the thing it
-reviews are read off the text, a word's category and an adjective's opposite must be known, and
-counting a review's sentences is hard.
+The domains differ in difficulty: the sentiment of a review (two answers) and the thing it
+reviews (copied from the text) are easy, a word's category (48 facts, four answers) and an
+adjective's opposite (48 facts, 48 answers) must be learnt or known, and counting a review's
+sentences is hard. Every domain has 96 training, 8 reward and 12 held-out examples, drawn from
+one pool, so held-out rows ask what training taught (facts are asked in three phrasings).
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ from .default_dataset import (
 )
 
 MIXTURE_NAME = "built-in mixture (sentiment, subject, category, opposite, count)"
+# a fact (a word's category, an adjective's opposite) is asked in three ways, so that the
+# held-out rows of a domain come from the same distribution as its training rows: a held-out
+# question asks, in other words, what training taught
+_CATEGORY_PROMPTS = (
+    _CATEGORY_PROMPT,
+    'Which group does "{word}" belong to: fruit, animal, color or vehicle?',
+    'Fruit, animal, color or vehicle: what is "{word}"?',
+)
+_OPPOSITE_PROMPTS = (
+    _OPPOSITE_PROMPT,
+    'Give the antonym of "{word}".',
+    'Which word means the reverse of "{word}"?',
+)
+TRAIN = 96  # training examples per domain
 _NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _REVIEW = 'Review: "{context}{subject} was {adjective}."\n'
 # examples per domain held out for measurement, and for the rewards of online data mixing
@@ -85,21 +101,25 @@ def mixture_domains(seed: int = 0) -> list[Domain]:
         for text, _, _, n in reviews
     ]
     category = [
-        Example(_CATEGORY_PROMPT.format(word=w) + _SUFFIX, c)
+        Example(template.format(word=w) + _SUFFIX, c)
         for c, words in _CATEGORIES.items()
         for w in words
+        for template in _CATEGORY_PROMPTS
     ]
     opposite = [
-        Example(_OPPOSITE_PROMPT.format(word=x) + _SUFFIX, y)
+        Example(template.format(word=x) + _SUFFIX, y)
         for a, b in _OPPOSITES
         for x, y in ((a, b), (b, a))
+        for template in _OPPOSITE_PROMPTS
     ]
-    # the review domains would dwarf the others; keep each at most 96 training examples
-    domains = [
-        _split("sentiment", rng.sample(sentiment, 96 + HELD_OUT + REWARD), rng),
-        _split("subject", rng.sample(subject, 96 + HELD_OUT + REWARD), rng),
-        _split("category", category, rng),
-        _split("opposite", opposite, rng),
-        _split("count", rng.sample(count, 96 + HELD_OUT + REWARD), rng),
+    size = TRAIN + HELD_OUT + REWARD  # every domain the same size
+    return [
+        _split(name, rng.sample(pool, size), rng)
+        for name, pool in (
+            ("sentiment", sentiment),
+            ("subject", subject),
+            ("category", category),
+            ("opposite", opposite),
+            ("count", count),
+        )
     ]
-    return domains

@@ -55,14 +55,15 @@ def test_the_clients_odm_yaml_builds_a_framework(tmp_path):
     }
 
 
-def test_the_sample_stanza_is_the_plugins_defaults_but_eta():
+def test_the_sample_stanza_builds_a_framework_with_its_values():
     data = yaml.safe_load((CONFIGS / "odm.yaml").read_text())
     framework = AccelerationFramework(data)
     plugin = framework.plugins["odm"]
     assert plugin.options.model_dump() == {
         **type(plugin.options)().model_dump(),
+        "update_interval": 2,
+        "reward_type": "validation_loss",
         "eta": 0.1,
-        "exploration": "constant",
     }
 
 

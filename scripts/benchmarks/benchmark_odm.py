@@ -67,7 +67,7 @@ def tiny_model(folder: Path) -> Path:
 def job_command(args: argparse.Namespace, seed: int, model: Path | None, out: Path) -> list[str]:
     """The main job's command line for one seed."""
     command = [
-        sys.executable, "-m", "fms_acceleration_train", "--acceleration-config", str(SAMPLE),
+        sys.executable, "-m", "fms_acceleration_train", "--acceleration-config", str(args.config),
         "--compare", "--max-steps", str(args.max_steps), "--seed", str(seed),
         "--log-every", str(args.eval_every), "--batch-size", str(args.batch_size),
         "--cpu-threads", "1", "--no-eval", "--overwrite", "--output-dir", str(out),
@@ -86,6 +86,7 @@ def one_minute_load() -> float:
 def main(argv: list[str] | None = None) -> int:
     """Run every seed, print and write the steps-to-target table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=SAMPLE, help="ODM acceleration config")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=3)
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-size", choices=("tiny", "smollm2"), default="tiny")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/odm-bench"))
     parser.add_argument("--refs", type=Path, default=REFS)
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     args = parser.parse_args(argv)
 
     model = tiny_model(args.output_dir / "tiny-model") if args.model_size == "tiny" else None
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "seed": seed,
+                "config": str(args.config.resolve().relative_to(ROOT))
+                if args.config.resolve().is_relative_to(ROOT)
+                else str(args.config),
                 "model": args.model_size,
                 "max_steps": args.max_steps,
                 "eval_every": args.eval_every,
@@ -125,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
                 **{f"v_{k}": v for k, v in versions.items()},
             }
         )
-    write(args.refs, rows, comparison["accelerated"]["data_mixing"]["categories"])
+    write(args.refs, rows, comparison["accelerated"]["data_mixing"]["categories"], args.tag)
     return 0
 
 
-def write(refs: Path, rows: list[dict[str, Any]], categories: list[str]) -> None:
+def write(refs: Path, rows: list[dict[str, Any]], categories: list[str], tag: str = "") -> None:
     """refs/odm_steps_to_target_cpu.csv and .md (with the mean over seeds)."""
     refs.mkdir(parents=True, exist_ok=True)
-    with open(refs / "odm_steps_to_target_cpu.csv", "w", newline="", encoding="utf-8") as handle:
+    name = "odm_steps_to_target_cpu" + (f"_{tag}" if tag else "")
+    with open(refs / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -155,13 +161,14 @@ def write(refs: Path, rows: list[dict[str, Any]], categories: list[str]) -> None
     first = rows[0]
     lines.append("")
     lines.append(
-        f"{first['model']} model, {first['max_steps']} steps, held-out loss every "
-        f"{first['eval_every']} steps; {first['device']}, 1-minute load "
+        f"{first['config']}; {first['model']} model, {first['max_steps']} steps, held-out loss "
+        f"every {first['eval_every']} steps; {first['device']}, 1-minute load "
         + ", ".join(str(r["load_1min"]) for r in rows)
         + f"; {first['date']}; "
         + ", ".join(f"{k[2:]} {v}" for k, v in first.items() if k.startswith("v_"))
     )
-    (refs / "odm_steps_to_target_cpu.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    name = "odm_steps_to_target_cpu" + (f"_{tag}" if tag else "")
+    (refs / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -213,13 +213,14 @@ class OnlineDataMixingCallback(TrainerCallback):
     # --- checkpoints and the end ---------------------------------------------------------------
 
     def on_save(self, args, state, control, **kwargs):
-        if self.mixer is None:
+        # process 0 draws for everyone when accelerate dispatches batches (the others' mixers
+        # then never draw), and draws what every process draws otherwise: its state is the one
+        if self.mixer is None or not state.is_world_process_zero:
             return
         saved = self.mixer.state_dict_at(state.global_step * samples_per_step(args))
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / STATE_FILE).write_text(json.dumps(saved), encoding="utf-8")
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / STATE_FILE).write_text(json.dumps(saved), encoding="utf-8")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.mixer is None or not state.is_world_process_zero:

@@ -144,3 +144,18 @@ def test_a_local_sentence_transformers_model_clusters_topics(tmp_path):
     )
     groups = sorted(sorted(r["text"] for r in d) for d in mixer.dataset_dict.values())
     assert groups == sorted([sorted(FRUIT), sorted(VEHICLES)])
+
+
+def test_a_weight_for_the_source_dataset_leaves_its_clusters_uniform(h, tmp_path):
+    config = {"input_column": "input_ids", "num_categories": 3, "model": topical_model(h, 4)}
+    mixer = OnlineMixingDataset(
+        {"all": mixed_rows(4, 0)},
+        None,
+        None,
+        None,
+        sampling_weights={"all": 0.3},
+        reward_type="train_loss",
+        output_dir=tmp_path,
+        auto_categorize_config=config,
+    )
+    assert mixer.sampling_ratio == pytest.approx([1 / 3] * 3)

@@ -172,6 +172,9 @@ class OnlineMixingDataset(IterableDataset):
         self.collators_dict = self._broadcast(
             self.collators_dict, list(categories), "collators_dict"
         )
+        if self._initial_weights and not set(categories) <= set(self._initial_weights):
+            # a weight for the one source dataset says nothing about its clusters
+            self._initial_weights = None
         self.dataset_dict = categories
         self._categorizer.config.model = None  # do not keep a reference to the trained model
         logger.info("auto-categorised into %d categories: %s", len(categories), list(categories))
@@ -196,17 +199,12 @@ class OnlineMixingDataset(IterableDataset):
         self.id2cat = dict(enumerate(self.category_list))
         self.cat2id = {c: i for i, c in enumerate(self.category_list)}
         self.total_categories = len(self.category_list)
-        for key, collators in (
-            ("collators_dict", self.collators_dict),
-            ("eval_collators_dict", self.eval_collators_dict),
-        ):
-            if collators and key == "collators_dict":
-                missing = [c for c in self.category_list if c not in collators]
-                if missing:
-                    raise ODMConfigError(
-                        f"{key}: no collator for categories {missing}; give one per category "
-                        "(None for rows the Trainer's collator takes as they are), or none"
-                    )
+        missing = [c for c in self.category_list if c not in self.collators_dict]
+        if self.collators_dict and missing:
+            raise ODMConfigError(
+                f"collators_dict: no collator for categories {missing}; give one per category "
+                "(None for rows the Trainer's collator takes as they are), or none"
+            )
         self._streams = {
             c: CategoryStream(c, self.dataset_dict[c], self.collators_dict.get(c))
             for c in self.category_list

@@ -95,6 +95,7 @@ CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "hpo-fts": ("hpo", "hpo_fts.yaml", {}),
     "aadp-padding-free": ("attention-and-distributed-packing", "padding_free.yaml", {}),
     "aadp-multipack": ("attention-and-distributed-packing", "multipack.yaml", {}),
+    "odm": ("online-data-mixing", "odm.yaml", {}),
 }
 
 # sample shortname -> named configurations it merges, in order
@@ -115,6 +116,7 @@ SAMPLES: dict[str, tuple[str, ...]] = {
     "accelerated-peft-bnb-nf4-foak-padding-free": ("aadp-padding-free", "bnb-nf4", "bnb-nf4-foak"),
     "foak-fast-kernels-padding-free": ("aadp-padding-free", "foak-fast-kernels"),
     "foak-fused-ce-padding-free": ("aadp-padding-free", "foak-fused-ce"),
+    "odm": ("odm",),
 }
 
 # how a sample is run, when not by `fms-acceleration train` (samples with a search stanza)

@@ -24,6 +24,7 @@ from .eval_and_checkpoints import (
     split_for_evaluation,
 )
 from .evaluation import answer_accuracy
+from .mixture_training import HeldOutCurve, plan_mixture
 from .preflight import check_checkpoint, check_model_dir, check_output_dir, resolve_output_dir
 from .summary import TrainSummary, peak_memory_mib
 
@@ -97,6 +98,9 @@ class TrainJobConfig(StanzaModel):
     save_steps: Annotated[int | None, Positive] = None
     resume_from_checkpoint: str | None = None  # a checkpoint-N folder, or "last" in output_dir
     allow_partial_resume: bool = False  # resume even without the optimizer/scheduler state
+    # train on the uniform mixture of the built-in domains (the baseline --compare runs for an
+    # online-data-mixing configuration; mixture_training.py)
+    uniform_mixture: bool = False
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -272,6 +276,10 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
         from fms_acceleration import AccelerationFramework
 
         framework = AccelerationFramework(config.acceleration_config)
+    mixture = plan_mixture(config, framework)
+    if mixture is not None:
+        # held-out losses per domain measure it; the generated-answer check is left out
+        held_out, dataset_name = [], mixture.description
 
     set_seed(config.seed)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -308,13 +316,23 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
             raise TrainJobError("the model has no trainable parameters after augmentation")
 
         losses: list[float] = []
+        train_dataset: Any = rows
+        eval_dataset: Any = tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None
+        if mixture is not None:
+            train_dataset, eval_dataset = mixture.datasets(
+                tokenizer, config.seq_len, config.output_dir, config.seed
+            )
+            mixture.evaluation_arguments(args, config.log_every, config.batch_size)
+            curve = HeldOutCurve(list(eval_dataset))
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=rows,
-            eval_dataset=tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
             data_collator=PaddingCollator(pad_token_id(tokenizer)),
         )
+        if mixture is not None:
+            trainer.add_callback(curve.callback())
         recorder, progress = _make_callbacks(config.log_every, losses)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress)
@@ -382,5 +400,9 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
                 {"prompt": prompt, "expected": expected, "before": b[2], "after": answer}
                 for (prompt, expected, answer), b in zip(after.samples, before.samples)
             ]
+        if mixture is not None:
+            summary.train_examples = mixture.train_examples()
+            summary.heldout_losses = curve.points
+            summary.data_mixing = mixture.report(train_dataset, framework)
         summary.write(output_dir)
     return summary

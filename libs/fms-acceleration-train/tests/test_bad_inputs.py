@@ -125,6 +125,11 @@ CASES = {
         ["--output-dir", "{dir}/data.jsonl"],
         "--output-dir {dir}/data.jsonl: is a file; give a folder",
     ),
+    "output dir under a file": (
+        ["--output-dir", "{dir}/data.jsonl/sub"],
+        "--output-dir {dir}/data.jsonl/sub: {dir}/data.jsonl is a file, so no folder can be made "
+        "under it; give a folder",
+    ),
     "output dir holds results": (
         ["--output-dir", "<busy>"],
         "busy: is not empty (results of an earlier run would be overwritten); pass --overwrite",

@@ -120,9 +120,16 @@ def resolve_output_dir(output_dir: str | None, resume: str | None) -> Path:
 
 
 def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a file, or into a folder that already holds results."""
+    """Refuse to write into a file, under a file, or into a folder that already holds results."""
     if path.exists() and not path.is_dir():
         raise TrainJobError(f"--output-dir {path}: is a file; give a folder")
+    # a file above it: making the folder would end in NotADirectoryError deep in the Trainer
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TrainJobError(
+            f"--output-dir {path}: {blocking} is a file, so no folder can be made under it; "
+            "give a folder"
+        )
     if overwrite or resuming or not path.is_dir():
         return
     if any(path.iterdir()):

@@ -123,12 +123,12 @@ CASES = {
     ),
     "output dir is a file": (
         ["--output-dir", "{dir}/data.jsonl"],
-        "--output-dir {dir}/data.jsonl: is a file; give a folder",
+        "--output-dir: '{dir}/data.jsonl' is a file; give a folder.",
     ),
     "output dir under a file": (
         ["--output-dir", "{dir}/data.jsonl/sub"],
-        "--output-dir {dir}/data.jsonl/sub: {dir}/data.jsonl is a file, so no folder can be made "
-        "under it; give a folder",
+        "--output-dir: '{dir}/data.jsonl/sub' is under {dir}/data.jsonl, which is a file; give a "
+        "folder.",
     ),
     "output dir holds results": (
         ["--output-dir", "<busy>"],

@@ -96,8 +96,8 @@ def test_output_dir_rules(tmp_path):
         with pytest.raises(TrainJobError) as err:
             check_output_dir(under_a_file, overwrite=True, resuming=resuming)
         assert str(err.value) == (
-            f"--output-dir {under_a_file}: {tmp_path / 'train_summary.json'} is a file, so no "
-            "folder can be made under it; give a folder"
+            f"--output-dir {under_a_file}: is under {tmp_path / 'train_summary.json'}, which is a "
+            "file; give a folder"
         )
     check_output_dir(tmp_path / "new" / "deeper", overwrite=False, resuming=False)
 

@@ -63,10 +63,19 @@ def test_search_takes_the_train_flags_a_trial_does_not_set_itself():
         (["--trials", "0"], "--trials: 0 must be greater than 0."),
         (["--trials", "2", "--timeout", "-1"], "--timeout: -1.0 must be greater than 0."),
         (["--trials", "2", "--seq-len", "4"], "--seq-len: 4 must be greater than or equal to 8."),
+        # every trial would fail making its folder: refused before the study starts
+        (
+            ["--trials", "2", "--output-dir", "{tmp}/notes.txt/out"],
+            "--output-dir: '{tmp}/notes.txt/out' is under {tmp}/notes.txt, which is a file; give "
+            "a folder.",
+        ),
     ],
 )
 def test_bad_flags_end_with_one_line(argv, message, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a folder")
     storage = f"sqlite:///{tmp_path / 's.db'}"
+    argv = [a.format(tmp=tmp_path) for a in argv]
     assert cli_main(["search", str(tmp_path / "hpo.yaml"), "--storage", storage, *argv]) == 2
-    assert capsys.readouterr().err.strip() == f"fms-acceleration search: error: {message}"
+    expected = message.format(tmp=tmp_path)
+    assert capsys.readouterr().err.strip() == f"fms-acceleration search: error: {expected}"
     assert not (tmp_path / "s.db").exists()

@@ -24,7 +24,13 @@ from .eval_and_checkpoints import (
 )
 from .evaluation import answer_accuracy
 from .flags import Flag, FlagModel
-from .preflight import check_checkpoint, check_model_dir, check_output_dir, resolve_output_dir
+from .preflight import (
+    check_checkpoint,
+    check_model_dir,
+    check_output_dir,
+    folder_problem,
+    resolve_output_dir,
+)
 from .summary import TrainSummary, peak_memory_mib
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -39,6 +45,13 @@ _VERSIONED = (
 def _existing_file(value: str | None) -> str | None:
     if value is not None and not Path(value).is_file():
         raise ValueError("file not found")
+    return value
+
+
+def _folder_can_be_made(value: str | None) -> str | None:
+    problem = None if value is None else folder_problem(Path(value))
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -76,7 +89,9 @@ class TrainJobConfig(FlagModel):
     ] = None
     """{"prompt": ..., "response": ...} per line"""
     output_dir: Annotated[
-        str | None, Flag(metavar="DIR", default="a new outputs/train/run-<UTC time> folder")
+        str | None,
+        AfterValidator(_folder_can_be_made),
+        Flag(metavar="DIR", default="a new outputs/train/run-<UTC time> folder"),
     ] = None
     """adapter and summary go here"""
     max_steps: Annotated[int, Positive] = 40

@@ -136,8 +136,8 @@ def choice(*values: Any) -> Any:
 # --- walking a model to a location ---------------------------------------------------------------
 
 
-def _strip(annotation: Any) -> Any:
-    """Remove Annotated / Optional wrappers."""
+def unwrap_annotation(annotation: Any) -> Any:
+    """The type inside Annotated / Optional wrappers (`Annotated[int | None, ...]` -> int)."""
     while True:
         origin = typing.get_origin(annotation)
         if origin is Annotated:
@@ -152,7 +152,7 @@ def _strip(annotation: Any) -> Any:
 
 
 def _sub_annotation(annotation: Any, part: str | int) -> Any:
-    annotation = _strip(annotation)
+    annotation = unwrap_annotation(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         field = annotation.model_fields.get(str(part))
         return field.annotation if field is not None else None
@@ -180,14 +180,14 @@ def _annotation_at(model: type[BaseModel], loc: Sequence[str | int]) -> Any:
 
 
 def _model_fields_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
-    annotation = _strip(_annotation_at(model, loc))
+    annotation = unwrap_annotation(_annotation_at(model, loc))
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return sorted(f.alias or name for name, f in annotation.model_fields.items())
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         names: set[str] = set()
         for arg in typing.get_args(annotation):
-            arg = _strip(arg)
+            arg = unwrap_annotation(arg)
             if isinstance(arg, type) and issubclass(arg, BaseModel):
                 names |= set(arg.model_fields)
         return sorted(names)
@@ -195,7 +195,7 @@ def _model_fields_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[s
 
 
 def _literal_choices(annotation: Any) -> tuple[Any, ...]:
-    annotation = _strip(annotation)
+    annotation = unwrap_annotation(annotation)
     if typing.get_origin(annotation) is Literal:
         return typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):

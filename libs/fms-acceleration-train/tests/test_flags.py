@@ -19,7 +19,7 @@ TRAIN_FLAGS = [
     "--lora-alpha", "--lora-dropout", "--target-modules", "--full-finetuning", "--overwrite",
     "--dtype", "--cpu-threads", "--seed", "--no-eval", "--eval-max-new-tokens", "--log-every",
     "--eval-split", "--eval-steps", "--save-steps", "--resume-from-checkpoint",
-    "--allow-partial-resume",
+    "--allow-partial-resume", "--uniform-mixture",
 ]  # fmt: skip
 
 
@@ -54,7 +54,8 @@ def test_no_flags_give_the_default_config_and_every_flag_reaches_its_field():
          "--full-finetuning", "--overwrite", "--dtype", "bfloat16", "--cpu-threads", "3",
          "--seed", "5", "--no-eval", "--eval-max-new-tokens", "11", "--log-every", "2",
          "--eval-split", "0.3", "--eval-steps", "4", "--save-steps", "6",
-         "--resume-from-checkpoint", "last", "--allow-partial-resume", "--compare"]
+         "--resume-from-checkpoint", "last", "--allow-partial-resume", "--uniform-mixture",
+         "--compare"]
     )  # fmt: skip
     config = config_from_args(args)
     assert config.model_dump() == {
@@ -64,7 +65,7 @@ def test_no_flags_give_the_default_config_and_every_flag_reaches_its_field():
         "full_finetuning": True, "overwrite": True, "dtype": "bfloat16", "cpu_threads": 3,
         "seed": 5, "evaluate": False, "eval_max_new_tokens": 11, "log_every": 2,
         "eval_split": 0.3, "eval_steps": 4, "save_steps": 6, "resume_from_checkpoint": "last",
-        "allow_partial_resume": True,
+        "allow_partial_resume": True, "uniform_mixture": True,
     }  # fmt: skip
     assert TrainCommand.from_flags(args) == TrainCommand(compare=True, no_acceleration=False)
 

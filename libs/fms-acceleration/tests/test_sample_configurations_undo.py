@@ -151,6 +151,20 @@ def third_party_imports_done():
         importlib.import_module("gptqmodel")
 
 
+def training_set(framework: Any, tiny_dataset: Any, tmp_path: Path) -> Any:
+    """Two rows; under online data mixing, a mixer over two categories of two rows each (the
+    plugin refuses any other training set)."""
+    if "odm" not in framework.plugins:
+        return tiny_dataset(n=2, seq_len=8)
+    from fms_acceleration_odm import OnlineMixingDataset
+
+    options = framework.plugins["odm"].options
+    parts = {name: tiny_dataset(n=2, seq_len=8) for name in ("a", "b")}
+    return OnlineMixingDataset(
+        parts, None, parts, None, output_dir=tmp_path / "odm", **options.dataset_kwargs()
+    )
+
+
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["shortname"] for e in ENTRIES])
 def test_sample_is_undone_completely(entry, request, tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -203,7 +217,7 @@ def test_sample_is_undone_completely(entry, request, tmp_path):
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=tiny_dataset(n=2, seq_len=8),
+        train_dataset=training_set(framework, tiny_dataset, tmp_path),
         data_collator=default_data_collator,
     )
     accelerator = trainer.accelerator

@@ -44,7 +44,7 @@ def test_search_takes_the_train_flags_a_trial_does_not_set_itself():
     train = [
         f for f in fms_acceleration_train.TrainJobConfig.model_fields if f not in NOT_TRIAL_FLAGS
     ]
-    assert len(flags) == len(own) + len(train) == 7 + 19
+    assert len(flags) == len(own) + len(train) == 7 + 20
     assert "--no-eval" not in flags and "--acceleration-config" not in flags
     args = parser.parse_args(["hpo.yaml", "--trials", "3", "--storage", "sqlite:///s.db"])
     assert (args.config, args.trials, args.study_name, args.backup) == (

@@ -19,6 +19,11 @@ import torch
 
 from .gptq_format import GPTQFormatError, check_bits, check_group_size
 
+# GPTQ checkpoints store scales in fp16: codes are chosen against the scale as stored, so the
+# error GPTQ compensates is the error the checkpoint really has
+SCALE_DTYPE = torch.float16
+_SMALLEST_SCALE = 2.0**-24  # the smallest fp16 subnormal: a scale never rounds to 0
+
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -39,8 +44,9 @@ def grid(
     weight: torch.Tensor, bits: int, sym: bool, min_zero: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per row of `weight` (rows, cols) so its min..max (always spanning 0) maps
-    onto codes 0..2^bits-1. Symmetric grids center on 2^(bits-1); `min_zero` raises the zero of
-    an asymmetric grid (the "gptq" format cannot store a zero of 0; see gptq_format)."""
+    onto codes 0..2^bits-1, the scale rounded to fp16 as stored. Symmetric grids center on
+    2^(bits-1); `min_zero` raises the zero of an asymmetric grid (the "gptq" format cannot
+    store a zero of 0; see gptq_format)."""
     maxq = (1 << bits) - 1
     low = weight.min(dim=1).values.clamp(max=0)
     high = weight.max(dim=1).values.clamp(min=0)
@@ -49,7 +55,7 @@ def grid(
         low = -high
     flat = (low == 0) & (high == 0)
     low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
-    scale = (high - low) / maxq
+    scale = ((high - low) / maxq).clamp(min=_SMALLEST_SCALE).to(SCALE_DTYPE).float()
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fms_acceleration import compat
+
 from .bnb_cpu_repack import disable_cpu_weight_repacking
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -53,7 +55,7 @@ def load_4bit_model(
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(
         model_name,
-        dtype=compute_dtype,
+        **compat.dtype_kwargs(compute_dtype),
         quantization_config=bnb_4bit_config(quant_type, compute_dtype),
         **kwargs,
     )

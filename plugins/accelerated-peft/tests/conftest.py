@@ -94,22 +94,53 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama", seed=0))
 
 
-@pytest.fixture(scope="session")
-def gptq_dir(tiny_llama_dir, tmp_path_factory) -> str:
-    """The tiny llama quantized to 4 bits (group 32) by the module's command line."""
-    output = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
-    calibration = tmp_path_factory.mktemp("calib") / "calib.txt"
-    # tiny tokenizer words, so calibration activations are not all <unk>
+def calibration_file(directory) -> str:
+    """Calibration text in the tiny tokenizer's words, so activations are not all <unk>."""
+    path = directory / "calib.txt"
     rows = [" ".join(f"tok{(s + i) % 120}" for i in range(24)) for s in range(0, 96, 6)]
-    calibration.write_text("\n".join(rows), encoding="utf-8")
-    command = [sys.executable, "-m", "fms_acceleration_peft.quantize", "--model", tiny_llama_dir]
-    command += ["--output", str(output), "--bits", "4", "--group-size", "32"]
-    command += ["--calibration", str(calibration)]
+    path.write_text("\n".join(rows), encoding="utf-8")
+    return str(path)
+
+
+def quantize_with_cli(model_dir: str, output, calibration: str, *flags: str) -> str:
+    """Run fms-acceleration-peft-quantize in a subprocess; the output directory."""
+    command = [sys.executable, "-m", "fms_acceleration_peft.quantize", "--model", model_dir]
+    command += ["--output", str(output), "--calibration", calibration, *flags]
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"}  # inductor is slow on shared CPUs
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(output)
     return str(output)
+
+
+@pytest.fixture(scope="session")
+def calibration_path(tmp_path_factory) -> str:
+    """The calibration file every quantization fixture uses."""
+    return calibration_file(tmp_path_factory.mktemp("calib"))
+
+
+@pytest.fixture(scope="session")
+def gptq_dir(tiny_llama_dir, calibration_path, tmp_path_factory) -> str:
+    """The tiny llama quantized by our GPTQ to 4 bits (group 32, symmetric, column order)."""
+    output = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
+    flags = ("--bits", "4", "--group-size", "32")
+    return quantize_with_cli(tiny_llama_dir, output, calibration_path, *flags)
+
+
+@pytest.fixture(scope="session")
+def gptq_desc_act_dir(tiny_llama_dir, calibration_path, tmp_path_factory) -> str:
+    """The tiny llama quantized by our GPTQ to 8 bits, groups of 16, asymmetric, desc_act."""
+    output = tmp_path_factory.mktemp("gptq") / "tiny-gptq-8bit-desc-act"
+    flags = ("--bits", "8", "--group-size", "16", "--asym", "--desc-act", "--dtype", "float16")
+    return quantize_with_cli(tiny_llama_dir, output, calibration_path, *flags)
+
+
+@pytest.fixture(scope="session")
+def gptqmodel_dir(tiny_llama_dir, calibration_path, tmp_path_factory) -> str:
+    """The tiny llama quantized by gptqmodel (through our CLI) like gptq_dir: 4 bits, group 32."""
+    output = tmp_path_factory.mktemp("gptqmodel") / "tiny-gptqmodel"
+    flags = ("--bits", "4", "--group-size", "32", "--quantizer", "gptqmodel")
+    return quantize_with_cli(tiny_llama_dir, output, calibration_path, *flags)
 
 
 @pytest.fixture

@@ -47,14 +47,23 @@ def _logits(directory, dtype=torch.float32) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-def test_loaded_layers_compute_the_dequantized_float_model(gptq_dir, tiny_llama_dir):
+@pytest.mark.parametrize("checkpoint", ["gptq_dir", "gptq_desc_act_dir"])
+def test_loaded_layers_compute_the_dequantized_float_model(checkpoint, tiny_llama_dir, request):
     from transformers import AutoModelForCausalLM
 
-    quantized = load_gptq_model(gptq_dir, "torch", torch.float32, "cpu")
+    directory = request.getfixturevalue(checkpoint)
+    quantized = load_gptq_model(directory, "torch", torch.float32, "cpu")
     assert quantized.dtype == torch.float32 and not quantized.training
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     layers = {n: m for n, m in quantized.named_modules() if isinstance(m, GPTQLinear)}
     assert len(layers) == 14
+    q_proj = layers[Q_PROJ]
+    if checkpoint == "gptq_desc_act_dir":  # 8-bit, asymmetric, groups in activation order
+        assert q_proj.bits == 8 and q_proj.qweight.shape == (16, 64)
+        assert not torch.equal(q_proj.g_idx, torch.sort(q_proj.g_idx).values)
+        assert len(torch.unique(unpack_columns(q_proj.qzeros, 8))) > 10
+    else:
+        assert q_proj.bits == 4 and torch.equal(q_proj.g_idx, torch.arange(64).int() // 32)
     original = {}
     for name, layer in layers.items():
         linear = plain.get_submodule(name)

@@ -138,7 +138,12 @@ def quantize_checkpoint(
     if not samples:
         where = f"--calibration {calibration}" if calibration else "the built-in calibration text"
         raise QuantizeArgumentError(f"{where}: no sample has at least 10 tokens")
-    settings = GPTQSettings(bits, group_size, desc_act=desc_act, sym=sym)
+    # An asymmetric zero of 0 cannot be stored in the original format (it stores zero - 1), and
+    # gptqmodel refuses asymmetric "gptq" checkpoints it did not write: they go in "gptq_v2".
+    checkpoint_format = "gptq" if sym or quantizer == "gptqmodel" else "gptq_v2"
+    settings = GPTQSettings(
+        bits, group_size, desc_act=desc_act, sym=sym, checkpoint_format=checkpoint_format
+    )
     quantize = _quantize_with_gptqmodel if quantizer == "gptqmodel" else _quantize_with_fms
     output = Path(output)
     quantize(Path(model), output, samples, settings, compute_dtype, damp_percent)

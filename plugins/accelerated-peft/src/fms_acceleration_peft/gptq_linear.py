@@ -18,7 +18,12 @@ from .gptq_quantizer import QuantizedWeight, quantize_rtn
 
 
 class GPTQLinear(nn.Module):
-    """y = x @ W + b with W decoded from GPTQ codes on the fly (Triton on CUDA, torch on CPU)."""
+    """y = x @ W + b with W decoded from GPTQ codes on the fly (Triton on CUDA, torch on CPU).
+
+    Satisfies fms_acceleration.quantized_linear.DequantizableLinear, so fused LoRA kernels of
+    other plugins can read its weight without importing this package."""
+
+    quant_method = "gptq"
 
     def __init__(
         self,

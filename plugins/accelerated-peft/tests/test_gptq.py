@@ -263,7 +263,8 @@ def test_use_external_lib_loads_and_adapts_through_auto_gptq(gptq_dir, lora_conf
     model = framework.model_loader(gptq_dir, torch_dtype=torch.float16, use_cache=False)
     ((path, kwargs),) = calls
     assert path == gptq_dir
-    assert kwargs["torch_dtype"] == torch.float16 and kwargs["use_cache"] is False
+    assert kwargs["torch_dtype"] == torch.float16 and "use_cache" not in kwargs
+    assert model.config.use_cache is False  # applied to the config, as from_pretrained does
     assert kwargs["use_tritonv2"] and kwargs["trainable"] and not kwargs["use_marlin"]
     assert kwargs["disable_exllama"] and kwargs["disable_exllamav2"]
     assert kwargs["quantize_config"].path == gptq_dir

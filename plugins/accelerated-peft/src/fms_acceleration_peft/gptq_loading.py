@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,12 @@ def load_with_auto_gptq(
     from auto_gptq import AutoGPTQForCausalLM, BaseQuantizeConfig
 
     hub, build, overrides = _split_kwargs(dict(kwargs))
+    if build.pop("attn_implementation", None) is not None:
+        warnings.warn(
+            "attn_implementation is not passed to auto_gptq's loader; the model keeps the "
+            "attention its config names",
+            stacklevel=2,
+        )
     directory = checkpoint_directory(model_name, **hub)
     read_settings(directory)  # our clear errors first; auto_gptq's are asserts
     device = torch.device(device) if device is not None else default_device()
@@ -266,6 +273,8 @@ def load_with_auto_gptq(
         use_marlin=False,
         warmup_triton=False,
         **build,
-        **overrides,
     )
-    return wrapper.model
+    model = wrapper.model
+    for key, value in overrides.items():  # e.g. use_cache=False, as from_pretrained applies it
+        setattr(model.config, key, value)
+    return model

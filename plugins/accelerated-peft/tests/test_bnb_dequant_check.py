@@ -16,7 +16,7 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 
-from fms_acceleration import AccelerationPluginConfigError
+from fms_acceleration import AccelerationPluginConfigError, compat
 from fms_acceleration.testing import build_framework, save_tiny_model
 from fms_acceleration_peft import BNBAccelerationPlugin
 from fms_acceleration_peft import bnb_dequant_check as check
@@ -231,7 +231,7 @@ def test_loader_refuses_weights_bnb_would_corrupt(bnb_dequant_kind, tmp_path):
     model = framework.model_loader(str(path), dtype=torch.bfloat16)
     from transformers import AutoModelForCausalLM
 
-    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(path, **compat.dtype_kwargs(torch.float32))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     assert len(linears) == 14
     for name, module in linears.items():

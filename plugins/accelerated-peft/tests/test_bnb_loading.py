@@ -7,6 +7,7 @@ import torch
 from bitsandbytes.nn import Linear4bit
 from transformers import AutoModelForCausalLM
 
+from fms_acceleration import compat
 from fms_acceleration.testing import build_framework, save_tiny_model
 from fms_acceleration_peft import BNBAccelerationPlugin
 from fms_acceleration_peft.bnb_loading import count_4bit_linears
@@ -46,8 +47,8 @@ def test_memory_footprint_against_bf16_and_fp32(tmp_path):
     # hidden 256 so each layer's fixed 1 KiB codebooks do not swamp its packed weights
     path = save_tiny_model(tmp_path, hidden_size=256, intermediate_size=512)
     quantized = _load(path, "nf4")
-    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    bf16 = AutoModelForCausalLM.from_pretrained(path, **compat.dtype_kwargs(torch.bfloat16))
+    fp32 = AutoModelForCausalLM.from_pretrained(path, **compat.dtype_kwargs(torch.float32))
 
     def in_blocks(name, module):
         return ".layers." in name and isinstance(module, torch.nn.Linear)

@@ -22,6 +22,7 @@ import torch
 from bitsandbytes.nn import Linear4bit
 from peft import LoraConfig
 
+from fms_acceleration import compat
 from fms_acceleration.testing import build_framework
 from fms_acceleration_peft import (
     BNBAccelerationPlugin,
@@ -91,7 +92,7 @@ def test_trap_is_real_without_the_guard(bnb_gemv_kind, tiny_llama_dir):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_llama_dir, dtype=torch.bfloat16, quantization_config=quant
+        tiny_llama_dir, **compat.dtype_kwargs(torch.bfloat16), quantization_config=quant
     )
     assert all(m.support_avx512bf16_for_cpu for m in _linears(model))
     torch.manual_seed(0)

@@ -124,7 +124,8 @@ def quantize_checkpoint(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model))
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, ImportError) as err:
+        # ImportError: with no tokenizer files, transformers 4.55 tries converters it lacks
         raise QuantizeArgumentError(
             f"--model {model}: no usable tokenizer there ({type(err).__name__}: "
             f"{str(err).splitlines()[0]}); the GPTQ checkpoint needs one for calibration"

@@ -110,10 +110,13 @@ def linear_stages(layer: nn.Module, calls: Sequence[LayerCall]) -> list[list[str
     groups: dict[tuple[int, int], list[str]] = {}
     placed: set[str] = set()
     current = {"call": 0}
+    # the inputs seen in this call stay referenced, so no later input can reuse an address
+    alive: list[torch.Tensor] = []
     handles = []
 
     def hook(name):
         def record(module, inputs):
+            alive.append(inputs[0])
             if name in placed:
                 return
             placed.add(name)
@@ -127,6 +130,7 @@ def linear_stages(layer: nn.Module, calls: Sequence[LayerCall]) -> list[list[str
         for index, call in enumerate(calls):
             current["call"] = index
             call.run(layer)
+            alive.clear()
             if len(placed) == len(handles):
                 break
     finally:

@@ -140,8 +140,9 @@ def test_first_rule_wins_on_a_module_with_a_warning():
 
 
 def test_rule_validation_and_duplicate_ids():
+    incomplete = ModelPatcherRule("bad", forward=lambda s, v: v)  # built, as in the reference
     with pytest.raises(PatchError, match="needs a trigger"):
-        ModelPatcherRule("bad", forward=lambda s, v: v)
+        ModelPatcher().register(incomplete)
     with pytest.raises(PatchError, match="at most one of forward, forward builder"):
         ModelPatcherRule("bad", forward=lambda s: s, forward_builder=lambda m: m)
     with pytest.raises(PatchError, match="trigger must be None"):

@@ -132,7 +132,13 @@ class ModelPatcherRule:
             )
         if self.import_and_maybe_reload is not None:
             self._check_import_rule()
-        elif self.trigger is None:
+
+    def check_complete(self) -> None:
+        """PatchError unless the rule can be applied: a forward rule needs a trigger.
+
+        Checked when the rule is registered, not built: the reference let a rule be built
+        without one (its tests filter such rules by id), so building one stays allowed."""
+        if self.import_and_maybe_reload is None and self.trigger is None:
             raise PatchError(
                 f"Rule '{self.rule_id}' needs a trigger with its forward / forward_builder (or "
                 "import_and_maybe_reload alone)"
@@ -222,6 +228,7 @@ class ModelPatcher(RecordingPatcher):
         """Add a rule; its id must be unique in this patcher."""
         if not isinstance(rule, ModelPatcherRule):
             raise PatchTypeError(f"register expects a ModelPatcherRule, got {rule!r}")
+        rule.check_complete()
         if rule.rule_id in self._rules:
             raise PatchError(f"patch rule '{rule.rule_id}' already exists")
         self._rules[rule.rule_id] = rule

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .kernels import experts_mlp
 
@@ -75,36 +76,54 @@ class GroupedExperts(torch.nn.Module):
         )
 
 
-def _original_keys(module: GroupedExperts, prefix: str) -> dict[str, list[str]]:
-    """Fused key -> the original keys it stands for (in order)."""
-    if module.per_expert_names is None:
+def original_keys(
+    per_expert_names: tuple[str, str, str] | None, num_experts: int, prefix: str
+) -> dict[str, list[str]]:
+    """Fused key (relative to `prefix`, the experts' own prefix) -> the 4.55 keys it stands for,
+    in stacking order (gate, up of expert 0, gate, up of expert 1, ...)."""
+    if per_expert_names is None:
         # Granite: the experts live beside the router, as input_linear / output_linear
         block = prefix[: -len("experts.")]
         return {
             GATE_UP: [f"{block}input_linear.weight"],
             DOWN: [f"{block}output_linear.weight"],
         }
-    gate, up, down = module.per_expert_names
-    experts = range(module.num_experts)
+    gate, up, down = per_expert_names
+    experts = range(num_experts)
     return {
         GATE_UP: [f"{prefix}{j}.{n}.weight" for j in experts for n in (gate, up)],
         DOWN: [f"{prefix}{j}.{down}.weight" for j in experts],
     }
 
 
+def split_fused(fused: str, tensor: torch.Tensor, originals: list[str]) -> dict[str, torch.Tensor]:
+    """A fused (E, out, in) weight as the original tensors named by `originals`."""
+    if len(originals) == 1:
+        return {originals[0]: tensor}
+    parts = tensor.chunk(2, dim=1) if fused == GATE_UP else (tensor,)
+    return dict(zip(originals, [p[j] for j in range(tensor.shape[0]) for p in parts]))
+
+
+def join_originals(fused: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The fused (E, out, in) weight from the original tensors, in original_keys order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if fused == GATE_UP:
+        return torch.stack([torch.cat(pair) for pair in zip(pieces[0::2], pieces[1::2])])
+    return torch.stack(pieces)
+
+
 def _write_original_layout(
     module: GroupedExperts, state_dict: dict[str, Any], prefix: str, local_metadata: Any
 ) -> None:
-    for fused, originals in _original_keys(module, prefix).items():
-        tensor = state_dict.pop(prefix + fused, None)
-        if tensor is None:
+    keys = original_keys(module.per_expert_names, module.num_experts, prefix)
+    for fused, originals in keys.items():
+        tensor = state_dict.get(prefix + fused)
+        # expert-parallel shards (DTensors) stay fused: checkpoint_utils converts them offline
+        if tensor is None or isinstance(tensor, DTensor):
             continue
-        if len(originals) == 1:
-            state_dict[originals[0]] = tensor
-            continue
-        parts = tensor.chunk(2, dim=1) if fused == GATE_UP else (tensor,)
-        pieces = [p[j] for j in range(tensor.shape[0]) for p in parts]
-        state_dict.update(zip(originals, pieces))
+        del state_dict[prefix + fused]
+        state_dict.update(split_fused(fused, tensor, originals))
 
 
 def _read_original_layout(
@@ -117,14 +136,9 @@ def _read_original_layout(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    for fused, originals in _original_keys(module, prefix).items():
-        if not all(k in state_dict for k in originals):
-            continue
-        pieces = [state_dict.pop(k) for k in originals]
-        if len(pieces) == 1:
-            state_dict[prefix + fused] = pieces[0]
-        elif fused == GATE_UP:
-            pairs = zip(pieces[0::2], pieces[1::2])
-            state_dict[prefix + fused] = torch.stack([torch.cat(p) for p in pairs])
-        else:
-            state_dict[prefix + fused] = torch.stack(pieces)
+    keys = original_keys(module.per_expert_names, module.num_experts, prefix)
+    for fused, originals in keys.items():
+        if all(k in state_dict for k in originals):
+            state_dict[prefix + fused] = join_originals(
+                fused, [state_dict.pop(k) for k in originals]
+            )

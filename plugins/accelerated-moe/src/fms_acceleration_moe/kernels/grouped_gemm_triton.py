@@ -24,6 +24,8 @@ BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_K = 32
 NUM_WARPS = 4
+# an fp32 (IEEE, no TF32) tile needs twice the registers: on sm_80 4 warps spill
+NUM_WARPS_FP32 = 8
 
 
 @triton.jit
@@ -197,6 +199,10 @@ def _fp32_dot(*tensors: torch.Tensor) -> bool:
     return triton_interpret() or any(t.dtype == torch.float32 for t in tensors)
 
 
+def _warps(fp32_dot: bool) -> int:
+    return NUM_WARPS_FP32 if fp32_dot else NUM_WARPS
+
+
 def _int_or_dummy(index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return index if index is not None else like
 
@@ -215,6 +221,7 @@ def grouped_linear_forward(
     if num_rows == 0:
         return y
     expert, first = tile_table(offsets, num_rows, BLOCK_M)
+    fp32_dot = _fp32_dot(x, weight)
     grid = (expert.numel(), triton.cdiv(n_out, BLOCK_N))
     launch(
         _grouped_linear_kernel,
@@ -239,11 +246,11 @@ def grouped_linear_forward(
         y.stride(1),
         HAS_GATHER=gather is not None,
         HAS_SCATTER=scatter is not None,
-        FP32_DOT=_fp32_dot(x, weight),
+        FP32_DOT=fp32_dot,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
+        num_warps=_warps(fp32_dot),
     )
     return y
 
@@ -260,6 +267,7 @@ def grouped_weight_grad(
     """(E, out, in): per expert, the sum over its rows of dy[scatter[r]].T @ x[gather[r]]."""
     num_experts, n_out, n_in = weight_shape
     dw = dy.new_empty(num_experts, n_out, n_in, dtype=dtype)
+    fp32_dot = _fp32_dot(dy, x)
     grid = (num_experts, triton.cdiv(n_out, BLOCK_N), triton.cdiv(n_in, BLOCK_K))
     launch(
         _grouped_weight_grad_kernel,
@@ -281,11 +289,11 @@ def grouped_weight_grad(
         dw.stride(2),
         HAS_GATHER=gather is not None,
         HAS_SCATTER=scatter is not None,
-        FP32_DOT=_fp32_dot(dy, x),
+        FP32_DOT=fp32_dot,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
+        num_warps=_warps(fp32_dot),
     )
     return dw
 

@@ -147,6 +147,13 @@ BAD_INPUT = [
         id="ep-not-dividing-experts",
     ),
     pytest.param(
+        dict(ep_degree=2),
+        "2",
+        "mixtral",
+        ["plugins.training.moe.scattermoe.ep_degree", "2", "all-to-all", "ep_degree: 1"],
+        id="expert-parallel-not-in-this-release",
+    ),
+    pytest.param(
         dict(),
         "1",
         "llama",

@@ -86,6 +86,13 @@ class ScatterMoEAccelerationPlugin(AccelerationPlugin):
         experts = num_experts(model, spec)
         world_size = _world()[1]
         check_ep_degree(self._ep_degree, world_size, experts)
+        if self._ep_degree > 1:
+            # refused rather than trained without it: every process would hold every expert
+            raise AccelerationPluginConfigError(
+                f"{STANZA}.ep_degree: {self._ep_degree} asks for expert parallelism, whose "
+                "all-to-all token exchange this release of fms-acceleration-moe does not have; "
+                "set ep_degree: 1 (experts replicated, grouped GEMMs still on)."
+            )
         rules = build_moe_rules(model, spec)
         for rule in rules:
             self.model_patcher.register(rule)

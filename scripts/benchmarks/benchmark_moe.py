@@ -96,7 +96,7 @@ def _experts(impl: str, args):
 
         def forward(hidden, index, weights):
             up, down = experts.gate_up_proj, experts.down_proj
-            return experts_mlp(hidden, index, weights, up, down, experts.act_fn)
+            return experts_mlp(hidden, index, weights, up, down, experts._apply_gate)
 
         return forward
     return experts

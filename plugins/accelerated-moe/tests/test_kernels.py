@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from fms_acceleration_moe.kernels import (
     backend,
     experts_mlp,
+    gated,
     group_by_expert,
     grouped_linear,
 )
 from fms_acceleration_moe.kernels.grouped_gemm_triton import tile_table
 
 BACKENDS = ("torch", "triton")
+SILU_GATE = gated(F.silu)
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
@@ -101,7 +103,7 @@ def test_experts_mlp_matches_token_by_token_reference(name, tokens, experts, top
     x, gate_up, down, index, weights = _inputs(tokens, hidden, inter, experts, top_k, torch.float32)
     leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     with backend(name):
-        out = experts_mlp(leaves[0], index, leaves[3], leaves[1], leaves[2], F.silu)
+        out = experts_mlp(leaves[0], index, leaves[3], leaves[1], leaves[2], SILU_GATE)
     ref_leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     expected = naive_moe(ref_leaves[0], index, ref_leaves[3], ref_leaves[1], ref_leaves[2])
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
@@ -118,7 +120,7 @@ def test_experts_mlp_matches_token_by_token_reference(name, tokens, experts, top
 def test_experts_mlp_bf16_within_bf16_tolerance(name, seed):
     x, gate_up, down, index, weights = _inputs(45, 64, 48, 4, 2, torch.bfloat16)
     with backend(name):
-        out = experts_mlp(x, index, weights, gate_up, down, F.silu)
+        out = experts_mlp(x, index, weights, gate_up, down, SILU_GATE)
     assert out.dtype == torch.bfloat16
     expected = naive_moe(x, index, weights, gate_up, down)
     torch.testing.assert_close(out.float(), expected, **TOL[torch.bfloat16])
@@ -128,7 +130,7 @@ def test_triton_and_torch_paths_agree_on_a_realistic_width(seed):
     # SmolLM2-135M width (576 / 1536) at a few tokens: multi-tile K and N loops
     x, gate_up, down, index, weights = _inputs(19, 576, 1536, 8, 2, torch.float32, False)
     with backend("torch"):
-        expected = experts_mlp(x, index, weights, gate_up, down, F.silu)
+        expected = experts_mlp(x, index, weights, gate_up, down, SILU_GATE)
     with backend("triton"):
-        out = experts_mlp(x, index, weights, gate_up, down, F.silu)
+        out = experts_mlp(x, index, weights, gate_up, down, SILU_GATE)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

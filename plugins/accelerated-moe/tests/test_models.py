@@ -9,7 +9,9 @@ import pytest
 import torch
 from fms_acceleration_moe import ScatterMoEAccelerationPlugin
 from fms_acceleration_moe.kernels import backend
+from fms_acceleration_moe.models import ARCHITECTURES
 
+from fms_acceleration import compat
 from fms_acceleration.testing import build_framework
 
 ARCHS = (
@@ -52,7 +54,13 @@ def test_patched_model_matches_unpatched(arch, make_moe, seed):
     model = make_moe(arch, seed=seed)
     reference = copy.deepcopy(model)
     model, framework = accelerate(model)
-    assert sum(framework.model_patcher.counts().values()) == 2  # one per layer
+    spec = ARCHITECTURES[arch]
+    expected = {f"scattermoe.experts.{spec.block}": 2}  # one per layer
+    if not compat.fused_moe_experts():  # 4.55: the experts swapped, the block's forward too
+        swaps_per_layer = 1 if spec.per_expert_names else 3  # Granite: ParallelExperts out
+        expected[f"scattermoe.swap.{spec.block}"] = 2 * swaps_per_layer
+        expected[f"scattermoe.block.{spec.block}"] = 2
+    assert framework.model_patcher.counts() == expected
     ids = torch.randint(4, 96, (3, 13))  # 39 tokens: odd
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
 

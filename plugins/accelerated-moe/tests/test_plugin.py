@@ -150,8 +150,8 @@ BAD_INPUT = [
         dict(ep_degree=2),
         "2",
         "mixtral",
-        ["plugins.training.moe.scattermoe.ep_degree", "2", "all-to-all", "ep_degree: 1"],
-        id="expert-parallel-not-in-this-release",
+        ["plugins.training.moe.scattermoe.ep_degree", "2", "torch.distributed", "torchrun"],
+        id="expert-parallel-without-processes",
     ),
     pytest.param(
         dict(),

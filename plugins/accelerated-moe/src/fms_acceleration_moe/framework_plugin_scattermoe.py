@@ -3,16 +3,37 @@ PyTorch on CPU), with optional expert parallelism."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError, StanzaModel
+from fms_acceleration import (
+    AccelerationPlugin,
+    AccelerationPluginConfigError,
+    ModelPatcherRule,
+    StanzaModel,
+)
 
+from .expert_parallel import (
+    EP_RULE,
+    expert_mesh,
+    expert_shard,
+    refuse_fsdp1,
+    setting_aside_expert_shards,
+    shard_experts,
+)
+from .grad_norm import clip_grad_norm_
+from .kernels.expert_parallel import ExpertShard
+from .lora_targets import refuse_lora_on_expert_shards, refuse_parallel_experts_lora
 from .models import SUPPORTED_CAUSAL_LMS, arch_spec_for, build_moe_rules
-from .models.architectures import STANZA, num_experts
+from .models.architectures import STANZA, MoeArchSpec, num_experts
+from .models.blocks import experts_modules, experts_rule, peft_experts_rule
+
+# accelerate's FSDP2 preparation, looked up by name where Accelerator.prepare calls it
+FSDP2_PREPARE = "accelerate.accelerator.fsdp2_prepare_model"
 
 SCATTERMOE_PATH = "training.moe.scattermoe"
 
@@ -75,29 +96,82 @@ class ScatterMoEAccelerationPlugin(AccelerationPlugin):
         if self._ep_degree > 1:
             check_ep_degree(self._ep_degree, _world()[1])
         self._moe_component_module_names: set[str] = set()
+        self._spec: MoeArchSpec | None = None
+        self._shard: ExpertShard | None = None
 
     @property
     def requires_augmentation(self) -> bool:
         return True
 
     def augmentation(self, model: torch.nn.Module, train_args: Any, modifiable_args: tuple):
-        """Swap or patch the experts of every MoE block (rules applied by the framework)."""
+        """Swap (4.55) or patch the experts of every MoE block, sharded over the expert-parallel
+        group when ep_degree > 1 (the rules are applied by the framework)."""
         spec = arch_spec_for(model)
         experts = num_experts(model, spec)
-        world_size = _world()[1]
-        check_ep_degree(self._ep_degree, world_size, experts)
+        check_ep_degree(self._ep_degree, _world()[1], experts)
+        refuse_parallel_experts_lora(model, spec, modifiable_args)
+        rules = build_moe_rules(model, spec, self.model_patcher)
         if self._ep_degree > 1:
-            # refused rather than trained without it: every process would hold every expert
-            raise AccelerationPluginConfigError(
-                f"{STANZA}.ep_degree: {self._ep_degree} asks for expert parallelism, whose "
-                "all-to-all token exchange this release of fms-acceleration-moe does not have; "
-                "set ep_degree: 1 (experts replicated, grouped GEMMs still on)."
-            )
-        rules = build_moe_rules(model, spec)
+            mesh = expert_mesh(self._ep_degree)
+            self._shard = expert_shard(mesh, experts)
+            shard_experts(self.model_patcher, experts_modules(model, spec), mesh, self._shard)
+        rules.append(experts_rule(model, spec, self._shard))
         for rule in rules:
             self.model_patcher.register(rule)
+        self._spec = spec
         self._moe_component_module_names = {spec.block_name}
         return model, modifiable_args
+
+    def get_callbacks_and_ready_for_train(
+        self, model: torch.nn.Module | None = None, accelerator: Any = None
+    ) -> list:
+        """peft's adapters on transformers 5 experts run in the grouped GEMMs; with expert
+        parallelism, DDP / FSDP2 leave the shards alone and the grad norm covers them."""
+        if model is not None and self._spec is not None:
+            rule = peft_experts_rule(model, self._spec, self._shard)
+            if rule is not None and rule.rule_id not in self.model_patcher.rules:
+                self.model_patcher.register(rule)
+        if self._shard is None:
+            return []
+        if model is not None:
+            refuse_lora_on_expert_shards(model, self._spec, self._ep_degree)
+        if accelerator is not None:
+            refuse_fsdp1(accelerator, self._ep_degree)
+            wrapped = {rule.rule_id for rule in self.accelerator_patcher.method_rules}
+            for method, builder in (
+                ("prepare_model", setting_aside_expert_shards),
+                ("clip_grad_norm_", _mesh_aware_clip),
+            ):
+                if f"{EP_RULE}.{method}" not in wrapped:
+                    self.accelerator_patcher.wrap_method(f"{EP_RULE}.{method}", method, builder)
+        if f"{EP_RULE}.fsdp2_prepare_model" not in self.model_patcher.rules:
+            self.model_patcher.register(
+                ModelPatcherRule(
+                    rule_id=f"{EP_RULE}.fsdp2_prepare_model",
+                    import_and_maybe_reload=(
+                        FSDP2_PREPARE,
+                        setting_aside_expert_shards(_resolve(FSDP2_PREPARE)),
+                        None,
+                    ),
+                    applies_to_any_model=True,
+                )
+            )
+        return []
+
+
+def _resolve(dotted: str) -> Any:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _mesh_aware_clip(original: Any) -> Any:
+    accelerator = original.__self__
+
+    def clip(parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        accelerator.unscale_gradients()
+        return clip_grad_norm_(parameters, max_norm, norm_type)
+
+    return clip
 
 
 AccelerationPlugin.register_plugin(

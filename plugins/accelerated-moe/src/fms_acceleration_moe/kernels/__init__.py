@@ -4,17 +4,19 @@ Nothing here imports the framework: the kernels can be used and tested on their 
 """
 
 from .dispatch import backend, use_triton
-from .experts_mlp import ExpertLoRA, combine, expert_rows, experts_mlp
+from .experts_mlp import ExpertLoRA, GateFn, combine, expert_rows, experts_mlp, gated
 from .grouped_gemm import grouped_linear
 from .routing import ExpertGroups, group_by_expert, offsets_from_counts
 
 __all__ = [
     "ExpertGroups",
     "ExpertLoRA",
+    "GateFn",
     "backend",
     "combine",
     "expert_rows",
     "experts_mlp",
+    "gated",
     "group_by_expert",
     "grouped_linear",
     "offsets_from_counts",

@@ -18,7 +18,7 @@ import torch
 
 from fms_acceleration import AccelerationPluginConfigError
 
-STANZA = "plugins.training.moe.scattermoe"
+from ..errors import STANZA
 
 # how transformers 4.55 turns router logits into top-k weights
 SOFTMAX_TOPK = "softmax_topk"  # softmax over all experts, top-k, optional renormalisation

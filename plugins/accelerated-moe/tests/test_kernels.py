@@ -134,3 +134,40 @@ def test_triton_and_torch_paths_agree_on_a_realistic_width(seed):
     with backend("triton"):
         out = experts_mlp(x, index, weights, gate_up, down, SILU_GATE)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_expert_lora_updates_match_merged_weights(name, seed):
+    """LoRA on the gate half, the up half (per-expert adapters, 4.55) and the down projection
+    (B a strided view, as peft's ParamWrapper stores it) equals merging W + s * B @ A."""
+    from fms_acceleration_moe.kernels import ExpertLoRA
+
+    tokens, hidden, inter, experts, top_k, rank = 29, 40, 24, 5, 2, 3
+    x, gate_up, down, index, weights = _inputs(tokens, hidden, inter, experts, top_k, torch.float32)
+
+    def small(*shape):  # adapters of a realistic size next to the base weights
+        return torch.randn(*shape) * 0.2
+
+    a_gate, a_up = small(experts, rank, hidden), small(experts, rank, hidden)
+    b_gate, b_up = small(experts, inter, rank), small(experts, inter, rank)
+    a_down = small(experts, rank, inter)
+    b_down_flat = small(hidden, rank * experts)  # peft's lora_B: expert index fastest
+    leaves = [t.requires_grad_(True) for t in (a_gate, b_gate, a_up, b_up, a_down, b_down_flat)]
+    b_down = b_down_flat.view(hidden, rank, experts).permute(2, 0, 1)
+    loras_up = [
+        ExpertLoRA(a_gate, b_gate, 0.5, (0, inter)),
+        ExpertLoRA(a_up, b_up, 0.25, (inter, 2 * inter)),
+    ]
+    with backend(name):
+        out = experts_mlp(
+            x, index, weights, gate_up, down, SILU_GATE, loras_up, [ExpertLoRA(a_down, b_down, 2.0)]
+        )
+    merged_up = gate_up + torch.cat([0.5 * b_gate @ a_gate, 0.25 * b_up @ a_up], dim=1)
+    merged_down = down + 2.0 * b_down @ a_down
+    expected = naive_moe(x, index, weights, merged_up, merged_down)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(expected, leaves, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

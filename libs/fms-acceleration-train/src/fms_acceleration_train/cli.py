@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         metavar="DIR",
-        help="local HF model directory (default: the embedded SmolLM2-135M-Instruct)",
+        help="local HF model directory (default: the embedded SmolLM2-135M-Instruct); "
+        "smollm2-moe: that model up-cycled into 8 experts, top-2 (a Mixtral, built once)",
     )
     parser.add_argument(
         "--dataset",

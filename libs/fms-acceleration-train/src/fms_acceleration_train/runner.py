@@ -29,7 +29,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_DATASET = "built-in (sentiment / category / opposite, one-word answers)"
 _VERSIONED = (
     "torch", "transformers", "peft", "accelerate", "fms-acceleration", "fms-acceleration-peft",
-    "fms-acceleration-foak", "fms-acceleration-fts", "fms-acceleration-aadp", "bitsandbytes",
+    "fms-acceleration-foak", "fms-acceleration-fts", "fms-acceleration-aadp",
+    "fms-acceleration-moe", "bitsandbytes",
     "gptqmodel", "triton",
 )  # fmt: skip
 

@@ -64,10 +64,12 @@ def check_ep_degree(ep_degree: int, world_size: int, experts: int | None = None)
         )
 
 
-def _world() -> tuple[int, int]:
+def _world_size() -> int | None:
+    """The number of processes, or None outside a launcher (e.g. `fms-acceleration check`)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        return torch.distributed.get_world_size()
+    size = os.environ.get("WORLD_SIZE")
+    return int(size) if size else None
 
 
 class ScatterMoEAccelerationPlugin(AccelerationPlugin):
@@ -93,8 +95,9 @@ class ScatterMoEAccelerationPlugin(AccelerationPlugin):
                 "it cannot be left to the outer sharding (FSDP). Set ep_degree: 1 or "
                 "disable_distributed: false."
             )
-        if self._ep_degree > 1:
-            check_ep_degree(self._ep_degree, _world()[1])
+        world = _world_size()
+        if self._ep_degree > 1 and world is not None:
+            check_ep_degree(self._ep_degree, world)
         self._moe_component_module_names: set[str] = set()
         self._spec: MoeArchSpec | None = None
         self._shard: ExpertShard | None = None
@@ -108,7 +111,7 @@ class ScatterMoEAccelerationPlugin(AccelerationPlugin):
         group when ep_degree > 1 (the rules are applied by the framework)."""
         spec = arch_spec_for(model)
         experts = num_experts(model, spec)
-        check_ep_degree(self._ep_degree, _world()[1], experts)
+        check_ep_degree(self._ep_degree, _world_size() or 1, experts)
         refuse_parallel_experts_lora(model, spec, modifiable_args)
         rules = build_moe_rules(model, spec, self.model_patcher)
         if self._ep_degree > 1:

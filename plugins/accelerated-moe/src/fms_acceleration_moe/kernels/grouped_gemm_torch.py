@@ -36,7 +36,9 @@ class GroupedLinearTorch(torch.autograd.Function):
         out, source = _forward(x, weight, bounds, gather, scatter, rows)
         ctx.bounds = bounds
         ctx.x_rows = x.shape[0]
-        ctx.save_for_backward(source, weight, gather, scatter)
+        # the gathered rows (k copies of each token) only serve the weight gradient: frozen
+        # experts (LoRA training) do not keep them
+        ctx.save_for_backward(source if ctx.needs_input_grad[1] else None, weight, gather, scatter)
         return out
 
     @staticmethod
@@ -46,7 +48,7 @@ class GroupedLinearTorch(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            d_rows = torch.empty_like(source)
+            d_rows = dy.new_empty(dy.shape[0], weight.shape[2])
             for e, lo, hi in ctx.bounds:
                 torch.mm(dy[lo:hi], weight[e], out=d_rows[lo:hi])
             if gather is None:

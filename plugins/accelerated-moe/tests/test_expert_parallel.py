@@ -81,3 +81,37 @@ def test_expert_shards_refuse_lora_and_fsdp1(make_moe):
         refuse_fsdp1(fsdp1, 2)
     fsdp1.state.fsdp_plugin.fsdp_version = 2
     refuse_fsdp1(fsdp1, 2)  # FSDP2 is fine
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_the_train_job_under_torchrun_trains_alike_with_ep_degree_2(tmp_path):
+    """The Trainer path (accelerate's DDP on CPU, its grad-norm clipping): the ep2 sample
+    trains a tiny Mixtral step for step like the ep1 sample."""
+    pytest.importorskip("fms_acceleration_train")
+    from fms_acceleration import compat
+    from fms_acceleration.testing import save_tiny_model
+
+    if not compat.at_least("transformers", "5.0.0.dev0"):
+        pytest.skip("the train job runs on transformers 5 (its from_pretrained takes dtype=)")
+
+    model = save_tiny_model(tmp_path / "mixtral", arch="mixtral")
+    samples = os.path.join(os.path.dirname(__file__), *[os.pardir] * 3, "sample-configurations")
+    if not os.path.isdir(samples):
+        pytest.skip("sample-configurations/ is not beside this checkout")
+    losses = {}
+    for ep in (1, 2):
+        config = os.path.join(samples, f"moe-scattermoe-granite-ep{ep}-sample-configuration.yaml")
+        out = tmp_path / f"ep{ep}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--standalone", "-m", "fms_acceleration_train", "--model", str(model),
+               "--acceleration-config", config, "--max-steps", "3", "--batch-size", "4",
+               "--seq-len", "32", "--no-eval", "--output-dir", str(out)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["active_plugins"] == ["scattermoe"] and summary["steps"] == 3
+        losses[ep] = summary["losses"]
+    assert len(losses[1]) == 3 and losses[1][0] > 3.0
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)

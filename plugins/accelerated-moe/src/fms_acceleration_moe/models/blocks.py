@@ -2,8 +2,11 @@
 
 transformers 5: the block and its router stay as they are (so routing, the router-logits
 recorders and the returned value are the model's own); the experts' forward is replaced.
-transformers 4.55: the experts become a GroupedExperts (fused weights, original state dict) and
-the block's forward is replaced by one that routes as the 4.55 block did and calls them.
+transformers 4.55: the experts become a GroupedExperts (fused weights, original state dict; a
+recorded module replacement that undo reverts) and the block's forward is replaced by one that
+routes as the 4.55 block did and calls them. On both lines the experts' forward takes the
+adapters peft put on them and, with expert parallelism, this process's shard of the experts;
+peft's ParamWrappers around transformers 5 experts get a forward of their own.
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ def environment() -> dict[str, str]:
     versions = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "triton",
                  "fms-acceleration", "fms-acceleration-peft", "fms-acceleration-foak",
-                 "fms-acceleration-fts", "fms-acceleration-aadp"):  # fmt: skip
+                 "fms-acceleration-fts", "fms-acceleration-aadp",
+                 "fms-acceleration-moe"):  # fmt: skip
         try:
             versions[name] = version(name)
         except PackageNotFoundError:

@@ -2,7 +2,8 @@
 
     python scripts/gpu/prepare_wheels.py            # on a machine that reaches the package index
 
-- our packages (the core, accelerated-peft, fused-ops-and-kernels), built here with hatchling,
+- our packages (the core, accelerated-peft, fused-ops-and-kernels, accelerated-moe), built here
+  with hatchling,
   which the GPU machine does not have;
 - bitsandbytes 0.50.2 and liger-kernel 0.8.5, which it does not have either;
 - any other requirement of our packages missing from its image (gpu_machine_packages.txt lists
@@ -29,7 +30,12 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = ("libs/fms-acceleration", "plugins/accelerated-peft", "plugins/fused-ops-and-kernels")
+OURS = (
+    "libs/fms-acceleration",
+    "plugins/accelerated-peft",
+    "plugins/fused-ops-and-kernels",
+    "plugins/accelerated-moe",
+)
 THIRD_PARTY = ("bitsandbytes==0.50.2", "liger-kernel==0.8.5")
 PLATFORMS = (
     "manylinux_2_28_x86_64",

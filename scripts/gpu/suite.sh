@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite of fused-ops-and-kernels, in one command (issue 14).
+# The GPU suite of fused-ops-and-kernels (issue 14) and accelerated-moe (issue 25), in one
+# command.
 #
 # On a CUDA machine (the lent H200: no network; python3 with torch 2.11 cu130, triton 3.6,
 # transformers 5.17, peft, accelerate) it, within about 8 minutes:
@@ -11,7 +12,10 @@
 #            lm_head trained and frozen, 16k and 32k tokens, vs unfused and vs Liger's;
 #   e2e      LoRA and QLoRA tokens/s and peak memory, HF vs ours, random-init Llama-3-8B shapes
 #            (batch 4 x seq 2048);
-#   tests    the foak tests on CUDA: kernels compiled (not interpreted), in bf16 too, at
+#   moe      one Mixtral-8x7B experts layer (8192 tokens, bf16, forward + backward): tokens/s
+#            of our grouped Triton GEMMs vs transformers' default experts (grouped_mm on 5.x)
+#            and its per-expert eager loop (4.55's only one);
+#   tests    the foak and moe tests on CUDA: kernels compiled (not interpreted), in bf16 too, at
 #            realistic shapes; patched vs unpatched models and fused LoRA in bf16;
 #   summary  the table (scripts/gpu/summarize.py), also written as gpu_summary.md.
 # CSVs (device, versions, date on every row) go to scripts/benchmarks/refs/gpu_*.csv.
@@ -25,7 +29,7 @@
 # Then, there:
 #     bash scripts/gpu/suite.sh
 # Settings (environment): PYTHON (default python3), SUITE_OUT (where the CSVs go),
-# SUITE_PARTS (default "install kernels e2e tests summary": the figures first; parts always
+# SUITE_PARTS (default "install kernels e2e moe tests summary": the figures first; parts always
 # run in this order), SUITE_WHEELS (default .whl),
 # SUITE_TESTS=all (the whole foak test suite on the GPU machine, not only its CUDA tests),
 # SUITE_BUDGET_S (default 480: each part gets at most what is left; later parts are skipped,
@@ -36,7 +40,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 WHEELS=${SUITE_WHEELS:-$ROOT/.whl}
-PARTS=${SUITE_PARTS:-"install kernels e2e tests summary"}
+PARTS=${SUITE_PARTS:-"install kernels e2e moe tests summary"}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
 SUITE_START=$(date +%s)
@@ -99,7 +103,7 @@ EOF
 if want install; then
     log "install from $WHEELS"
     missing=()
-    for pkg in fms_acceleration fms_acceleration_peft fms_acceleration_foak; do
+    for pkg in fms_acceleration fms_acceleration_peft fms_acceleration_foak fms_acceleration_moe; do
         compgen -G "$WHEELS/$pkg-[0-9]*.whl" >/dev/null || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -172,6 +176,23 @@ if want e2e; then
     fi
 fi
 
+# --- MoE: grouped expert GEMMs vs transformers' experts ------------------------------------------
+if want moe; then
+    bench=scripts/benchmarks/benchmark_moe.py
+    if [ "$MODE" = gpu ]; then
+        log "MoE experts: one Mixtral-8x7B experts layer, 8192 tokens, bf16"
+        step 240 "moe experts" "$PY" $bench --device cuda --dtype bfloat16 --tokens 8192 \
+            --hidden 4096 --intermediate 14336 --experts 8 --top-k 2 --reps 5 --rounds 1 \
+            --out "$OUT/gpu_moe.csv"
+    else
+        log "MoE experts (dry run: toy CPU shapes, the PyTorch path)"
+        rm -f "$OUT/gpu_moe.csv"
+        step 240 "moe experts" "$PY" $bench --device cpu --tokens 256 --hidden 64 \
+            --intermediate 96 --experts 4 --top-k 2 --reps 1 --rounds 1 --impls scattermoe eager \
+            --out "$OUT/gpu_moe.csv"
+    fi
+fi
+
 # --- tests: compiled kernels on CUDA, models in bf16 ---------------------------------------------
 if want tests && [ "$(allow 300)" -eq 0 ]; then
     echo "!!! skipped tests: the ${BUDGET} s budget is spent (SUITE_BUDGET_S)" >&2
@@ -184,16 +205,19 @@ elif want tests; then
         # plugin suite (its CPU-only tests too). The AOT compile test is CI's: here the kernels
         # really run.
         tests=plugins/fused-ops-and-kernels/tests
-        select=(-k "test_kernels or cuda or fast_loss" "$tests/test_kernels.py"
-                "$tests/test_models.py" "$tests/test_fused_lora_model.py")
-        [ "${SUITE_TESTS:-}" = all ] && select=("$tests" --deselect "$tests/test_aot_compile.py")
+        moe=plugins/accelerated-moe/tests
+        select=(-k "test_kernels or cuda or fast_loss or triton" "$tests/test_kernels.py"
+                "$tests/test_models.py" "$tests/test_fused_lora_model.py" "$moe/test_kernels.py"
+                "$moe/test_models.py")
+        [ "${SUITE_TESTS:-}" = all ] && select=("$tests" "$moe" --deselect
+                "$tests/test_aot_compile.py" --deselect "$moe/test_aot_compile.py")
         timeout "$(allow 300)" "$PY" -m pytest -q -n 8 -p no:cacheprovider \
             --junitxml="$junit" "${select[@]}"
         rc=$?
     else
         log "tests (dry run): collecting the CUDA tests, which skip here"
         timeout "$(allow 300)" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$junit" \
-            plugins/fused-ops-and-kernels/tests -k cuda
+            plugins/fused-ops-and-kernels/tests plugins/accelerated-moe/tests/test_kernels.py -k cuda
         rc=$?
     fi
     [ $rc -eq 0 ] || fail "tests (exit $rc)"

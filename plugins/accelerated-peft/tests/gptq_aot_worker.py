@@ -4,8 +4,8 @@ launches their launch code makes for realistic shapes, with no GPU.
     python gptq_aot_worker.py OUT_JSON      (TRITON_INTERPRET must be unset)
 
 The launch code runs on meta tensors; each launch is recorded instead of run and compiled by
-fused-ops-and-kernels' AOT helper (triton.compile with ptxas, which reports registers and
-spills). That helper is a test-time dependency only: the plugin itself imports no other plugin.
+the core's AOT helper, fms_acceleration.triton_aot (triton.compile with ptxas, which reports
+registers and spills).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from fms_acceleration_foak import aot
+from fms_acceleration import triton_aot as aot
 from fms_acceleration_peft import gptq_triton
 
 TARGETS = (80, 90)
@@ -68,6 +68,7 @@ def record() -> list[tuple[str, aot.Launch]]:
 
 
 def main() -> None:
+    aot.refuse_interpreter("the GPTQ AOT worker")
     seen: set[tuple] = set()
     compiled, failures = [], []
     for capability in TARGETS:

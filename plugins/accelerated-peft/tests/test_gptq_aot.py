@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-# the AOT helper of fused-ops-and-kernels; imported by the worker only (it refuses to import
-# under TRITON_INTERPRET, which this process has on)
-if importlib.util.find_spec("fms_acceleration_foak") is None:
-    pytest.skip("fused-ops-and-kernels (its AOT helper) is not installed", allow_module_level=True)
+# triton.compile needs Triton's CUDA backend (ptxas ships in the wheel; no driver is needed)
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
 
 WORKER = Path(__file__).with_name("gptq_aot_worker.py")
 KERNELS = {"_gptq_matmul_kernel", "_gptq_matmul_t_kernel"}

@@ -23,6 +23,7 @@ import torch
 
 from . import compat
 from .errors import PatchError, PatchTypeError
+from .module_members import CarryBack, MemberRecord, replace_member
 from .patch_records import PatchRecord, install, swap_attribute
 from .routing import Routable, routed_attribute, routed_method, routed_reader
 
@@ -263,6 +264,26 @@ class ModelPatcher(RecordingPatcher):
         """Revert every recorded patch, newest first, and forget the applied state."""
         super().undo()
         self._applied.clear()
+
+    @routed_method
+    def replace_member(
+        self,
+        rule_id: str,
+        module: torch.nn.Module,
+        name: str,
+        replacement: torch.nn.Module | torch.nn.Parameter | None,
+        *,
+        where: str = "",
+        carry_back: CarryBack | None = None,
+    ) -> MemberRecord:
+        """Replace submodule or parameter `name` of `module` now (None removes it), recorded
+        with the other patches: undo calls `carry_back(original, replacement)`, then puts the
+        original back (see fms_acceleration.module_members)."""
+        record = replace_member(
+            rule_id, module, name, replacement, where=where, carry_back=carry_back
+        )
+        self._history.append(record)
+        return record
 
     def counts(self) -> dict[str, int]:
         """How many targets each applied rule patched (settings the patcher changed for a

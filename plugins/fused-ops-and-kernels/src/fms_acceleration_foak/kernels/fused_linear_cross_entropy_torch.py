@@ -1,0 +1,145 @@
+"""Fused linear cross-entropy in PyTorch: the CPU path, and the row step of the CUDA fallback.
+
+The CUDA path (fused_linear_cross_entropy.chunked_loss_and_grads) is shaped by the GPU; on a
+CPU other facts decide the speed (measured on 2 Xeon cores with AMX, one thread each):
+
+- A matmul is efficient only on a few hundred rows at a time: bf16 logits of 8 rows ran at 60
+  GFLOP/s, of 512 rows at about 700 (AMX), fp32 at 15 and 160. Chunks are therefore large
+  (CHUNK_BYTES of logits, at least MIN_CHUNK_ROWS rows), where the CUDA-tuned size gave 8 rows
+  at vocab 128256.
+- A buffer above glibc's mmap threshold (32 MB) is page-faulted in on first touch every time it
+  is allocated (about 0.4 ms per MB here), so each buffer is allocated once per call and every
+  matmul writes into it (`out=`): no per-chunk temporaries.
+- Elementwise work on bf16 and fp32<->bf16 copies of large tensors run at memory speed, several
+  passes each. Rows are turned into loss and gradient in blocks of L2_BLOCK_BYTES of fp32, so
+  log_softmax, exp and the conversions back and forth touch memory once per block.
+- oneDNN's bf16 matmul is reachable from torch only with a bf16 output (no fp32-output form as
+  cuBLAS has), so a weight gradient summed over several chunks needs an fp32 accumulator: each
+  chunk's share is rounded once to bf16 and added in fp32. With one chunk (up to CHUNK_BYTES of
+  logits, e.g. 1024 rows at vocab 128256) the gradient is one matmul rounded once, as unfused.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+CHUNK_BYTES = 256 * 2**20  # logits of one chunk; also about the size unfused logits reach
+MIN_CHUNK_ROWS = 256  # fewer rows leave the matmuls far below their throughput
+L2_BLOCK_BYTES = 2**20  # fp32 rows processed together: they stay in a core's L2 cache
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def loss_and_grad_rows_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    scale: torch.Tensor,
+    loss_out: torch.Tensor,
+    write_grad: bool,
+    work: torch.Tensor | None = None,
+) -> None:
+    """Row losses into loss_out; with write_grad, logits become (softmax - onehot) * scale.
+
+    Rows whose label is ignore_index or outside [0, V) get loss 0 and a zero gradient. Rows of
+    fp16/bf16 logits are computed in fp32 in `work` (allocated when not given), a block at a
+    time, and written back rounded once, as the unfused loss rounds its fp32 gradient.
+    """
+    n_rows, n_cols = logits.shape
+    block = max(1, L2_BLOCK_BYTES // (4 * n_cols))
+    if logits.dtype in LOW_PRECISION and work is None:
+        work = logits.new_empty((min(block, n_rows), n_cols), dtype=torch.float32)
+    valid = (target != ignore_index) & (target >= 0) & (target < n_cols)
+    safe_target = target.masked_fill(~valid, 0)[:, None]
+    # log(scale), -inf in ignored rows: exp then zeroes those rows without a pass of their own
+    log_scale = torch.log(scale * valid)[:, None]
+    for start in range(0, n_rows, block):
+        end = min(start + block, n_rows)
+        rows = logits[start:end]
+        x = rows if work is None else work[: end - start].copy_(rows)
+        torch.ops.aten._log_softmax.out(x, -1, False, out=x)
+        log_p_target = x.gather(1, safe_target[start:end])
+        loss_out[start:end] = torch.where(valid[start:end], -log_p_target.squeeze(1), 0.0)
+        if not write_grad:
+            continue
+        row_log_scale = log_scale[start:end]
+        x.add_(row_log_scale).exp_()
+        x.scatter_(1, safe_target[start:end], (log_p_target.exp() - 1) * row_log_scale.exp())
+        if x is not rows:
+            rows.copy_(x)
+
+
+def chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
+    """Rows per chunk on a CPU: CHUNK_BYTES of logits, at least MIN_CHUNK_ROWS, at most n_rows."""
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (vocab * itemsize))
+    rows = triton.next_power_of_2(rows + 1) // 2  # a power of two, rounded down
+    return max(1, min(rows, n_rows))
+
+
+def loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    divisor: torch.Tensor,
+    need_grads: tuple[bool, bool, bool],
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Loss (sum of row losses / divisor) and its gradients (hidden, weight, bias) on a CPU.
+
+    Per chunk of rows: logits into one reused buffer, the loss and the scaled gradient in place
+    (loss_and_grad_rows_), then one matmul into the hidden-state gradient and one into the
+    weight gradient. fp32 weight gradients are their own accumulator (addmm_); fp16/bf16 ones
+    use an fp32 accumulator only when there is more than one chunk.
+    """
+    n_rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    need_gh, need_gw, need_gb = need_grads
+    write_grad = need_gh or need_gw or need_gb
+    chunk = chunk_size or chunk_rows(n_rows, vocab, hidden.element_size())
+    chunk = max(1, min(chunk, n_rows))
+    low_precision = hidden.dtype in LOW_PRECISION
+    logits_buffer = hidden.new_empty((chunk, vocab))
+    work = None
+    if low_precision:
+        block = max(1, L2_BLOCK_BYTES // (4 * vocab))
+        work = hidden.new_empty((min(block, chunk), vocab), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_gh else None
+    grad_weight = torch.empty_like(weight) if need_gw else None
+    accumulator = None
+    if need_gw and low_precision and n_rows > chunk:
+        accumulator = torch.empty(weight.shape, dtype=torch.float32)
+    grad_bias = torch.zeros(vocab, dtype=torch.float32) if need_gb else None
+    loss_rows = torch.empty(n_rows, dtype=torch.float32)
+    scale = (1.0 / divisor).reshape(1)
+    weight_t = weight.t()
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        h = hidden[start:end]
+        logits = logits_buffer[: end - start]
+        if bias is None:
+            torch.mm(h, weight_t, out=logits)
+        else:
+            torch.addmm(bias, h, weight_t, out=logits)
+        loss_and_grad_rows_(
+            logits, target[start:end], ignore_index, scale, loss_rows[start:end], write_grad, work
+        )
+        if need_gh:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if need_gw:
+            if start == 0 or accumulator is not None:
+                torch.mm(logits.t(), h, out=grad_weight)  # a chunk's share, rounded once
+            else:
+                grad_weight.addmm_(logits.t(), h)
+            if accumulator is not None and start == 0:
+                accumulator.copy_(grad_weight)
+            elif accumulator is not None:
+                accumulator.add_(grad_weight)
+        if need_gb:
+            grad_bias += logits.sum(0, dtype=torch.float32)
+    if accumulator is not None:
+        grad_weight.copy_(accumulator)
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss_rows.sum() / divisor, grad_hidden, grad_weight, grad_bias

@@ -162,3 +162,9 @@ def test_chunk_rows():
     assert torch_path.chunk_rows(16384, 256000, itemsize=4) == 256
     assert torch_path.chunk_rows(16384, 1_000_000, itemsize=4) == 256
     assert torch_path.chunk_rows(100, 128256, itemsize=2) == 100
+    # bf16 weight gradient at hidden 576: one chunk as long as its logits take no more than
+    # 256 MiB plus the fp32 accumulator several chunks would need (295 MB at vocab 128256)
+    accumulator = 128256 * 576 * 4
+    assert torch_path.chunk_rows(2198, 128256, 2, accumulator) == 2198
+    assert torch_path.chunk_rows(2199, 128256, 2, accumulator) == 1024
+    assert torch_path.chunk_rows(1024, 256000, 2, 256000 * 576 * 4) == 1024

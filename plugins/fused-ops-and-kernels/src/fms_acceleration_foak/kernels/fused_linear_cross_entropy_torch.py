@@ -15,8 +15,9 @@ CPU other facts decide the speed (measured on 2 Xeon cores with AMX, one thread 
   log_softmax, exp and the conversions back and forth touch memory once per block.
 - oneDNN's bf16 matmul is reachable from torch only with a bf16 output (no fp32-output form as
   cuBLAS has), so a weight gradient summed over several chunks needs an fp32 accumulator: each
-  chunk's share is rounded once to bf16 and added in fp32. With one chunk (up to CHUNK_BYTES of
-  logits, e.g. 1024 rows at vocab 128256) the gradient is one matmul rounded once, as unfused.
+  chunk's share is rounded once to bf16 and added in fp32. With one chunk the gradient is one
+  matmul rounded once, as unfused; one chunk is used whenever it needs no more memory than
+  chunks plus that accumulator (at hidden 576, vocab 128256: up to 2198 rows).
 """
 
 from __future__ import annotations
@@ -69,8 +70,15 @@ def loss_and_grad_rows_(
             rows.copy_(x)
 
 
-def chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
-    """Rows per chunk on a CPU: CHUNK_BYTES of logits, at least MIN_CHUNK_ROWS, at most n_rows."""
+def chunk_rows(n_rows: int, vocab: int, itemsize: int, accumulator_bytes: int = 0) -> int:
+    """Rows per chunk on a CPU: CHUNK_BYTES of logits, at least MIN_CHUNK_ROWS, at most n_rows.
+
+    Every row goes into one chunk when that takes no more memory than CHUNK_BYTES plus the
+    `accumulator_bytes` several chunks would need (the fp32 weight gradient of fp16/bf16
+    weights): one chunk is also faster, and its weight gradient is rounded only once.
+    """
+    if n_rows * vocab * itemsize <= CHUNK_BYTES + accumulator_bytes:
+        return max(1, n_rows)
     rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (vocab * itemsize))
     rows = triton.next_power_of_2(rows + 1) // 2  # a power of two, rounded down
     return max(1, min(rows, n_rows))
@@ -97,9 +105,10 @@ def loss_and_grads(
     vocab = weight.shape[0]
     need_gh, need_gw, need_gb = need_grads
     write_grad = need_gh or need_gw or need_gb
-    chunk = chunk_size or chunk_rows(n_rows, vocab, hidden.element_size())
-    chunk = max(1, min(chunk, n_rows))
     low_precision = hidden.dtype in LOW_PRECISION
+    accumulator_bytes = weight.numel() * 4 if need_gw and low_precision else 0
+    chunk = chunk_size or chunk_rows(n_rows, vocab, hidden.element_size(), accumulator_bytes)
+    chunk = max(1, min(chunk, n_rows))
     logits_buffer = hidden.new_empty((chunk, vocab))
     work = None
     if low_precision:

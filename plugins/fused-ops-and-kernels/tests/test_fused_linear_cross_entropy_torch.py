@@ -16,9 +16,11 @@ from fms_acceleration_foak import kernels as K
 from fms_acceleration_foak.kernels import fused_linear_cross_entropy_torch as torch_path
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]
-# (tokens, hidden, vocab, chunk): one chunk; several chunks of an odd size; many tiny chunks
+# (tokens, hidden, vocab, chunk): one chunk; one chunk whose fp32 row blocks borrow the weight
+# gradient's memory; several chunks of an odd size; many tiny chunks
 CASES = {
     "one_chunk": (256, 64, 1000, None),
+    "wide_vocab": (200, 128, 5000, None),
     "chunks": (123, 48, 517, 32),
     "many_chunks": (512, 32, 96, 8),
 }

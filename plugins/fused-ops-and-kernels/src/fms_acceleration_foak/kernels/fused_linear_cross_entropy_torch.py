@@ -84,6 +84,17 @@ def chunk_rows(n_rows: int, vocab: int, itemsize: int, accumulator_bytes: int = 
     return max(1, min(rows, n_rows))
 
 
+def _scratch(shape: tuple[int, int], spare: torch.Tensor | None) -> torch.Tensor:
+    """An fp32 buffer of `shape`, in the memory of `spare` (an fp16/bf16 weight gradient) when
+    that is large enough. The weight gradient is written only after a chunk's rows are done, so
+    the row blocks can borrow it: the peak is then the logits and the gradients alone."""
+    numel = shape[0] * shape[1]
+    borrow = spare is not None and spare.is_contiguous() and spare.element_size() == 2
+    if borrow and spare.numel() >= 2 * numel:
+        return spare.view(-1)[: 2 * numel].view(torch.float32).view(shape)
+    return torch.empty(shape, dtype=torch.float32)
+
+
 def loss_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -110,12 +121,12 @@ def loss_and_grads(
     chunk = chunk_size or chunk_rows(n_rows, vocab, hidden.element_size(), accumulator_bytes)
     chunk = max(1, min(chunk, n_rows))
     logits_buffer = hidden.new_empty((chunk, vocab))
-    work = None
-    if low_precision:
-        block = max(1, L2_BLOCK_BYTES // (4 * vocab))
-        work = hidden.new_empty((min(block, chunk), vocab), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_gh else None
     grad_weight = torch.empty_like(weight) if need_gw else None
+    work = None
+    if low_precision:
+        block = min(max(1, L2_BLOCK_BYTES // (4 * vocab)), chunk)
+        work = _scratch((block, vocab), grad_weight)
     accumulator = None
     if need_gw and low_precision and n_rows > chunk:
         accumulator = torch.empty(weight.shape, dtype=torch.float32)

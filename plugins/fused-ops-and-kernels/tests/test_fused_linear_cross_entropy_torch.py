@@ -123,6 +123,22 @@ def test_rows_that_do_not_count(seed):
     assert all(torch.all(g == 0) for g in grads)
 
 
+def test_the_cuda_loop_with_the_pytorch_row_step(seed):
+    # backend("torch") on a GPU runs the CUDA chunk loop with this module's row step; called
+    # directly here on CPU tensors
+    from fms_acceleration_foak.kernels.fused_linear_cross_entropy import chunked_loss_and_grads
+
+    h, w, b, target = _problem(90, 24, 300)
+    divisor = (target != -100).sum().float()
+    loss, gh, gw, gb = chunked_loss_and_grads(
+        h, w, target, b, -100, divisor, (True, True, True), chunk_size=32, triton_ce=False
+    )
+    ref_loss, ref_grads = _grads(_unfused(target, None), (h, w, b), torch.float32, 1.0)
+    torch.testing.assert_close(loss, ref_loss)
+    for got, want in zip((gh, gw, gb), ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_frozen_weight_and_no_bias(seed):
     h, w, _, target = _problem(100, 24, 300)
     hk = h.clone().requires_grad_(True)

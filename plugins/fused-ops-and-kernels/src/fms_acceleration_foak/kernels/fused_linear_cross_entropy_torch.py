@@ -42,32 +42,38 @@ def loss_and_grad_rows_(
 ) -> None:
     """Row losses into loss_out; with write_grad, logits become (softmax - onehot) * scale.
 
-    Rows whose label is ignore_index or outside [0, V) get loss 0 and a zero gradient. Rows of
-    fp16/bf16 logits are computed in fp32 in `work` (allocated when not given), a block at a
-    time, and written back rounded once, as the unfused loss rounds its fp32 gradient.
+    logits: 2-D and contiguous. Rows whose label is ignore_index or outside [0, V) get loss 0
+    and a zero gradient. Rows of fp16/bf16 logits are computed in fp32 in `work` (allocated
+    when not given), a block at a time, and written back rounded once, as the unfused loss
+    rounds its fp32 gradient.
     """
     n_rows, n_cols = logits.shape
-    block = max(1, L2_BLOCK_BYTES // (4 * n_cols))
     if logits.dtype in LOW_PRECISION and work is None:
-        work = logits.new_empty((min(block, n_rows), n_cols), dtype=torch.float32)
+        rows = min(max(1, L2_BLOCK_BYTES // (4 * n_cols)), n_rows)
+        work = logits.new_empty((rows, n_cols), dtype=torch.float32)
+    block = work.shape[0] if work is not None else max(1, L2_BLOCK_BYTES // (4 * n_cols))
     valid = (target != ignore_index) & (target >= 0) & (target < n_cols)
     safe_target = target.masked_fill(~valid, 0)[:, None]
     # log(scale), -inf in ignored rows: exp then zeroes those rows without a pass of their own
     log_scale = torch.log(scale * valid)[:, None]
+    log_p_target = torch.empty((n_rows, 1), dtype=torch.float32, device=logits.device)
+    # few ops per block: their dispatch, times thousands of blocks, is not free
     for start in range(0, n_rows, block):
         end = min(start + block, n_rows)
         rows = logits[start:end]
         x = rows if work is None else work[: end - start].copy_(rows)
         torch.ops.aten._log_softmax.out(x, -1, False, out=x)
-        log_p_target = x.gather(1, safe_target[start:end])
-        loss_out[start:end] = torch.where(valid[start:end], -log_p_target.squeeze(1), 0.0)
-        if not write_grad:
-            continue
-        row_log_scale = log_scale[start:end]
-        x.add_(row_log_scale).exp_()
-        x.scatter_(1, safe_target[start:end], (log_p_target.exp() - 1) * row_log_scale.exp())
-        if x is not rows:
-            rows.copy_(x)
+        torch.gather(x, 1, safe_target[start:end], out=log_p_target[start:end])
+        if write_grad:
+            x.add_(log_scale[start:end]).exp_()
+            if x is not rows:
+                rows.copy_(x)
+    torch.neg(log_p_target.squeeze(1), out=loss_out).masked_fill_(~valid, 0.0)
+    if write_grad:  # the target's entry, (p - 1) * scale, from its fp32 log-probability
+        target_grad = ((log_p_target.exp() - 1) * log_scale.exp()).squeeze(1)
+        # through a flat index: scatter_ into bf16 rows costs a pass over all of them on CPU
+        flat = torch.arange(n_rows, device=logits.device) * logits.stride(0) + safe_target[:, 0]
+        logits.view(-1).index_put_((flat,), target_grad.to(logits.dtype))
 
 
 def chunk_rows(n_rows: int, vocab: int, itemsize: int, accumulator_bytes: int = 0) -> int:

@@ -429,6 +429,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--vocab", type=int, nargs="+", default=[128256])
+    parser.add_argument(
+        "--zip-shapes",
+        action="store_true",
+        help="pair --tokens with --vocab element-wise instead of measuring every combination",
+    )
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument(
@@ -514,12 +519,15 @@ def _grid(args: argparse.Namespace):
         labelled = kernel in LABELLED_KERNELS
         vocabs = args.vocab if labelled else args.vocab[:1]
         fractions = args.ignored_fraction if labelled else args.ignored_fraction[:1]
+        if args.zip_shapes:
+            shapes = list(zip(args.tokens, vocabs, strict=True))
+        else:
+            shapes = [(tokens, vocab) for tokens in args.tokens for vocab in vocabs]
         for dtype in args.dtype:
-            for tokens in args.tokens:
-                for vocab in vocabs:
-                    for ignored in fractions:
-                        for phase in args.passes:
-                            yield kernel, dtype, tokens, vocab, ignored, phase
+            for tokens, vocab in shapes:
+                for ignored in fractions:
+                    for phase in args.passes:
+                        yield kernel, dtype, tokens, vocab, ignored, phase
 
 
 def flce_markdown(rows: list[dict], title: str) -> str:
@@ -583,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret and in_process:
         parser_error = "--interpret needs fresh processes (the interpreter is chosen at import)"
         print(parser_error, file=sys.stderr)
+        return 2
+    if args.zip_shapes and len(args.tokens) != len(args.vocab):
+        print("--zip-shapes needs as many --tokens as --vocab values", file=sys.stderr)
         return 2
     args.dtype = args.dtype or ["bfloat16" if device == "cuda" else "float32"]
     warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
@@ -658,8 +669,10 @@ def main(argv: list[str] | None = None) -> int:
             print(", ".join(f"{k}={row[k]}" for k in shown), flush=True)
     handle.close()
     print(f"wrote {len(rows)} rows to {args.out}")
-    if args.markdown:
-        args.markdown.write_text(flce_markdown(rows, "Fused linear cross-entropy vs peers"))
+    if args.markdown:  # every row of the CSV: with --append, earlier runs' rows too
+        with args.out.open(newline="") as handle:
+            all_rows = list(csv.DictReader(handle))
+        args.markdown.write_text(flce_markdown(all_rows, "Fused linear cross-entropy vs peers"))
         print(f"wrote {args.markdown}")
     return 0 if rows else 1
 

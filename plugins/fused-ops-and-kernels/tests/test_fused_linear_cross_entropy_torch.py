@@ -173,16 +173,23 @@ def test_loss_and_grad_rows_in_place(seed):
 
 
 def test_chunk_rows():
-    # CHUNK_BYTES (256 MiB) of logits per chunk, a power of two, at least 256 rows
-    assert torch_path.chunk_rows(16384, 128256, itemsize=2) == 1024
-    assert torch_path.chunk_rows(16384, 49152, itemsize=4) == 1024
-    assert torch_path.chunk_rows(16384, 32768, itemsize=2) == 4096
-    assert torch_path.chunk_rows(16384, 256000, itemsize=4) == 256
-    assert torch_path.chunk_rows(16384, 1_000_000, itemsize=4) == 256
-    assert torch_path.chunk_rows(100, 128256, itemsize=2) == 100
-    # bf16 weight gradient at hidden 576: one chunk as long as its logits take no more than
-    # 256 MiB plus the fp32 accumulator several chunks would need (295 MB at vocab 128256)
+    fp32, bf16 = torch.float32, torch.bfloat16
+    # at most half the rows and 256 MiB of logits; at least 128 (fp32) or 512 (bf16) rows
+    assert torch_path.chunk_rows(16384, 128256, bf16) == 1024
+    assert torch_path.chunk_rows(16384, 49152, fp32) == 1024
+    assert torch_path.chunk_rows(16384, 32768, bf16) == 4096
+    assert torch_path.chunk_rows(16384, 256000, fp32) == 256
+    assert torch_path.chunk_rows(16384, 1_000_000, fp32) == 128
+    assert torch_path.chunk_rows(2048, 49152, fp32) == 1024
+    assert torch_path.chunk_rows(512, 32768, fp32) == 256
+    assert torch_path.chunk_rows(256, 32768, fp32) == 128
+    assert torch_path.chunk_rows(100, 32768, fp32) == 100
+    assert torch_path.chunk_rows(1024, 128256, bf16) == 512
+    assert torch_path.chunk_rows(300, 128256, bf16) == 300
+    # a bf16 weight gradient at hidden 576: one chunk unless chunks plus the fp32 accumulator
+    # they need (282 MiB at vocab 128256) take less memory
     accumulator = 128256 * 576 * 4
-    assert torch_path.chunk_rows(2198, 128256, 2, accumulator) == 2198
-    assert torch_path.chunk_rows(2199, 128256, 2, accumulator) == 1024
-    assert torch_path.chunk_rows(1024, 256000, 2, 256000 * 576 * 4) == 1024
+    assert torch_path.chunk_rows(1024, 128256, bf16, accumulator) == 1024
+    assert torch_path.chunk_rows(1664, 128256, bf16, accumulator) == 1664
+    assert torch_path.chunk_rows(1665, 128256, bf16, accumulator) == 512
+    assert torch_path.chunk_rows(8192, 128256, bf16, accumulator) == 1024

@@ -3,10 +3,10 @@
 The CUDA path (fused_linear_cross_entropy.chunked_loss_and_grads) is shaped by the GPU; on a
 CPU other facts decide the speed (measured on 2 Xeon cores with AMX, one thread each):
 
-- A matmul is efficient only on a few hundred rows at a time: bf16 logits of 8 rows ran at 60
-  GFLOP/s, of 512 rows at about 700 (AMX), fp32 at 15 and 160. Chunks are therefore large
-  (CHUNK_BYTES of logits, at least MIN_CHUNK_ROWS rows), where the CUDA-tuned size gave 8 rows
-  at vocab 128256.
+- A matmul is efficient only on a hundred rows or more at a time: bf16 logits of 8 rows ran at
+  60 GFLOP/s, of 512 rows at about 700 (AMX), fp32 at 15 and 160 (fp32 already at 140 from 128
+  rows). Chunks are therefore large (chunk_rows), where the CUDA-tuned size gave 8 rows at
+  vocab 128256.
 - A buffer above glibc's mmap threshold (32 MB) is page-faulted in on first touch every time it
   is allocated (about 0.4 ms per MB here), so each buffer is allocated once per call and every
   matmul writes into it (`out=`): no per-chunk temporaries.
@@ -17,7 +17,7 @@ CPU other facts decide the speed (measured on 2 Xeon cores with AMX, one thread 
   cuBLAS has), so a weight gradient summed over several chunks needs an fp32 accumulator: each
   chunk's share is rounded once to bf16 and added in fp32. With one chunk the gradient is one
   matmul rounded once, as unfused; one chunk is used whenever it needs no more memory than
-  chunks plus that accumulator (at hidden 576, vocab 128256: up to 2198 rows).
+  chunks plus that accumulator (at hidden 576, vocab 128256: up to 1664 rows).
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from __future__ import annotations
 import torch
 import triton
 
-CHUNK_BYTES = 256 * 2**20  # logits of one chunk; also about the size unfused logits reach
-MIN_CHUNK_ROWS = 256  # fewer rows leave the matmuls far below their throughput
+CHUNK_BYTES = 256 * 2**20  # logits of one chunk at most
+# Rows below which a chunk's matmuls fall well short of their throughput: AVX-512 fp32 GEMMs
+# reach it from about 128 rows, AMX bf16/fp16 ones from about 512.
+MIN_CHUNK_ROWS = {torch.float32: 128, torch.float64: 128}
+MIN_CHUNK_ROWS_LOW_PRECISION = 512
 L2_BLOCK_BYTES = 2**20  # fp32 rows processed together: they stay in a core's L2 cache
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -76,18 +79,23 @@ def loss_and_grad_rows_(
         logits.view(-1).index_put_((flat,), target_grad.to(logits.dtype))
 
 
-def chunk_rows(n_rows: int, vocab: int, itemsize: int, accumulator_bytes: int = 0) -> int:
-    """Rows per chunk on a CPU: CHUNK_BYTES of logits, at least MIN_CHUNK_ROWS, at most n_rows.
+def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, accumulator_bytes: int = 0) -> int:
+    """Rows per chunk on a CPU.
 
-    Every row goes into one chunk when that takes no more memory than CHUNK_BYTES plus the
-    `accumulator_bytes` several chunks would need (the fp32 weight gradient of fp16/bf16
-    weights): one chunk is also faster, and its weight gradient is rounded only once.
+    At most half the rows, so that the logits buffer stays below the unfused logits (which Cut
+    Cross-Entropy's torch_compile path also holds), and at most CHUNK_BYTES of logits; at least
+    the rows the dtype's matmuls need (MIN_CHUNK_ROWS), and at most n_rows; a power of two.
+    Every row goes into one chunk instead when several would need an fp32 accumulator of
+    `accumulator_bytes` (an fp16/bf16 weight gradient) and one chunk takes no more memory than
+    they do with it: one chunk is then also faster, and rounds the weight gradient once.
     """
-    if n_rows * vocab * itemsize <= CHUNK_BYTES + accumulator_bytes:
+    row_bytes = vocab * dtype.itemsize
+    rows = min(CHUNK_BYTES // row_bytes, n_rows // 2)
+    rows = max(MIN_CHUNK_ROWS.get(dtype, MIN_CHUNK_ROWS_LOW_PRECISION), rows)
+    rows = min(triton.next_power_of_2(rows + 1) // 2, n_rows)  # a power of two, rounded down
+    if accumulator_bytes and n_rows * row_bytes <= rows * row_bytes + accumulator_bytes:
         return max(1, n_rows)
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (vocab * itemsize))
-    rows = triton.next_power_of_2(rows + 1) // 2  # a power of two, rounded down
-    return max(1, min(rows, n_rows))
+    return max(1, rows)
 
 
 def _scratch(shape: tuple[int, int], spare: torch.Tensor | None) -> torch.Tensor:
@@ -124,7 +132,7 @@ def loss_and_grads(
     write_grad = need_gh or need_gw or need_gb
     low_precision = hidden.dtype in LOW_PRECISION
     accumulator_bytes = weight.numel() * 4 if need_gw and low_precision else 0
-    chunk = chunk_size or chunk_rows(n_rows, vocab, hidden.element_size(), accumulator_bytes)
+    chunk = chunk_size or chunk_rows(n_rows, vocab, hidden.dtype, accumulator_bytes)
     chunk = max(1, min(chunk, n_rows))
     logits_buffer = hidden.new_empty((chunk, vocab))
     grad_hidden = torch.empty_like(hidden) if need_gh else None

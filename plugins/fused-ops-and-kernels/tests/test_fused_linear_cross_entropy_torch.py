@@ -121,6 +121,11 @@ def test_rows_that_do_not_count(seed):
     loss, grads = _grads(_fused(target, 10, 16), (h, w, b), torch.float32)
     assert loss.item() == 0.0
     assert all(torch.all(g == 0) for g in grads)
+    for dtype in (torch.float32, torch.bfloat16):  # no rows at all
+        empty = (h[:0], w, b)
+        loss, grads = _grads(_fused(target[:0], 10, None), empty, dtype)
+        assert loss.item() == 0.0 and grads[0].shape == (0, 16)
+        assert all(torch.all(g == 0) for g in grads[1:])
 
 
 def test_the_cuda_loop_with_the_pytorch_row_step(seed):

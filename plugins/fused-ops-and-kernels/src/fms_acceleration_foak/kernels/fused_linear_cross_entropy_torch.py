@@ -136,7 +136,9 @@ def loss_and_grads(
     chunk = max(1, min(chunk, n_rows))
     logits_buffer = hidden.new_empty((chunk, vocab))
     grad_hidden = torch.empty_like(hidden) if need_gh else None
-    grad_weight = torch.empty_like(weight) if need_gw else None
+    grad_weight = None
+    if need_gw:  # written by the first chunk's matmul; with no rows at all, it is zero
+        grad_weight = torch.empty_like(weight) if n_rows else torch.zeros_like(weight)
     work = None
     if low_precision:
         block = min(max(1, L2_BLOCK_BYTES // (4 * vocab)), chunk)

@@ -179,15 +179,16 @@ def test_loss_and_grad_rows_in_place(seed):
 
 def test_chunk_rows():
     fp32, bf16 = torch.float32, torch.bfloat16
-    # at most half the rows and 256 MiB of logits; at least 128 (fp32) or 512 (bf16) rows
+    # at most half the rows and 256 MiB of logits; at least 256 (fp32) or 512 (bf16) rows
     assert torch_path.chunk_rows(16384, 128256, bf16) == 1024
     assert torch_path.chunk_rows(16384, 49152, fp32) == 1024
     assert torch_path.chunk_rows(16384, 32768, bf16) == 4096
     assert torch_path.chunk_rows(16384, 256000, fp32) == 256
-    assert torch_path.chunk_rows(16384, 1_000_000, fp32) == 128
+    assert torch_path.chunk_rows(16384, 1_000_000, fp32) == 256
     assert torch_path.chunk_rows(2048, 49152, fp32) == 1024
     assert torch_path.chunk_rows(512, 32768, fp32) == 256
-    assert torch_path.chunk_rows(256, 32768, fp32) == 128
+    assert torch_path.chunk_rows(300, 32768, fp32) == 256
+    assert torch_path.chunk_rows(256, 32768, fp32) == 256
     assert torch_path.chunk_rows(100, 32768, fp32) == 100
     assert torch_path.chunk_rows(1024, 128256, bf16) == 512
     assert torch_path.chunk_rows(300, 128256, bf16) == 300

@@ -4,7 +4,7 @@ The CUDA path (fused_linear_cross_entropy.chunked_loss_and_grads) is shaped by t
 CPU other facts decide the speed (measured on 2 Xeon cores with AMX, one thread each):
 
 - A matmul is efficient only on a hundred rows or more at a time: bf16 logits of 8 rows ran at
-  60 GFLOP/s, of 512 rows at about 700 (AMX), fp32 at 15 and 160 (fp32 already at 140 from 128
+  60 GFLOP/s, of 512 rows at about 700 (AMX), fp32 at 15 and 160 (fp32 already from 256
   rows). Chunks are therefore large (chunk_rows), where the CUDA-tuned size gave 8 rows at
   vocab 128256.
 - A buffer above glibc's mmap threshold (32 MB) is page-faulted in on first touch every time it
@@ -26,9 +26,9 @@ import torch
 import triton
 
 CHUNK_BYTES = 256 * 2**20  # logits of one chunk at most
-# Rows below which a chunk's matmuls fall well short of their throughput: AVX-512 fp32 GEMMs
-# reach it from about 128 rows, AMX bf16/fp16 ones from about 512.
-MIN_CHUNK_ROWS = {torch.float32: 128, torch.float64: 128}
+# Rows below which a chunk's matmuls fall short of their throughput: AVX-512 fp32 GEMMs reach
+# it from about 256 rows (128 rows ran 20% slower), AMX bf16/fp16 ones from about 512.
+MIN_CHUNK_ROWS = {torch.float32: 256, torch.float64: 256}
 MIN_CHUNK_ROWS_LOW_PRECISION = 512
 L2_BLOCK_BYTES = 2**20  # fp32 rows processed together: they stay in a core's L2 cache
 LOW_PRECISION = (torch.float16, torch.bfloat16)

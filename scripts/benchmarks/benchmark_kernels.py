@@ -530,9 +530,9 @@ def _grid(args: argparse.Namespace):
                         yield kernel, dtype, tokens, vocab, ignored, phase
 
 
-def flce_markdown(rows: list[dict], title: str) -> str:
+def flce_markdown(rows: list[dict], title: str, command: str | None = None) -> str:
     """Fused linear CE, forward + backward: each impl's time and peak, and ours over each peer's
-    (below 1.00 is ours faster or smaller)."""
+    (below 1.00 is ours faster or smaller); `command` (default: this process's) made the rows."""
     flce = "fused_linear_cross_entropy"
     picked = [r for r in rows if r["kernel"] == flce and r["pass"] == "full"]
     impls = list(dict.fromkeys(r["impl"] for r in picked))
@@ -567,6 +567,7 @@ def flce_markdown(rows: list[dict], title: str) -> str:
         f"- time: {meta.get('timer', '?')} time, {meta.get('threads') or 'default'} thread(s); "
         "peak: memory the step adds on top of its inputs; 1-minute load average per row in the "
         "CSV",
+        f"- made by: `{command or ' '.join(['python', *sys.argv])}`",
         "",
     ]
     return "\n".join(about + lines) + "\n"

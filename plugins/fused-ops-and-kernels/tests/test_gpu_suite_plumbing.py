@@ -105,7 +105,8 @@ def test_flce_markdown_gives_ours_over_each_peer():
             ("cce", 0.5, 400.0, 500.0),
         )
     ]
-    text = bench.flce_markdown(rows, "peers")
+    text = bench.flce_markdown(rows, "peers", command="python bench.py --x")
+    assert "- made by: `python bench.py --x`" in text
     assert "| foak/hf_eager time | foak/hf_eager memory | foak/cce time | foak/cce memory |" in text
     assert "| bfloat16 | 1024x576x128256 | 0% | 900.0 | 1800.0 | 1000.0 | 400.0 | 2400.0 |" in text
     assert "| 1000.0 | 0.50 | 0.17 | 0.90 | 0.40 |" in text

@@ -4,12 +4,14 @@
 #
 # On a CUDA machine (the lent H200: no network; python3 with torch 2.11 cu130, triton 3.6,
 # transformers 5.17, peft, accelerate) it, within about 8 minutes:
-#   install  our packages, bitsandbytes 0.50.2 and liger-kernel 0.8.5 from .whl/ (no network,
-#            no dependency resolution) into a private target dir on PYTHONPATH;
+#   install  our packages, bitsandbytes 0.50.2, liger-kernel 0.8.5 and cut-cross-entropy
+#            25.1.1 from .whl/ (no network, no dependency resolution) into a private target dir
+#            on PYTHONPATH;
 #   kernels  every kernel vs torch eager, HF code and Liger-Kernel, as GB/s and % of the
 #            device-to-device copy bandwidth measured in the same run; the causal-LM loss on
 #            bf16 logits (ours vs the previous patch vs HF); fused linear CE at vocab 128256,
-#            lm_head trained and frozen, 16k and 32k tokens, vs unfused and vs Liger's;
+#            lm_head trained and frozen, 16k and 32k tokens, vs unfused, Liger's and Cut
+#            Cross-Entropy's (its Triton impl);
 #   e2e      LoRA and QLoRA tokens/s and peak memory, HF vs ours, random-init Llama-3-8B shapes
 #            (batch 4 x seq 2048);
 #   moe      one Mixtral-8x7B experts layer (8192 tokens, bf16, forward + backward): tokens/s
@@ -88,7 +90,8 @@ log "mode $MODE, python $("$PY" -c 'import sys; print(sys.version.split()[0])'),
 "$PY" - <<'EOF'
 import importlib.metadata as md
 import torch
-names = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")
+names = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel",
+         "cut-cross-entropy")
 for name in names:
     try:
         print(f"  {name} {md.version(name)}")
@@ -99,7 +102,7 @@ if torch.cuda.is_available():
     print(f"  device {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
 EOF
 
-# --- install: our wheels + bitsandbytes + liger-kernel, no network, no dependency resolution ---
+# --- install: our wheels + bitsandbytes + the peers, no network, no dependency resolution -------
 if want install; then
     log "install from $WHEELS"
     missing=()
@@ -115,7 +118,7 @@ if want install; then
         echo "building our wheels into $WHEELS (prepare_wheels.py --ours-only)"
         "$PY" scripts/gpu/prepare_wheels.py --ours-only --dest "$WHEELS" || { fail install; }
     fi
-    for pkg in bitsandbytes liger_kernel; do
+    for pkg in bitsandbytes liger_kernel cut_cross_entropy; do
         if ! compgen -G "$WHEELS/$pkg-[0-9]*.whl" >/dev/null; then
             if [ "$MODE" = gpu ]; then
                 echo "missing the $pkg wheel in $WHEELS: run scripts/gpu/prepare_wheels.py first"
@@ -148,10 +151,10 @@ if want kernels; then
         step 240 "kernel benchmarks" "$PY" $bench --out "$csv_out"
         log "fused linear CE: frozen lm_head (LoRA), and 32k tokens"
         step 90 "fused linear CE (frozen)" "$PY" $bench --kernels fused_linear_cross_entropy \
-            --passes full --impls foak reference hf_eager liger --frozen-lm-head --append \
+            --passes full --impls foak reference hf_eager liger cce --frozen-lm-head --append \
             --out "$csv_out"
         step 90 "fused linear CE (32k tokens)" "$PY" $bench --kernels fused_linear_cross_entropy \
-            --passes full --impls foak hf_eager liger --tokens 32768 --append --out "$csv_out"
+            --passes full --impls foak hf_eager liger cce --tokens 32768 --append --out "$csv_out"
     else
         log "kernel benchmarks (dry run: toy CPU shapes, torch paths, no Liger)"
         tiny=(--device cpu --in-process --tokens 256 --hidden 64 --intermediate 128 --seq 64

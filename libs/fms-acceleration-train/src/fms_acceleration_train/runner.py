@@ -85,7 +85,8 @@ class TrainJobConfig(FlagModel):
     model: Annotated[
         str | None, Flag(metavar="DIR", default="the embedded SmolLM2-135M-Instruct")
     ] = None
-    """local HF model directory"""
+    """local HF model directory; smollm2-moe: the embedded model up-cycled into 8 experts,
+    top-2 (a Mixtral, built once)"""
     dataset: Annotated[
         str | None,
         Flag(

@@ -57,6 +57,14 @@ def dtype_kwargs(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype} if uses_dtype_keyword() else {"torch_dtype": dtype}
 
 
+def config_dtype(config: Any) -> Any:
+    """The weights' dtype a model config records: `dtype` since 4.56, `torch_dtype` before (a
+    config.json written by 5.x and read by 4.55 carries `dtype` as a string); None if absent."""
+    if uses_dtype_keyword():
+        return getattr(config, "dtype", None)
+    return getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+
+
 def pop_dtype(kwargs: MutableMapping[str, Any]) -> Any:
     """Remove and return the dtype a caller passed under either spelling (`dtype` wins)."""
     legacy = kwargs.pop("torch_dtype", None)

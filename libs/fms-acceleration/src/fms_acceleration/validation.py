@@ -280,12 +280,17 @@ def config_error(
     path: str,
     model: type[BaseModel],
     error_type: type[Exception] = AccelerationPluginConfigError,
+    owner: str | None = None,
 ) -> Exception:
-    """Translate a pydantic ValidationError into `error_type` with our message."""
+    """Translate a pydantic ValidationError into `error_type` with our message; `owner` (a
+    plugin class name) is named as the reference named it: "<owner>: Value at '<key>'"."""
     errors = sorted(err.errors(include_url=False), key=_error_order)
     message = describe_error(errors[0], path, model)
     if len(errors) > 1:
         message += f" ({len(errors) - 1} more problem(s) in {path or 'the input'})"
+    if owner is not None:
+        key = _dotted(path, tuple(errors[0]["loc"])).removeprefix("plugins.")
+        message += f" ({owner}: Value at '{key}' is invalid)"
     return error_type(message)
 
 
@@ -294,9 +299,11 @@ def validate_model(
     data: Any,
     path: str,
     error_type: type[Exception] = AccelerationPluginConfigError,
+    owner: str | None = None,
 ) -> ModelT:
-    """Validate `data` (None counts as an empty mapping) into `model`, or raise `error_type`."""
+    """Validate `data` (None counts as an empty mapping) into `model`, or raise `error_type`
+    (naming `owner`, the plugin class whose schema refused it, when given)."""
     try:
         return model.model_validate({} if data is None else data)
     except ValidationError as err:
-        raise config_error(err, path, model, error_type) from None
+        raise config_error(err, path, model, error_type, owner) from None

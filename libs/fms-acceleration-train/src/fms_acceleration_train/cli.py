@@ -39,10 +39,10 @@ def config_from_args(
 
 def run(args: argparse.Namespace) -> int:
     """Run the job; print the summary. Exit code 0, or 2 with a one-line error for bad input."""
+    quiet_third_party_start()  # before the imports below load transformers, peft and the rest
     from .interrupt import TrainingInterrupted
     from .runner import run_train_job
 
-    quiet_third_party_start()
     expected = user_errors()
     try:
         acceleration, note = resolve_acceleration(

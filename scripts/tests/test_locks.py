@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -36,8 +37,12 @@ def test_lock_files_pin_every_package_once_without_local_labels(lock):
 @pytest.mark.skipif(ENV not in LOCKS, reason=f"not a locked tox environment ({ENV or 'no tox'})")
 def test_this_environment_is_its_lock():
     pins = _pins(LOCKS[ENV])
+    # the environment's own site-packages: a library imported earlier in this process may have
+    # put vendored copies on sys.path (setuptools/_vendor: packaging, jaraco, ...)
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     installed = {
-        _name(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()
+        _name(d.metadata["Name"]): d.version.split("+")[0]
+        for d in metadata.distributions(path=site)
     }
     ours = {n for n in installed if n.startswith(OWN)}
     assert {n: v for n, v in installed.items() if n not in ours} == pins

@@ -79,7 +79,8 @@ def test_help_comes_from_the_docstrings_and_says_what_defaults_mean():
         "k_proj v_proj o_proj)",
         "--dtype {auto,float32,bfloat16,float16} auto: bfloat16 on GPU, float32 on CPU "
         "(default: auto)",
-        "--model DIR local HF model directory (default: the embedded SmolLM2-135M-Instruct)",
+        "--model DIR local HF model directory; smollm2-moe: the embedded model up-cycled into 8 "
+        "experts, top-2 (a Mixtral, built once) (default: the embedded SmolLM2-135M-Instruct)",
         "--no-eval do not check answer accuracy on the held-out prompts before and after "
         "training --eval-max-new-tokens",
         "--eval-steps N evaluate every N steps (default: once per epoch)",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fms_acceleration.cli import main
+from fms_acceleration.testing import split_owner_note
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -105,5 +106,7 @@ def test_bad_stanzas_are_named(tmp_path, capsys, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text, encoding="utf-8")
     assert main(["check", str(path)]) != 0
-    err = capsys.readouterr().err.strip()
+    err, owner = split_owner_note(capsys.readouterr().err.strip())
     assert err == f"error: {path}: {message}"
+    # schema errors also name the plugin class, as the reference did
+    assert owner in (None, "PaddingFreeAccelerationPlugin", "MultipackDataloaderAccelerationPlugin")

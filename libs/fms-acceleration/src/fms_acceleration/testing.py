@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,15 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
     PartialState().distributed_type = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
+
+
+_OWNER_NOTE = re.compile(r" \((\w+): Value at '([\w.]+)' is invalid\)$")
+
+
+def split_owner_note(message: str) -> tuple[str, str | None]:
+    """A stanza error without its reference-style ending "(<PluginClass>: Value at '<key>' is
+    invalid)", and that plugin class (None when the message has no such ending)."""
+    found = _OWNER_NOTE.search(message)
+    if found is None:
+        return message, None
+    return message[: found.start()], found.group(1)

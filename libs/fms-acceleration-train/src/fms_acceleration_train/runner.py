@@ -6,11 +6,11 @@ import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field
 
-from fms_acceleration import choice
+from fms_acceleration import Choice
 from fms_acceleration.compat import dtype_kwargs
 from fms_acceleration.packages import installed_versions
 
@@ -123,7 +123,7 @@ class TrainJobConfig(FlagModel):
     LoRA adapters; saves the whole model"""
     overwrite: bool = False
     """write into a non-empty --output-dir, replacing the results there"""
-    dtype: choice("auto", "float32", "bfloat16", "float16") = "auto"
+    dtype: Choice[Literal["auto", "float32", "bfloat16", "float16"]] = "auto"
     """auto: bfloat16 on GPU, float32 on CPU"""
     cpu_threads: Annotated[int, Field(ge=0)] = 0
     """torch threads on CPU; 0: $OMP_NUM_THREADS, else half the logical CPUs"""

@@ -16,12 +16,13 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, GetCoreSchemaHandler, ValidationError
+from pydantic_core import PydanticCustomError, core_schema
 
 from .errors import AccelerationPluginConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+_T = TypeVar("_T")
 
 
 class StanzaModel(BaseModel):
@@ -128,9 +129,21 @@ def _exact_choice(choices: tuple[Any, ...], value: Any) -> Any:
     raise PydanticCustomError("literal_error", "not an allowed value", {"choices": choices})
 
 
-def choice(*values: Any) -> Any:
-    """A field type that accepts exactly these values (type and value), e.g. `true` or a name."""
-    return Annotated[Literal[values], BeforeValidator(partial(_exact_choice, values))]
+class _ExactChoice:
+    """`Annotated` metadata: the `Literal` it annotates takes its values with their exact type."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        values = typing.get_args(source)
+        return core_schema.no_info_before_validator_function(
+            partial(_exact_choice, values), handler(source)
+        )
+
+
+# `Choice[Literal["min", "max"]]`: a field type that accepts exactly these values (type and
+# value, e.g. `true` or a name); a type checker sees the `Literal`.
+Choice = Annotated[_T, _ExactChoice()]
 
 
 # --- walking a model to a location ---------------------------------------------------------------

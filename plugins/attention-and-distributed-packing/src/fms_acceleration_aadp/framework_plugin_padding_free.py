@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -13,10 +13,10 @@ from fms_acceleration import (
     AccelerationPlugin,
     AccelerationPluginConfigError,
     AcceleratorPatcherComponent,
+    Choice,
     ModelPatcherRule,
     ModelPatcherTrigger,
     StanzaModel,
-    choice,
 )
 from fms_acceleration.errors import AccelerationFrameworkError
 from fms_acceleration.model_patcher import forward_like
@@ -38,7 +38,7 @@ class PackedBatchError(AccelerationFrameworkError):
 class PaddingFreeOptions(StanzaModel):
     """The `training.attention.padding_free` stanza."""
 
-    method: choice("huggingface") = "huggingface"
+    method: Choice[Literal["huggingface"]] = "huggingface"
     """how batches are flattened: huggingface (transformers' DataCollatorWithFlattening)"""
 
 

@@ -162,12 +162,19 @@ class SearchParameter(StanzaModel):
         """Where the suggested value goes."""
         return self.target or self.name
 
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a float or int parameter (validation requires both for those)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.name}: a {self.type} parameter needs low and high")
+        return self.low, self.high
+
     def suggest_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the matching optuna `suggest_<type>`."""
         if self.type == "categorical":
             return {"choices": list(self.choices or [])}
         if self.type == "int":
-            kwargs: dict[str, Any] = {"low": int(self.low), "high": int(self.high), "log": self.log}
+            low, high = self.bounds()
+            kwargs: dict[str, Any] = {"low": int(low), "high": int(high), "log": self.log}
             return {**kwargs, "step": int(self.step or 1)}
         return {"low": self.low, "high": self.high, "log": self.log, "step": self.step}
 

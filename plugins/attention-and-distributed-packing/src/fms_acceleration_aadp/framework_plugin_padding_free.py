@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
+from types import MethodType
 from typing import Any, Literal
 
 import torch
@@ -125,13 +126,13 @@ def _flattening_builder(boundaries: bool) -> Callable[[Any], Any]:
     return build
 
 
-def build_token_counter(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def build_token_counter(original: MethodType) -> Callable[[Any], Any]:
     """Trainer._track_num_input_tokens that counts a flattened batch's tokens as non-padding.
 
     A flattened batch has no attention mask to count by (the Trainer then warns at every step
     and counts all tokens); every one of its tokens is a real one, which is what is counted.
     """
-    trainer = original.__self__
+    trainer: Any = original.__self__  # the transformers Trainer (not imported here)
 
     def track(inputs: dict[str, Any]) -> Any:
         flattened = "attention_mask" not in inputs and "position_ids" in inputs

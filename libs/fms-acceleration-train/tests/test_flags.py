@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import Field
 
-from fms_acceleration import choice
+from fms_acceleration import Choice
 from fms_acceleration_train import Flag, FlagModel, TrainJobConfig, TrainJobError
 from fms_acceleration_train.cli import TrainCommand, add_arguments, config_from_args
 
@@ -121,7 +121,7 @@ class _Options(FlagModel):
         default_factory=lambda: (0.25, 0.75)
     )
     """per-dataset weights"""
-    router: choice("top_k", "sinkhorn") = "top_k"
+    router: Choice[Literal["top_k", "sinkhorn"]] = "top_k"
     """routing"""
     shuffle: bool = True
     """shuffle the mixture"""

@@ -6,13 +6,13 @@ from __future__ import annotations
 import sys
 import types
 from importlib import metadata
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pytest
 import torch
 from pydantic import Field
 
-from fms_acceleration import AccelerationPlugin, Requirement, StanzaModel, choice
+from fms_acceleration import AccelerationPlugin, Choice, Requirement, StanzaModel
 from fms_acceleration import discovery as discovery_module
 from fms_acceleration.constants import PLUGIN_GROUP
 from fms_acceleration.framework_plugin import isolated_registrations
@@ -75,13 +75,13 @@ class RestrictedAugmenter(AccelerationPlugin):
 
 class KernelSchema(StanzaModel):
     fast_rms_layernorm: bool = False
-    fast_loss: choice(True, False, "fused_ce_liger") = False
+    fast_loss: Choice[Literal[True, False, "fused_ce_liger"]] = False
     fused_lora: bool = False
     chunk_size: int = 1024
 
 
 class LoaderSchema(StanzaModel):
-    quant_type: choice("nf4", "fp4") = "nf4"
+    quant_type: Choice[Literal["nf4", "fp4"]] = "nf4"
     no_peft_model: bool = False
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from .acceleration_defaults import describe
 from .mixture_training import configures_odm, mixture_rows, steps_to_target
 from .quiet import quiet_third_party_start
-from .runner import TrainJobConfig, run_train_job, with_run_folder
+from .runner import TrainJobConfig, run_folder, run_train_job, with_run_folder
 from .summary import TrainSummary, write_json
 
 COMPARISON_FILE = "comparison.json"
@@ -127,7 +127,7 @@ def run_comparison(config: TrainJobConfig) -> Comparison:
         acceleration = None if name == "baseline" else config.acceleration_config
         run = config.model_copy(
             update={
-                "output_dir": str(Path(config.output_dir) / name),
+                "output_dir": str(run_folder(config) / name),
                 "acceleration_config": acceleration,
                 "uniform_mixture": mixing and name == "baseline",
             }
@@ -140,5 +140,5 @@ def run_comparison(config: TrainJobConfig) -> Comparison:
         print(f"[{index}/2] {name}: {what}", flush=True)
         summaries[name] = run_in_fresh_process(run)
     comparison = Comparison(**summaries)
-    comparison.write(config.output_dir)
+    comparison.write(run_folder(config))
     return comparison

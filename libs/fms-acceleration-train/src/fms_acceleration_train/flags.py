@@ -80,7 +80,8 @@ def _argparse_options(name: str, field: FieldInfo, default: Any) -> tuple[list[s
     else:
         raise TypeError(
             f"{name}: no command-line flag for a field of type {kind!r}; use an int, float, str, "
-            "bool, a choice(...) or a tuple of one of them, or exclude the field from the flags"
+            "bool, a Choice[Literal[...]] or a tuple of one of them, or exclude the field from the "
+            "flags"
         )
     if flag.metavar:
         options["metavar"] = flag.metavar

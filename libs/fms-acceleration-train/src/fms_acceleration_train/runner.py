@@ -6,11 +6,11 @@ import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field
 
-from fms_acceleration import choice
+from fms_acceleration import Choice
 from fms_acceleration.compat import dtype_kwargs
 from fms_acceleration.packages import installed_versions
 
@@ -123,7 +123,7 @@ class TrainJobConfig(FlagModel):
     LoRA adapters; saves the whole model"""
     overwrite: bool = False
     """write into a non-empty --output-dir, replacing the results there"""
-    dtype: choice("auto", "float32", "bfloat16", "float16") = "auto"
+    dtype: Choice[Literal["auto", "float32", "bfloat16", "float16"]] = "auto"
     """auto: bfloat16 on GPU, float32 on CPU"""
     cpu_threads: Annotated[int, Field(ge=0)] = 0
     """torch threads on CPU; 0: $OMP_NUM_THREADS, else half the logical CPUs"""
@@ -162,6 +162,13 @@ def with_run_folder(config: TrainJobConfig) -> TrainJobConfig:
     """`config` with its output folder chosen (a new run folder when none was given)."""
     folder = resolve_output_dir(config.output_dir, config.resume_from_checkpoint)
     return config.model_copy(update={"output_dir": str(folder)})
+
+
+def run_folder(config: TrainJobConfig) -> Path:
+    """The output folder of a config that went through `with_run_folder`."""
+    if config.output_dir is None:
+        raise ValueError("no output folder chosen yet: pass the config through with_run_folder")
+    return Path(config.output_dir)
 
 
 def _load_examples(config: TrainJobConfig) -> tuple[list[Example], list[Example], str]:
@@ -311,7 +318,7 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
     from .token_count import TrainingTokenCounter
 
     config = with_run_folder(config)
-    output_dir = Path(config.output_dir)
+    output_dir = run_folder(config)
     check_output_dir(output_dir, config.overwrite, config.resume_from_checkpoint is not None)
     train, held_out, dataset_name = _load_examples(config)
     train, evaluation = split_for_evaluation(train, config.eval_split, config.seed)
@@ -368,7 +375,7 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
         eval_dataset: Any = tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None
         if mixture is not None:
             train_dataset, eval_dataset = mixture.datasets(
-                tokenizer, config.seq_len, config.output_dir, config.seed
+                tokenizer, config.seq_len, str(output_dir), config.seed
             )
             mixture.evaluation_arguments(args, config.log_every, config.batch_size)
             curve = HeldOutCurve(list(eval_dataset))

@@ -19,7 +19,7 @@ from .framework_plugin import (
 )
 from .model_patcher import ModelPatcher, ModelPatcherRule, ModelPatcherTrigger
 from .trainer_patcher import TrainerPatcher
-from .validation import StanzaModel, choice, validate_model
+from .validation import Choice, StanzaModel, validate_model
 
 
 def __getattr__(name: str) -> object:
@@ -39,6 +39,7 @@ __all__ = [
     "AccelerationPluginConfigError",
     "AcceleratorPatcher",
     "AcceleratorPatcherComponent",
+    "Choice",
     "ModelPatcher",
     "ModelPatcherRule",
     "ModelPatcherTrigger",
@@ -50,7 +51,6 @@ __all__ = [
     "Requirement",
     "StanzaModel",
     "TrainerPatcher",
-    "choice",
     "get_relevant_configuration_sections",
     "validate_model",
 ]

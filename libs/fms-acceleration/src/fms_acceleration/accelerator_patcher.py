@@ -155,9 +155,12 @@ class AcceleratorPatcher(MethodPatcher):
                 f"Rule: {rule.rule_id:25s} Kind: {RULE_KIND_REPLACEMENT:10s} "
                 f"Component: {rule.component.name:20s}"
             )
-        for rule in self._method_rules.values():
-            if rule.rule_id != _PREPARE_RULE:
-                lines.append(f"Rule: {rule.rule_id:25s} Kind: {'method':10s} Method: {rule.method}")
+        for method_rule in self._method_rules.values():
+            if method_rule.rule_id != _PREPARE_RULE:
+                lines.append(
+                    f"Rule: {method_rule.rule_id:25s} Kind: {'method':10s} "
+                    f"Method: {method_rule.method}"
+                )
         return "\n".join(lines)
 
     def undo(self) -> None:

@@ -17,6 +17,7 @@ them. Nothing here imports transformers until a Trainer callback is built.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import MethodType
 from typing import Any
 
 from .errors import AccelerationFrameworkError, AccelerationPluginConfigError
@@ -56,11 +57,11 @@ def _checked(plugin: AccelerationPlugin, hook: str, batch: Any) -> Any:
     return batch
 
 
-def training_batch_builder(plugin: AccelerationPlugin) -> Callable[[Callable], Callable]:
+def training_batch_builder(plugin: AccelerationPlugin) -> Callable[[MethodType], Callable]:
     """Builder for the `get_batch_samples` rule: batches pass through the plugin one by one."""
 
-    def builder(original: Callable) -> Callable:
-        trainer = original.__self__
+    def builder(original: MethodType) -> Callable:
+        trainer: Any = original.__self__  # the transformers Trainer (not imported here)
 
         def get_batch_samples(epoch_iterator: Any, *args: Any, **kwargs: Any) -> Any:
             # Feeding the processed batches to the Trainer's own method keeps its counting of

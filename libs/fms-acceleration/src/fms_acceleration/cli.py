@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                 f"{type(err).__name__}: {err}",
                 stacklevel=2,
             )
-    for entry in broken:
-        warnings.warn(f"CLI plugin {entry.describe()}; it is skipped", stacklevel=2)
+    for failure in broken:
+        warnings.warn(f"CLI plugin {failure.describe()}; it is skipped", stacklevel=2)
     for ep in entry_points_of(CLI_GROUP):
         if ep.name in builtin:
             warnings.warn(

@@ -83,8 +83,8 @@ def plugin_catalogue(
     for registration in registry.snapshot():
         found[registration.plugin_class] = registration
     ordered = sorted(found.values(), key=lambda r: r.sequence)
-    for entry in broken:
-        warnings.warn(f"fms-acceleration plugin {entry.describe()}", stacklevel=3)
+    for failure in broken:
+        warnings.warn(f"fms-acceleration plugin {failure.describe()}", stacklevel=3)
     return Catalogue(tuple(ordered), tuple(broken))
 
 

@@ -6,7 +6,7 @@ import inspect
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from types import MappingProxyType
 from typing import Any
@@ -282,7 +282,8 @@ class AccelerationFramework:
         callbacks: list = []
         with self._running():
             for plugin in self._ordered:
-                hook = plugin.get_callbacks_and_ready_for_train
+                # an override may take `trainer` too (checked below)
+                hook: Callable[..., list] = plugin.get_callbacks_and_ready_for_train
                 if trainer is not None and _accepts(hook, "trainer"):
                     callbacks.extend(hook(model, accelerator, trainer=trainer))
                 else:

@@ -224,6 +224,8 @@ class AccelerationPlugin:
     restricted_model_archs: ClassVar[Sequence[str] | frozenset[str] | None] = None
     slots: ClassVar[frozenset[str]] = frozenset()
     order: ClassVar[int | None] = None
+    # the framework's record of this instance (id, package, stanza paths), set when it builds it
+    _registration: PluginRegistration
 
     @staticmethod
     def register_plugin(

@@ -325,21 +325,17 @@ class ModelPatcher(RecordingPatcher):
             return []
         by_reload: dict[str | None, list[ModelPatcherRule]] = {}
         for rule in rules:
-            by_reload.setdefault(rule.import_and_maybe_reload[2], []).append(rule)  # type: ignore[index]
+            by_reload.setdefault(_import_spec(rule)[2], []).append(rule)
         _refuse_nested_reloads(by_reload)
         records: list[PatchRecord] = []
         for rule in by_reload.pop(None, []):
-            target, replacement, _ = rule.import_and_maybe_reload  # type: ignore[misc]
+            target, replacement, _ = _import_spec(rule)
             records.append(swap_attribute(rule.rule_id, target, replacement))
             self._applied.add(rule.rule_id)
-        for reload_name, group in by_reload.items():
-            swaps = [
-                swap_attribute(
-                    r.rule_id, r.import_and_maybe_reload[0], r.import_and_maybe_reload[1]
-                )  # type: ignore[index]
-                for r in group
-            ]
-            importlib.reload(importlib.import_module(reload_name))  # type: ignore[arg-type]
+        reloads = {name: group for name, group in by_reload.items() if name is not None}
+        for reload_name, group in reloads.items():
+            swaps = [swap_attribute(r.rule_id, *_import_spec(r)[:2]) for r in group]
+            importlib.reload(importlib.import_module(reload_name))
             for swap in reversed(swaps):
                 swap.undo()
                 records.append(
@@ -471,6 +467,13 @@ def _keep_instance_forwards(root: torch.nn.Module) -> list[PatchRecord]:
 def _touches(rule: ModelPatcherRule, prefix: str) -> bool:
     target, _, reload_name = rule.import_and_maybe_reload  # type: ignore[misc]
     return target.startswith(prefix) or bool(reload_name and reload_name.startswith(prefix))
+
+
+def _import_spec(rule: ModelPatcherRule) -> tuple[str, Any, str | None]:
+    """(target, replacement, module to reload) of an import rule (only those come here)."""
+    if rule.import_and_maybe_reload is None:
+        raise PatchError(f"rule '{rule.rule_id}' is not an import rule")
+    return rule.import_and_maybe_reload
 
 
 def _refuse_nested_reloads(by_reload: dict[str | None, list[ModelPatcherRule]]) -> None:

@@ -7,7 +7,7 @@ and the one place that reads installed versions (summaries, benchmark CSVs, `plu
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -96,7 +96,7 @@ def installed_versions(packages: Sequence[str]) -> dict[str, str]:
 
 
 @cache
-def _module_distributions() -> dict[str, list[str]]:
+def _module_distributions() -> Mapping[str, list[str]]:
     return metadata.packages_distributions()
 
 

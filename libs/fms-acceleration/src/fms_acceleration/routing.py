@@ -73,7 +73,7 @@ class routed_method(Generic[T]):
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, obj: Any, owner: type) -> Callable[..., T]:
+    def __get__(self, obj: Any, owner: type[Routable]) -> Callable[..., T]:
         target = obj if obj is not None else owner.require_current(f"{self.name}()")
         return types.MethodType(self.func, target)
 
@@ -86,7 +86,7 @@ class routed_reader(Generic[T]):
         self.func = func
         self.__doc__ = func.__doc__
 
-    def __get__(self, obj: Any, owner: type) -> Callable[..., T]:
+    def __get__(self, obj: Any, owner: type[Routable]) -> Callable[..., T]:
         target = obj if obj is not None else (owner.current() or owner())
         return types.MethodType(self.func, target)
 
@@ -98,7 +98,7 @@ class routed_attribute:
     def __init__(self, private: str) -> None:
         self.private = private
 
-    def __get__(self, obj: Any, owner: type) -> Any:
+    def __get__(self, obj: Any, owner: type[Routable]) -> Any:
         target = obj if obj is not None else (owner.current() or owner())
         return getattr(target, self.private)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 from .errors import PatchError, PatchTypeError
@@ -22,7 +23,7 @@ class MethodRule:
 
     rule_id: str
     method: str
-    builder: Callable[[Callable[..., Any]], Callable[..., Any]]
+    builder: Callable[[MethodType], Callable[..., Any]]
 
 
 class MethodPatcher(RecordingPatcher):
@@ -40,7 +41,7 @@ class MethodPatcher(RecordingPatcher):
         return tuple(self._method_rules.values())
 
     def wrap_method(
-        self, rule_id: str, method: str, builder: Callable[[Callable[..., Any]], Callable[..., Any]]
+        self, rule_id: str, method: str, builder: Callable[[MethodType], Callable[..., Any]]
     ) -> None:
         """Register a method rule; one rule per method, ids unique."""
         if not callable(builder):

@@ -16,12 +16,13 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, GetCoreSchemaHandler, ValidationError
+from pydantic_core import PydanticCustomError, core_schema
 
 from .errors import AccelerationPluginConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+_T = TypeVar("_T")
 
 
 class StanzaModel(BaseModel):
@@ -128,9 +129,21 @@ def _exact_choice(choices: tuple[Any, ...], value: Any) -> Any:
     raise PydanticCustomError("literal_error", "not an allowed value", {"choices": choices})
 
 
-def choice(*values: Any) -> Any:
-    """A field type that accepts exactly these values (type and value), e.g. `true` or a name."""
-    return Annotated[Literal[values], BeforeValidator(partial(_exact_choice, values))]
+class _ExactChoice:
+    """`Annotated` metadata: the `Literal` it annotates takes its values with their exact type."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        values = typing.get_args(source)
+        return core_schema.no_info_before_validator_function(
+            partial(_exact_choice, values), handler(source)
+        )
+
+
+# `Choice[Literal["min", "max"]]`: a field type that accepts exactly these values (type and
+# value, e.g. `true` or a name); a type checker sees the `Literal`.
+Choice = Annotated[_T, _ExactChoice()]
 
 
 # --- walking a model to a location ---------------------------------------------------------------
@@ -151,10 +164,17 @@ def unwrap_annotation(annotation: Any) -> Any:
             return annotation
 
 
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """`annotation` if it is a pydantic model class, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
 def _sub_annotation(annotation: Any, part: str | int) -> Any:
     annotation = unwrap_annotation(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        field = annotation.model_fields.get(str(part))
+    if (model := _model_class(annotation)) is not None:
+        field = model.model_fields.get(str(part))
         return field.annotation if field is not None else None
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -181,15 +201,14 @@ def _annotation_at(model: type[BaseModel], loc: Sequence[str | int]) -> Any:
 
 def _model_fields_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
     annotation = unwrap_annotation(_annotation_at(model, loc))
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return sorted(f.alias or name for name, f in annotation.model_fields.items())
+    if (found := _model_class(annotation)) is not None:
+        return sorted(f.alias or name for name, f in found.model_fields.items())
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         names: set[str] = set()
         for arg in typing.get_args(annotation):
-            arg = unwrap_annotation(arg)
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                names |= set(arg.model_fields)
+            if (member := _model_class(unwrap_annotation(arg))) is not None:
+                names |= set(member.model_fields)
         return sorted(names)
     return []
 
@@ -237,9 +256,9 @@ def describe_error(error: Mapping[str, Any], path: str, model: type[BaseModel]) 
         return f"{where}: required key is missing."
     if kind == "literal_error":
         choices = tuple(ctx.get("choices") or _literal_choices(_annotation_at(model, loc)))
-        allowed = ", ".join(show(c) for c in choices)
+        shown = ", ".join(show(c) for c in choices)
         hint = suggestion(str(value), [str(c) for c in choices])
-        return f"{where}: {show(value)} is not an allowed value{hint}; allowed: {allowed}."
+        return f"{where}: {show(value)} is not an allowed value{hint}; allowed: {shown}."
     if kind in ("model_type", "dict_type") and not loc:
         return f"{where}: expected a mapping of options, got {type(value).__name__} {show(value)}."
     if kind in _EXPECTED_BY_ERROR:
@@ -254,6 +273,7 @@ def describe_error(error: Mapping[str, Any], path: str, model: type[BaseModel]) 
     if kind in ("too_short", "too_long", "string_too_short", "string_too_long"):
         short = kind.endswith("too_short")
         limit = ctx.get("min_length" if short else "max_length")
+        actual: object  # pydantic's count of a sequence's entries
         if isinstance(value, str):
             actual, unit = len(value), "characters"
         else:

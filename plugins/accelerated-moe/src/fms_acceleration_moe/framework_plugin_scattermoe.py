@@ -136,7 +136,7 @@ class ScatterMoEAccelerationPlugin(AccelerationPlugin):
                 self.model_patcher.register(rule)
         if self._shard is None:
             return []
-        if model is not None:
+        if model is not None and self._spec is not None:  # set with the shard
             refuse_lora_on_expert_shards(model, self._spec, self._ep_degree)
         if accelerator is not None:
             refuse_fsdp1(accelerator, self._ep_degree)

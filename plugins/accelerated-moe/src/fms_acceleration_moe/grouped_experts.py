@@ -186,7 +186,7 @@ def _module_keys(module: GroupedExperts, prefix: str) -> dict[str, list[str]]:
     keys = original_keys(module.per_expert_names, module.num_experts, prefix)
     if module.per_expert_names is None:
         return keys
-    out = {}
+    out: dict[str, list[str]] = {}
     for fused, names in keys.items():
         out[fused] = []
         for key in names:

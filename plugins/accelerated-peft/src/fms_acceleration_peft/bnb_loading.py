@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -12,7 +12,8 @@ from fms_acceleration.compat import dtype_kwargs
 
 from .bnb_cpu_repack import disable_cpu_weight_repacking
 
-QUANT_TYPES = ("nf4", "fp4")
+QuantType = Literal["nf4", "fp4"]
+QUANT_TYPES: tuple[str, ...] = get_args(QuantType)
 
 
 def bnb_4bit_config(quant_type: str, compute_dtype: torch.dtype):

@@ -12,14 +12,14 @@ import torch
 from fms_acceleration import (
     AccelerationPlugin,
     AccelerationPluginConfigError,
+    Choice,
     ModelPatcherRule,
     ModelPatcherTrigger,
     StanzaModel,
-    choice,
 )
 
 from .dtypes import pop_requested_dtype, resolve_dtype
-from .gptq_kernels import GPTQMODEL_KERNELS, KERNELS, REFERENCE_KERNEL, group_size_for
+from .gptq_kernels import GPTQMODEL_KERNELS, REFERENCE_KERNEL, Kernel, group_size_for
 from .gptq_sharding import build_forward_with_original_views, quantized_tensors_as_parameters
 from .peft_wrapping import QuantizedLoraPlugin, wrap_with_lora
 
@@ -36,7 +36,7 @@ _REFERENCE_MISSING_AUTO_GPTQ = (
 class GPTQOptions(StanzaModel):
     """The `peft.quantization.auto_gptq` stanza."""
 
-    kernel: choice(*KERNELS) = REFERENCE_KERNEL
+    kernel: Choice[Kernel] = REFERENCE_KERNEL
     """GPTQ kernel with a backward pass: triton_v2 (ours; Triton on CUDA, torch on CPU), torch
     (ours), or a gptqmodel backend (gptq_triton, gptq_torch, gptq_torch_fused, gptq_torch_aten,
     auto_trainable; needs gptqmodel)"""

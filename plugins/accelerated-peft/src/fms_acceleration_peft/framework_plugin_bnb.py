@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError, StanzaModel, choice
+from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError, Choice, StanzaModel
 
 from .bnb_cpu_repack import disable_cpu_weight_repacking
 from .bnb_dequant_check import check_4bit_dequantize
-from .bnb_loading import QUANT_TYPES, load_4bit_model
+from .bnb_loading import QuantType, load_4bit_model
 from .dtypes import pop_requested_dtype, resolve_dtype
 from .lora import lora_hits_on_embeddings
 from .peft_wrapping import PEFT_WRAPPING_SLOT, QuantizedLoraPlugin, wrap_with_lora
@@ -22,7 +22,7 @@ QUANTIZE_EMBEDDINGS_KEY = f"plugins.{BNB_STANZA}.quantize_embeddings"
 class BNBOptions(StanzaModel):
     """The `peft.quantization.bitsandbytes` stanza."""
 
-    quant_type: choice(*QUANT_TYPES) = "nf4"
+    quant_type: Choice[QuantType] = "nf4"
     """4-bit data type of the base weights"""
     no_peft_model: bool = False
     """true: only load in 4-bit; the trainer applies PEFT itself"""

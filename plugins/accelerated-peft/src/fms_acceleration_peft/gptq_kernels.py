@@ -8,22 +8,25 @@ backends are optional accelerated paths, used only when named and installed.
 from __future__ import annotations
 
 import warnings
+from typing import Final, Literal, get_args
 
 import torch
 
 # The reference project's name for the Triton kernel with a backward pass; the default.
-REFERENCE_KERNEL = "triton_v2"
+REFERENCE_KERNEL: Final = "triton_v2"
+OwnKernel = Literal["triton_v2", "torch"]
 # our kernels -> the GPTQLinear path they run
-OWN_KERNELS = {"triton_v2": "auto", "torch": "torch"}
+OWN_KERNELS: dict[OwnKernel, str] = {"triton_v2": "auto", "torch": "torch"}
 # gptqmodel BACKEND values whose QuantLinear declares SUPPORTS_TRAINING (gptqmodel 7.6)
-GPTQMODEL_KERNELS = (
+GptqmodelKernel = Literal[
     "gptq_triton",
     "gptq_torch",
     "gptq_torch_fused",
     "gptq_torch_aten",
     "auto_trainable",
-)
-KERNELS = (*OWN_KERNELS, *GPTQMODEL_KERNELS)
+]
+GPTQMODEL_KERNELS: tuple[str, ...] = get_args(GptqmodelKernel)
+Kernel = Literal[OwnKernel, GptqmodelKernel]
 # gptqmodel kernels that need CUDA; on CPU its torch kernel does the same math
 _GPTQMODEL_CUDA_ONLY = {"gptq_triton"}
 

@@ -68,8 +68,8 @@ class MultipackDataloaderAccelerationPlugin(AccelerationPlugin):
             raise AccelerationPluginConfigError(
                 f"plugins.{MULTIPACK_PATH}: multipack replaces the training sampler; {asked}"
             )
-        seed = getattr(train_args, "data_seed", None)
-        seed = getattr(train_args, "seed", 42) if seed is None else seed
+        data_seed = getattr(train_args, "data_seed", None)
+        seed = getattr(train_args, "seed", 42) if data_seed is None else data_seed
         self.accelerator_patcher.replace(
             "multipack-dataloader",
             AcceleratorPatcherComponent.data_loader,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
-from typing import Any
+from types import MethodType
+from typing import Any, Literal
 
 import torch
 
@@ -13,10 +14,10 @@ from fms_acceleration import (
     AccelerationPlugin,
     AccelerationPluginConfigError,
     AcceleratorPatcherComponent,
+    Choice,
     ModelPatcherRule,
     ModelPatcherTrigger,
     StanzaModel,
-    choice,
 )
 from fms_acceleration.errors import AccelerationFrameworkError
 from fms_acceleration.model_patcher import forward_like
@@ -38,7 +39,7 @@ class PackedBatchError(AccelerationFrameworkError):
 class PaddingFreeOptions(StanzaModel):
     """The `training.attention.padding_free` stanza."""
 
-    method: choice("huggingface") = "huggingface"
+    method: Choice[Literal["huggingface"]] = "huggingface"
     """how batches are flattened: huggingface (transformers' DataCollatorWithFlattening)"""
 
 
@@ -125,13 +126,13 @@ def _flattening_builder(boundaries: bool) -> Callable[[Any], Any]:
     return build
 
 
-def build_token_counter(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def build_token_counter(original: MethodType) -> Callable[[Any], Any]:
     """Trainer._track_num_input_tokens that counts a flattened batch's tokens as non-padding.
 
     A flattened batch has no attention mask to count by (the Trainer then warns at every step
     and counts all tokens); every one of its tokens is a real one, which is what is counted.
     """
-    trainer = original.__self__
+    trainer: Any = original.__self__  # the transformers Trainer (not imported here)
 
     def track(inputs: dict[str, Any]) -> Any:
         flattened = "attention_mask" not in inputs and "position_ids" in inputs

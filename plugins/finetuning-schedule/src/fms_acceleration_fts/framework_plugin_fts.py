@@ -318,7 +318,7 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
                 continue
             wanted = getattr(args, "metric_for_best_model", None)
             monitor = reinit.pl_lrs_cfg.monitor
-            if wanted is None or _metric_key(wanted) != _metric_key(monitor):
+            if wanted is None or monitor is None or _metric_key(wanted) != _metric_key(monitor):
                 raise AccelerationPluginConfigError(
                     f"{PATH}.{where}.pl_lrs_cfg.monitor: {monitor!r}, but the Trainer steps "
                     "ReduceLROnPlateau with TrainingArguments.metric_for_best_model, which is "
@@ -328,17 +328,18 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
     def _extend_epochs(self, args: Any) -> None:
         """FTS raises max_epochs to what the schedule needs; the Trainer reads num_train_epochs
         when train() starts, so raising it here lengthens the run (and its LR schedule)."""
-        needed = schedule_epochs(self.parsed.phases) if self.parsed is not None else None
-        if needed is None or not hasattr(args, "num_train_epochs"):
+        parsed = self.parsed
+        needed = schedule_epochs(parsed.phases) if parsed is not None else None
+        if parsed is None or needed is None or not hasattr(args, "num_train_epochs"):
             return
         current = args.num_train_epochs
-        last = len(self.parsed.phases) - 1
+        last = len(parsed.phases) - 1
         logger.warning(
             "%s.ft_schedule: the final phase's max_transition_epoch (%d) is not a transition; "
             "the run lasts the greater of num_train_epochs (%s) and the largest "
             "max_transition_epoch of phases 1..%d (%d) epochs, as in FTS",
             PATH,
-            self.parsed.phases[last].max_transition_epoch,
+            parsed.phases[last].max_transition_epoch,
             current,
             last,
             needed,

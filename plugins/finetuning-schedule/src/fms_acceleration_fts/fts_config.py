@@ -4,11 +4,11 @@ the callback reads, taken from it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from fms_acceleration import StanzaModel, choice
+from fms_acceleration import Choice, StanzaModel
 
 from .schedule import LrSchedulerReinit, OptimizerReinit
 
@@ -29,7 +29,7 @@ class EarlyStoppingOptions(StanzaModel):
     """evaluations without improvement"""
     min_delta: Annotated[float, Field(ge=0)] = 0.0
     """smallest change counted as improvement"""
-    mode: choice("min", "max") = "min"
+    mode: Choice[Literal["min", "max"]] = "min"
     """min: lower is better"""
     check_finite: bool = True
     """stop training when the monitored metric is NaN or infinite"""

@@ -329,10 +329,10 @@ def reinit_scheduler(
 
 
 # ----------------------------------------------------------------------------------- pacing
-_PACED: dict[type, type] = {}
+_PACED: dict[type[LRScheduler], type[LRScheduler]] = {}
 
 
-def paced_class(base: type) -> type:
+def paced_class(base: type[LRScheduler]) -> type[LRScheduler]:
     """A subclass of `base` whose step() the Trainer calls every optimizer step but which only
     advances every `fts_frequency` steps, or (interval epoch) only from epoch_end()."""
     if base in _PACED:

@@ -47,8 +47,11 @@ class PhaseThawing(CallbackBase):
                     f"{name}.{pn}" if name else pn
                     for pn, _ in module.named_parameters(recurse=False)
                 ]
-                depths = [phase_of.get(self.adapter.logical_param_name(a)) for a in own]
-                depths = [d for d in depths if d is not None]
+                depths = [
+                    d
+                    for a in own
+                    if (d := phase_of.get(self.adapter.logical_param_name(a))) is not None
+                ]
                 module.track_running_stats = bool(depths) and min(depths) <= depth
 
     def _no_decay_rule(self) -> Callable[[str], bool] | None:

@@ -17,13 +17,13 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import regex
 import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, model_validator
 
-from fms_acceleration import StanzaModel, choice, validate_model
+from fms_acceleration import Choice, StanzaModel, validate_model
 from fms_acceleration.errors import AccelerationPluginConfigError
 from fms_acceleration.validation import show, suggestion
 from fms_acceleration.yaml_loading import load_yaml, read_yaml_file
@@ -98,7 +98,7 @@ def _nest(value: Any, key: str) -> Any:
 class LrsConfig(StanzaModel):
     """How the Trainer steps a reinitialized LR scheduler (Lightning's LRSchedulerConfig keys)."""
 
-    interval: choice("epoch", "step") = "epoch"
+    interval: Choice[Literal["epoch", "step"]] = "epoch"
     """step the scheduler once per epoch (FTS's default) or once per optimizer step"""
     frequency: Annotated[int, Field(ge=1)] = 1
     """step every `frequency` intervals"""
@@ -106,7 +106,7 @@ class LrsConfig(StanzaModel):
     """ReduceLROnPlateau: metric it reduces on (must be TrainingArguments.metric_for_best_model)"""
     name: str | None = None
     """label only; the Trainer logs one learning_rate"""
-    strict: choice(True) = True
+    strict: Choice[Literal[True]] = True
     """the Trainer always fails when the monitored metric is missing"""
     reduce_on_plateau: bool | None = None
     """derived from the scheduler class when omitted"""

@@ -3,16 +3,17 @@ LoRA."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from fms_acceleration import (
     AccelerationPlugin,
     AccelerationPluginConfigError,
+    Choice,
     Requirement,
     StanzaModel,
-    choice,
 )
 
 from .models import arch_spec_for, build_kernel_rules
@@ -21,7 +22,6 @@ from .models.rules import FUSED_CE
 
 TRAINING_PATH = "training.fused_ops_and_kernels"
 PEFT_PATH = "peft.quantization.fused_ops_and_kernels"
-BASE_LAYERS = ("auto_gptq", "bitsandbytes")
 
 
 class FusedOpsOptions(StanzaModel):
@@ -32,22 +32,22 @@ class FusedOpsOptions(StanzaModel):
     of these default to true here, so null would silently turn on what the user meant off.
     """
 
-    base_layer: choice(*BASE_LAYERS) | None = None
+    base_layer: Choice[Literal["auto_gptq", "bitsandbytes"]] | None = None
     """quantized base layer the fused LoRA kernels target (the peft plugin's loader); default
     auto_gptq"""
     # the switches: None only when left out (pydantic does not validate a default)
-    fused_lora: bool = None
+    fused_lora: bool = Field(default=None)
     """fused LoRA forward/backward on quantized base layers; default false under training.,
     true under peft.quantization."""
-    fast_loss: choice(True, False, FUSED_CE) = None
+    fast_loss: Choice[Literal[True, False, "fused_ce_liger"]] = Field(default=None)
     """true: Triton cross-entropy; fused_ce_liger: fused lm_head + cross-entropy; default true"""
-    fast_rms_layernorm: bool = None
+    fast_rms_layernorm: bool = Field(default=None)
     """Triton RMSNorm; default true"""
-    fast_rope_embeddings: bool = None
+    fast_rope_embeddings: bool = Field(default=None)
     """Triton rotary embedding of q, k; default true"""
-    fast_swiglu: bool = None
+    fast_swiglu: bool = Field(default=None)
     """Triton SwiGLU in the MLPs (dense and MoE experts); default true"""
-    fused_linear_loss: bool = None
+    fused_linear_loss: bool = Field(default=None)
     """legacy spelling of fast_loss: fused_ce_liger (needs fast_loss: false); default false"""
 
 

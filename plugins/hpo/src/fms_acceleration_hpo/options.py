@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, model_validator
 
-from fms_acceleration import StanzaModel, choice
+from fms_acceleration import Choice, StanzaModel
 from fms_acceleration.discovery import known_stanza_paths
 from fms_acceleration.validation import suggestion
 
@@ -139,7 +139,7 @@ class SearchParameter(StanzaModel):
 
     name: Annotated[str, AfterValidator(_name)]
     """parameter name in the study (and the default target)"""
-    type: choice("float", "int", "categorical")
+    type: Choice[Literal["float", "int", "categorical"]]
     """optuna distribution: suggest_float, suggest_int or suggest_categorical"""
     low: Annotated[float | None, AfterValidator(_range_bound)] = Field(None, validate_default=True)
     """lower bound (float and int)"""
@@ -162,12 +162,19 @@ class SearchParameter(StanzaModel):
         """Where the suggested value goes."""
         return self.target or self.name
 
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a float or int parameter (validation requires both for those)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.name}: a {self.type} parameter needs low and high")
+        return self.low, self.high
+
     def suggest_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the matching optuna `suggest_<type>`."""
         if self.type == "categorical":
             return {"choices": list(self.choices or [])}
         if self.type == "int":
-            kwargs: dict[str, Any] = {"low": int(self.low), "high": int(self.high), "log": self.log}
+            low, high = self.bounds()
+            kwargs: dict[str, Any] = {"low": int(low), "high": int(high), "log": self.log}
             return {**kwargs, "step": int(self.step or 1)}
         return {"low": self.low, "high": self.high, "log": self.log, "step": self.step}
 
@@ -195,7 +202,7 @@ def _pruner(*kinds: str) -> Any:
 class SamplerOptions(StanzaModel):
     """How optuna proposes the next trial's parameters."""
 
-    type: choice("tpe", "random") = "tpe"
+    type: Choice[Literal["tpe", "random"]] = "tpe"
     """tpe (Tree-structured Parzen Estimator) or random"""
     seed: Annotated[int, Field(ge=0)] | None = 0
     """seed of the sampler's random numbers (null: a new seed each run)"""
@@ -216,9 +223,9 @@ class SamplerOptions(StanzaModel):
 class PrunerOptions(StanzaModel):
     """How optuna stops unpromising trials early, from their reported values."""
 
-    type: choice("median", "percentile", "successive_halving", "hyperband", "threshold", "nop") = (
-        "median"
-    )
+    type: Choice[
+        Literal["median", "percentile", "successive_halving", "hyperband", "threshold", "nop"]
+    ] = "median"
     """median, percentile, successive_halving, hyperband, threshold or nop (never prune)"""
     n_startup_trials: Annotated[int | None, Field(ge=0), _pruner("median", "percentile")] = None
     """median/percentile: finished trials before pruning starts"""
@@ -265,7 +272,7 @@ class HPOOptions(StanzaModel):
 
     metric: str = "eval_loss"
     """evaluation metric reported to the trial (the eval_ prefix may be left out)"""
-    direction: choice("minimize", "maximize") = "minimize"
+    direction: Choice[Literal["minimize", "maximize"]] = "minimize"
     """minimize or maximize the metric"""
     eval_every: Annotated[int, Positive] = 10
     """evaluate (and report to the pruner) every N optimizer steps, and at the last step"""

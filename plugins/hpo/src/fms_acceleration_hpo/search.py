@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 
@@ -137,7 +137,8 @@ class _Search:
         self.trials_run += 1
         if self.trials_run == 2:  # the ready-for-train table is the same for every trial
             logging.getLogger("fms_acceleration").setLevel(logging.WARNING)
-        plugin: OptunaPlugin = framework.plugins[PLUGIN_ID]
+        # the plugin registered under PLUGIN_ID is this package's OptunaPlugin
+        plugin = cast(OptunaPlugin, framework.plugins[PLUGIN_ID])
         plugin.attach_trial(shared)
         plugin.quiet_progress = True
         try:
@@ -251,7 +252,7 @@ def _lead(search: _Search) -> SearchResult:
         f"{len(study.get_trials(deepcopy=False))} trials so far, {request.trials} in total"
     )
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | None:
         if search.world > 1:
             _broadcast(_GO)
         return search.run_trial(trial, opened.sampler_root)

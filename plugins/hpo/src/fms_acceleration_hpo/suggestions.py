@@ -41,14 +41,11 @@ def suggest_search_space(
 
 def lowest_values(search_space: Sequence[SearchParameter]) -> dict[str, Any]:
     """A valid point of the space (low bounds, first choices) to check the targets with."""
-    return {
-        entry.name: (
-            entry.choices[0]
-            if entry.type == "categorical"
-            else (int(entry.low) if entry.type == "int" else entry.low)
-        )
-        for entry in search_space
-    }
+    values = {}
+    for entry in search_space:
+        kwargs = entry.suggest_kwargs()
+        values[entry.name] = kwargs["choices"][0] if entry.type == "categorical" else kwargs["low"]
+    return values
 
 
 def apply_values(

@@ -90,7 +90,7 @@ def run_worker(
     storage: StudyStorage,
     study_name: str,
     n_trials: int,
-    objective: Callable[[optuna.Trial], float],
+    objective: Callable[[optuna.Trial], float | None],
     *,
     timeout: float | None = None,
     callbacks: Sequence[Callable[[optuna.Study, Any], None]] = (),
@@ -102,7 +102,7 @@ def run_worker(
     """
     budget = TrialBudget(n_trials, lambda: storage.lock(study_name))
 
-    def run(trial: optuna.Trial) -> float:
+    def run(trial: optuna.Trial) -> float | None:
         budget.release()  # the trial exists: other workers may count and start theirs
         try:
             return objective(trial)

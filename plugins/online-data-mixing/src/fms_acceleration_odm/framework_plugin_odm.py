@@ -9,18 +9,23 @@ mixer restores its own position on resume).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
-from fms_acceleration import AccelerationPlugin, StanzaModel, choice
+from fms_acceleration import AccelerationPlugin, Choice, StanzaModel
 
 from .errors import ODMConfigError
-from .odm.bandit import EXPLORATION_SCHEDULES
+from .odm.bandit import ExplorationSchedule
 from .odm.dataset import LOG_FILE
 from .odm.reward import Reward
 
 ODM_PATH = "training.odm.odm"
+
+if TYPE_CHECKING:
+    RewardName = str
+else:  # the values of the Reward enum, so the names are defined once
+    RewardName = Choice[Literal[tuple(r.value for r in Reward)]]
 
 
 def _lower(value: Any) -> Any:
@@ -39,7 +44,7 @@ class ODMOptions(StanzaModel):
     """update the sampling weights every N optimizer steps (null: 1)"""
     sampling_interval: Annotated[int, Field(ge=1)] = 1
     """draw a category for every N samples"""
-    reward_type: Annotated[choice(*(r.value for r in Reward)), BeforeValidator(_lower)] = "entropy"
+    reward_type: Annotated[RewardName, BeforeValidator(_lower)] = "entropy"
     """what rewards a category (any letter case)"""
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     """uniform share of the mixture (0 < gamma <= 1)"""
@@ -47,7 +52,7 @@ class ODMOptions(StanzaModel):
     """step size of the weight updates (> 0)"""
     resume_from_checkpoint: bool | str = False
     """a checkpoint folder to restore the mixer from (else checkpoint-<step> in output_dir)"""
-    exploration: choice(*EXPLORATION_SCHEDULES) = "constant"
+    exploration: Choice[ExplorationSchedule] = "constant"
     """constant gamma, or the paper's decaying schedule min(1, sqrt(K ln K / t))"""
     auto_categorize_input_column: str | None = None
     """the column clustered when one dataset is split into categories"""

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .base import StrategyAdapter
+from .base import AdapterOptions, StrategyAdapter
 
 
 class DDPStrategyAdapter(StrategyAdapter):
@@ -25,7 +25,7 @@ class DDPStrategyAdapter(StrategyAdapter):
     strategy_name: ClassVar[str] = "ddp"
     wrapper_prefixes: ClassVar[tuple[str, ...]] = ("module.",)
 
-    class Options(StrategyAdapter.Options):
+    class Options(AdapterOptions):
         sync_thawed_grads: bool = True
         """average gradients of parameters thawed after DDP was built"""
         separate_process_group: bool = True

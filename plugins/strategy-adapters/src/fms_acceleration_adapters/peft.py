@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import StrategyAdapter
+from .base import AdapterOptions, StrategyAdapter
 from .errors import StrategyAdapterError
 from .peft_names import PEFT_PREFIX
 
@@ -23,7 +23,7 @@ class PeftStrategyAdapter(StrategyAdapter):
 
     strategy_name: ClassVar[str] = "peft"
 
-    class Options(StrategyAdapter.Options):
+    class Options(AdapterOptions):
         peft: bool | None = True
         """translate PEFT names (always on here)"""
         default_schedule_trainable_only: bool = True

@@ -117,9 +117,9 @@ def discover_strategy_adapters() -> dict[str, type[StrategyAdapter]]:
             broken.append(
                 BrokenEntryPoint(entry.name, entry.value, entry.package, entry.version, str(exc))
             )
-    for entry in broken:
+    for failure in broken:
         warnings.warn(
-            f"strategy adapter entry point {entry.describe()}; it is skipped",
+            f"strategy adapter entry point {failure.describe()}; it is skipped",
             StrategyAdapterWarning,
             stacklevel=2,
         )

@@ -147,7 +147,7 @@ def arch_spec_for(model: torch.nn.Module) -> MoeArchSpec:
     name = type(base).__name__
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
-    spec = ARCHITECTURES.get(model_type)
+    spec = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     supported = ", ".join(sorted(SUPPORTED_CAUSAL_LMS))
     if spec is None or spec.causal_lm != name:
         has_experts = any(

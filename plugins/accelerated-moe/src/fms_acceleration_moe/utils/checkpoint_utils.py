@@ -110,7 +110,8 @@ def to_original_layout(
     from ..models.architectures import ARCHITECTURES
 
     spec = ARCHITECTURES.get(model_type) if model_type else None
-    split = spec is not None and not compat.fused_moe_experts()
+    # the architecture whose fused experts are split, when the installed transformers wants that
+    split_spec = spec if spec is not None and not compat.fused_moe_experts() else None
     lora = any(_is_lora(k) for k in state_dict)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -120,8 +121,8 @@ def to_original_layout(
         if lora and not key.startswith(PEFT_PREFIX):
             key = PEFT_PREFIX + key
         prefix, _, leaf = key.rpartition(".")
-        if split and leaf in (GATE_UP, DOWN) and tensor.dim() == 3:
-            keys = original_keys(spec.per_expert_names, tensor.shape[0], prefix + ".")
+        if split_spec is not None and leaf in (GATE_UP, DOWN) and tensor.dim() == 3:
+            keys = original_keys(split_spec.per_expert_names, tensor.shape[0], prefix + ".")
             out.update(split_fused(leaf, tensor, keys[leaf]))
             continue
         out[key] = tensor

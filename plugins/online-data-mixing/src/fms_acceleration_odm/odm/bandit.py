@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
-EXPLORATION_SCHEDULES = ("constant", "decaying")
+ExplorationSchedule = Literal["constant", "decaying"]
+EXPLORATION_SCHEDULES: tuple[str, ...] = get_args(ExplorationSchedule)
 
 
 def exploration_rate(schedule: str, gamma: float, categories: int, updates: int) -> float:

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import DataCollatorWithFlattening
 
 IGNORE_INDEX = -100
 # the kwargs DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds to a batch
@@ -47,14 +46,23 @@ def check_rows(features: Sequence[Any]) -> None:
             )
 
 
-class FlatteningCollator(DataCollatorWithFlattening):
-    """DataCollatorWithFlattening that checks its rows first (see `check_rows`)."""
+class FlatteningCollator:
+    """transformers' DataCollatorWithFlattening that checks its rows first (see `check_rows`).
+
+    It holds the collator instead of subclassing it: importing it imports transformers' data
+    package, which on transformers 4.55 imports scikit-learn, and plugin discovery imports this
+    module whether or not padding-free is configured."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.collator = DataCollatorWithFlattening(**kwargs)
 
     def __call__(
         self, features: Sequence[Any], return_tensors: str | None = None, separator_id=None
     ) -> dict[str, Any]:
         check_rows(features)
-        return super().__call__(features, return_tensors, separator_id)
+        return self.collator(features, return_tensors, separator_id)
 
 
 def is_packed(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:

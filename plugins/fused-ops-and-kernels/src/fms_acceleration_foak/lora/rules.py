@@ -10,8 +10,8 @@ from peft.tuners.lora import LoraLayer
 
 from fms_acceleration import AccelerationPluginConfigError, ModelPatcherRule, ModelPatcherTrigger
 
-from ..kernels.fused_lora_bases import BASE_LAYER_KINDS, base_layer_kind
 from ..models.architectures import is_silu
+from .base_layers import BASE_LAYER_KINDS, base_layer_kind, missing_provider_reason
 from .forwards import FusedProjectionGroup, fused_linear_forward, fused_mlp_forward
 from .peft_layers import LoRAProjectionSource, active_adapter, lora_skip_reason
 
@@ -95,6 +95,12 @@ def _check_base_layers(lora: list[tuple[str, LoraLayer]], base_layer: str) -> No
             "accelerated-peft plugin); this model has no LoRA layer on its attention or MLP "
             f"projections {[*QKV_ROLES, OUT_ROLE, *MLP_ROLES]}"
         )
+    for name, module in lora:
+        missing = missing_provider_reason(module.get_base_layer())
+        if missing is not None:
+            raise AccelerationPluginConfigError(
+                f"{BASE_LAYER_PATH} is {base_layer!r}, but the base layer of {name}: {missing}"
+            )
     kinds = [(n, base_layer_kind(m.get_base_layer())) for n, m in lora]
     wrong = [(n, kind) for n, kind in kinds if kind != base_layer]
     if wrong:

@@ -375,8 +375,10 @@ def test_model_without_lora_or_unsupported_arch_is_a_config_error():
     ):
         build_fused_lora_rules(plain, "plain")
     bigcode = AutoModelForCausalLM.from_config(tiny_model_config("gpt_bigcode"))
-    with pytest.raises(AccelerationPluginConfigError, match="got 'gpt_bigcode'"):
+    with pytest.raises(AccelerationPluginConfigError, match="got 'gpt_bigcode'") as err:
         build_fused_lora_rules(bigcode, "plain")
+    # every architecture of the plugin's one table that names its attention class
+    assert f"fused_lora supports model types {sorted(DENSE + MOE)};" in str(err.value)
 
 
 def test_framework_with_bnb_loader_fuses_and_matches_unpatched(tmp_path):

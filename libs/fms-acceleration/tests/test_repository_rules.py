@@ -4,6 +4,7 @@ importing another plugin's modules."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,25 @@ def test_no_plugin_imports_another_plugin(module):
         if other in plugins - LIBRARIES - {module}
     }
     assert not offenders, sorted(offenders)
+
+
+# quantization libraries (and their usual abbreviations); the core's stanza paths
+# peft.quantization.<key> are YAML keys of the reference's plugins, not the libraries
+QUANTIZATION_LIBRARIES = re.compile(r"bitsandbytes|\bbnb|gptqmodel|auto[_-]?gptq|linear4bit", re.I)
+STANZA_PATH = re.compile(r"peft\.quantization\.\w+")
+
+
+def test_core_names_no_quantization_library():
+    """Quantized layers reach the core through the plugin that loads them (a registered
+    QuantizedLayerKind), so the core never imports, names or special-cases a library."""
+    core = ROOT / "libs/fms-acceleration/src"
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted(core.rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if QUANTIZATION_LIBRARIES.search(STANZA_PATH.sub("", line))
+    ]
+    assert offenders == []
 
 
 def test_core_depends_on_torch_pyyaml_pydantic_packaging_only():

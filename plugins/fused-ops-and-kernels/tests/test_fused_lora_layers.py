@@ -207,7 +207,7 @@ def test_base_weight_is_not_saved_for_backward(seed):
 
 
 def test_frozen_base_rejects_unsupported_layers():
-    from fms_acceleration_foak.kernels.fused_lora_bases import base_layer_kind, frozen_base
+    from fms_acceleration_foak.lora.base_layers import base_layer_kind, frozen_base
 
     trainable_bias = torch.nn.Linear(8, 8)
     with pytest.raises(ValueError, match="bias is trainable"):
@@ -216,6 +216,98 @@ def test_frozen_base_rejects_unsupported_layers():
     assert base_layer_kind(conv) == "torch.nn.modules.conv.Conv1d"
     with pytest.raises(ValueError, match="not a plain, bitsandbytes-4bit or GPTQ"):
         frozen_base(conv)
+    int8 = torch.nn.Linear(8, 8, bias=False).requires_grad_(False)
+    int8.weight.data = torch.ones(8, 8, dtype=torch.int8)  # an nn.Linear, but not float weights
+    assert base_layer_kind(int8) == "torch.nn.modules.linear.Linear"
+    with pytest.raises(ValueError, match="Linear is not a plain, bitsandbytes-4bit or GPTQ"):
+        frozen_base(int8)
+
+
+class RowScaledInt8Linear(torch.nn.Module):
+    """A quantized linear layer of no known library: int8 codes times one scale per row."""
+
+    def __init__(self, weight: torch.Tensor, rotated: bool = False):
+        super().__init__()
+        scale = weight.abs().amax(dim=1, keepdim=True) / 127
+        self.register_buffer("codes", torch.round(weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", torch.randn(weight.shape[0]))
+        self.out_features, self.in_features = weight.shape
+        self.rotated = rotated
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scale
+
+
+@pytest.fixture
+def quantized_layer_registry(monkeypatch):
+    """The core's registry of quantized layer kinds, empty for one test."""
+    from fms_acceleration import quantized_linear
+
+    monkeypatch.setattr(quantized_linear, "_KINDS", {})
+    return quantized_linear
+
+
+def test_frozen_base_reads_a_registered_kind_through_its_dequantizer(
+    quantized_layer_registry, seed
+):
+    from fms_acceleration_foak.lora.base_layers import (
+        base_layer_kind,
+        frozen_base,
+        unsupported_reason,
+    )
+
+    ql = quantized_layer_registry
+    weight = torch.randn(37, 53)
+    layer, rotated = RowScaledInt8Linear(weight), RowScaledInt8Linear(weight, rotated=True)
+    class_path = f"{__name__}.RowScaledInt8Linear"
+    assert base_layer_kind(layer) == class_path
+    with pytest.raises(ValueError, match="RowScaledInt8Linear is not a plain, bitsandbytes-4bit"):
+        frozen_base(layer)
+    calls = []
+    kind = ql.QuantizedLayerKind(
+        "row_int8",
+        matches=lambda m: class_path in ql.class_paths(m),
+        dequantizer=lambda m: calls.append(m) or m.dequantize,
+        unsupported_reason=lambda m: "the layer is rotated" if m.rotated else None,
+    )
+    ql.register_quantized_layer(kind)
+    assert ql.quantized_layer_kinds() == (kind,) and ql.quantized_layer_kind(layer) is kind
+    assert base_layer_kind(layer) == "row_int8"
+    assert unsupported_reason(rotated) == "the layer is rotated"
+    with pytest.raises(ValueError, match="over RowScaledInt8Linear: the layer is rotated"):
+        frozen_base(rotated)
+    base = frozen_base(layer)
+    assert calls == [layer] and base.out_features == 37
+    assert torch.equal(base.weight(torch.float32), layer.codes.float() * layer.scale)
+    assert base.bias is layer.bias
+    # int8 per-row quantization: every weight within half a step of its row's scale
+    assert ((base.weight(torch.float32) - weight).abs() <= layer.scale / 2 + 1e-6).all()
+    before = base.weight(torch.float32).clone()
+    layer.codes.mul_(-1)  # read at call time: a replaced weight is seen
+    assert torch.equal(base.weight(torch.float32), -before) and calls == [layer]
+
+
+def test_a_quantization_library_layer_nobody_registered_says_what_to_install(
+    quantized_layer_registry,
+):
+    from fms_acceleration_foak.lora.base_layers import frozen_base, missing_provider_reason
+
+    ql = quantized_layer_registry
+    # a class where bitsandbytes keeps its Linear4bit (bitsandbytes itself need not be installed)
+    cls = type("Linear4bit", (torch.nn.Linear,), {"__module__": "bitsandbytes.nn.modules"})
+    layer = cls(8, 8, bias=False).requires_grad_(False)
+    layer.weight.data = torch.zeros(32, 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="install fms-acceleration-peft") as err:
+        frozen_base(layer)
+    assert "Linear4bit is a bitsandbytes layer" in str(err.value)
+    # once a bitsandbytes kind is registered, a layer it does not match is simply unsupported
+    ql.register_quantized_layer(
+        ql.QuantizedLayerKind("bitsandbytes", lambda m: False, lambda m: m.dequantize)
+    )
+    assert missing_provider_reason(layer) is None
+    with pytest.raises(ValueError, match="Linear4bit is not a plain, bitsandbytes-4bit or GPTQ"):
+        frozen_base(layer)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -224,7 +316,7 @@ def test_bnb_weight_repacked_for_cpu_is_restored(double_quant, seed):
     fused path restores the standard layout (and turns the repacking off) before dequantizing."""
     bnbF = pytest.importorskip("bitsandbytes.functional")
     pytest.importorskip("fms_acceleration_peft")  # owns the repack undo that the fused path calls
-    from fms_acceleration_foak.kernels.fused_lora_bases import frozen_base
+    from fms_acceleration_foak.lora.base_layers import frozen_base
     from fms_acceleration_foak.lora.quantized_stand_ins import bnb_4bit_from_linear
 
     layer = bnb_4bit_from_linear(

@@ -33,6 +33,7 @@ def _tiny_lora_model(arch="llama", base="plain", dtype=torch.float32, **lora_kwa
 
     if base != "plain":  # optional dependencies of the quantized bases
         pytest.importorskip(QUANTIZED_BASE_PACKAGES[base])
+        pytest.importorskip("fms_acceleration_peft")  # registers how to read their weights
     torch.manual_seed(0)
     overrides = {"attention_bias": True} if arch == "llama" else {}
     model = AutoModelForCausalLM.from_config(tiny_model_config(arch, **overrides))
@@ -167,7 +168,7 @@ def _fp32_twin(model):
 
     from peft.tuners.lora import LoraLayer
 
-    from fms_acceleration_foak.kernels.fused_lora_bases import frozen_base
+    from fms_acceleration_foak.lora.base_layers import frozen_base
 
     twin = copy.deepcopy(model)
     for module in twin.modules():
@@ -374,8 +375,10 @@ def test_model_without_lora_or_unsupported_arch_is_a_config_error():
     ):
         build_fused_lora_rules(plain, "plain")
     bigcode = AutoModelForCausalLM.from_config(tiny_model_config("gpt_bigcode"))
-    with pytest.raises(AccelerationPluginConfigError, match="got 'gpt_bigcode'"):
+    with pytest.raises(AccelerationPluginConfigError, match="got 'gpt_bigcode'") as err:
         build_fused_lora_rules(bigcode, "plain")
+    # every architecture of the plugin's one table that names its attention class
+    assert f"fused_lora supports model types {sorted(DENSE + MOE)};" in str(err.value)
 
 
 def test_framework_with_bnb_loader_fuses_and_matches_unpatched(tmp_path):

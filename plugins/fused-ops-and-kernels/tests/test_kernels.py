@@ -474,8 +474,11 @@ def test_swiglu_backward_hands_back_the_forward_activation(seed, device):
 def test_fused_lora_mlp_backward_uses_one_swiglu_kernel(seed, monkeypatch, device):
     # Fix 2: the fused LoRA MLP runs the SwiGLU kernels (forward and one backward pass)
     from fms_acceleration_foak.kernels import fused_lora
-    from fms_acceleration_foak.kernels.fused_lora import LoRAProjection, fused_lora_swiglu_mlp
-    from fms_acceleration_foak.kernels.fused_lora_bases import frozen_base
+    from fms_acceleration_foak.kernels.fused_lora import (
+        FrozenBase,
+        LoRAProjection,
+        fused_lora_swiglu_mlp,
+    )
 
     calls = []
     real = fused_lora.swiglu_backward
@@ -484,10 +487,11 @@ def test_fused_lora_mlp_backward_uses_one_swiglu_kernel(seed, monkeypatch, devic
     )
 
     def proj(n_in, n_out):
-        base = torch.nn.Linear(n_in, n_out, bias=False, device=device).requires_grad_(False)
+        weight = torch.randn(n_out, n_in, device=device) * 0.1
         a = torch.randn(4, n_in, device=device) * 0.1
         b = torch.randn(n_out, 4, device=device) * 0.1
-        return LoRAProjection(frozen_base(base), a.requires_grad_(), b.requires_grad_(), 2.0)
+        base = FrozenBase(lambda: weight, lambda: None, n_out)
+        return LoRAProjection(base, a.requires_grad_(), b.requires_grad_(), 2.0)
 
     gate, up, down = proj(16, 40), proj(16, 40), proj(40, 16)
     x = torch.randn(3, 5, 16, device=device, requires_grad=True)
@@ -537,6 +541,28 @@ def test_every_kernel_launch_goes_through_the_device_guard():
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
                     direct.append(f"{path.name}:{fn.name}")
     assert direct == ["_dispatch.py:launch"], direct
+
+
+def test_kernels_import_neither_the_framework_nor_the_model_libraries():
+    # kernels/__init__.py's rule: computation only (torch, triton), reusable on its own
+    banned = {"fms_acceleration", "transformers", "peft", "bitsandbytes", "gptqmodel"}
+    found = []
+    for path in sorted(Path(K.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.ImportFrom) and node.level > 1:  # leaves the subpackage
+                names = [f"{'.' * node.level}{node.module or ''}"]
+            else:
+                continue
+            found += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.startswith("..") or (n.split(".")[0] in banned)
+            ]
+    assert found == []
 
 
 def test_launches_are_guarded_with_the_input_device(seed, monkeypatch, device):

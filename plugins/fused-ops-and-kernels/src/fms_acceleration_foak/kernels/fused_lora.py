@@ -8,7 +8,7 @@ gradient is produced for them. Everything is computed in the input's dtype (the 
 when autocast is on), like the unfused layers; LoRA gradients are returned in the adapters' dtype.
 
 Nothing here imports fms_acceleration, transformers, peft, bitsandbytes or gptqmodel: the base
-weight arrives as a `FrozenBase` (see fused_lora_bases.py for the constructors).
+weight arrives as a `FrozenBase` (lora/base_layers.py builds one from a base layer).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Fused LoRA for peft-wrapped models: plan which projections fuse, and ModelPatcher rules."""
 
 from .rules import (
-    FUSED_LORA_ARCHS,
-    FusedLoRAArch,
+    FUSED_LORA_MODEL_TYPES,
     FusedLoRAPlan,
     build_fused_lora_rules,
     plan_fused_lora,
@@ -10,8 +9,7 @@ from .rules import (
 )
 
 __all__ = [
-    "FUSED_LORA_ARCHS",
-    "FusedLoRAArch",
+    "FUSED_LORA_MODEL_TYPES",
     "FusedLoRAPlan",
     "build_fused_lora_rules",
     "plan_fused_lora",

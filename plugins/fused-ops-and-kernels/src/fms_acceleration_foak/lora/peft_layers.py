@@ -6,7 +6,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from ..kernels.fused_lora import FrozenBase, LoRAProjection
-from ..kernels.fused_lora_bases import frozen_base, unsupported_reason
+from .base_layers import frozen_base, unsupported_reason
 
 
 def _dropout_p(dropout: torch.nn.Module) -> float:

@@ -10,8 +10,8 @@ from peft.tuners.lora import LoraLayer
 
 from fms_acceleration import AccelerationPluginConfigError, ModelPatcherRule, ModelPatcherTrigger
 
-from ..kernels.fused_lora_bases import BASE_LAYER_KINDS, base_layer_kind
-from ..models.architectures import is_silu
+from ..models.architectures import ARCHITECTURES, is_silu
+from .base_layers import BASE_LAYER_KINDS, base_layer_kind, missing_provider_reason
 from .forwards import FusedProjectionGroup, fused_linear_forward, fused_mlp_forward
 from .peft_layers import LoRAProjectionSource, active_adapter, lora_skip_reason
 
@@ -26,26 +26,12 @@ RULE_LINEAR = "fused_lora_linear"
 RULE_MLP = "fused_lora_mlp"
 
 
-@dataclass(frozen=True)
-class FusedLoRAArch:
-    """Class names of one architecture's attention and dense SwiGLU MLP (None: MoE experts)."""
-
-    attention: str
-    mlp: str | None
-
-
-# Every listed attention calls q/k/v_proj(hidden_states) then o_proj; every listed MLP computes
-# down_proj(silu(gate_proj(x)) * up_proj(x)). MoE experts are fused 3-D parameters in
-# transformers 5 (no per-expert nn.Linear for LoRA to wrap), so they stay unfused.
-FUSED_LORA_ARCHS: dict[str, FusedLoRAArch] = {
-    "llama": FusedLoRAArch("LlamaAttention", "LlamaMLP"),
-    "mistral": FusedLoRAArch("MistralAttention", "MistralMLP"),
-    "qwen2": FusedLoRAArch("Qwen2Attention", "Qwen2MLP"),
-    "qwen3": FusedLoRAArch("Qwen3Attention", "Qwen3MLP"),
-    "granite": FusedLoRAArch("GraniteAttention", "GraniteMLP"),
-    "mixtral": FusedLoRAArch("MixtralAttention", None),
-    "granitemoe": FusedLoRAArch("GraniteMoeAttention", None),
-}
+# Model types whose attention fused LoRA knows (ArchSpec.attention); their dense MLP, if any, is
+# ArchSpec.mlp. MoE experts are fused 3-D parameters in transformers 5 (no per-expert nn.Linear
+# for LoRA to wrap), so they stay unfused.
+FUSED_LORA_MODEL_TYPES: tuple[str, ...] = tuple(
+    sorted(t for t, spec in ARCHITECTURES.items() if spec.attention)
+)
 
 
 @dataclass
@@ -95,6 +81,12 @@ def _check_base_layers(lora: list[tuple[str, LoraLayer]], base_layer: str) -> No
             "accelerated-peft plugin); this model has no LoRA layer on its attention or MLP "
             f"projections {[*QKV_ROLES, OUT_ROLE, *MLP_ROLES]}"
         )
+    for name, module in lora:
+        missing = missing_provider_reason(module.get_base_layer())
+        if missing is not None:
+            raise AccelerationPluginConfigError(
+                f"{BASE_LAYER_PATH} is {base_layer!r}, but the base layer of {name}: {missing}"
+            )
     kinds = [(n, base_layer_kind(m.get_base_layer())) for n, m in lora]
     wrong = [(n, kind) for n, kind in kinds if kind != base_layer]
     if wrong:
@@ -154,11 +146,11 @@ def _plan_mlp(plan: FusedLoRAPlan, name: str, mlp: torch.nn.Module) -> None:
 def plan_fused_lora(model: torch.nn.Module, base_layer: str) -> FusedLoRAPlan:
     """Decide which q/k/v/o and MLP modules of a peft LoRA model take the fused path."""
     model_type = _model_type(model)
-    arch = FUSED_LORA_ARCHS.get(model_type)
-    if arch is None:
+    if model_type not in FUSED_LORA_MODEL_TYPES:
         raise AccelerationPluginConfigError(
-            f"fused_lora supports model types {sorted(FUSED_LORA_ARCHS)}; got {model_type!r}"
+            f"fused_lora supports model types {list(FUSED_LORA_MODEL_TYPES)}; got {model_type!r}"
         )
+    arch = ARCHITECTURES[model_type]
     blocks = [
         (name, module, kind)
         for name, module in model.named_modules()
@@ -176,7 +168,7 @@ def plan_fused_lora(model: torch.nn.Module, base_layer: str) -> FusedLoRAPlan:
     plan = FusedLoRAPlan(model_type, base_layer)
     for name, module, kind in blocks:
         (_plan_attention if kind == "attention" else _plan_mlp)(plan, name, module)
-    if arch.mlp is None:
+    if arch.experts or arch.expert_mlp:
         plan.skipped[f"<{model_type} MoE experts>"] = (
             "MoE experts are fused 3-D parameters in transformers 5; left unfused"
         )

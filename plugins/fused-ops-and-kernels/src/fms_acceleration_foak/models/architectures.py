@@ -2,9 +2,10 @@
 
 Adding an architecture is one ArchSpec line: the causal-LM class, its modeling module, its
 RMSNorm class (None when it has none), whether the module defines apply_rotary_pos_emb, its
-SwiGLU MLP class (dense, with gate_proj/up_proj/down_proj), and for a MoE its experts class in
+SwiGLU MLP class (dense, with gate_proj/up_proj/down_proj), for a MoE its experts class in
 transformers 5 (packed 3-D gate_up_proj, whose gating goes through `_apply_gate`) and in 4.x
-(one SwiGLU MLP module per expert, with its gate/up/down projection names).
+(one SwiGLU MLP module per expert, with its gate/up/down projection names), and for fused LoRA
+its attention class (one that calls q/k/v_proj on the hidden states, then o_proj).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fms_acceleration import AccelerationPluginConfigError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where an architecture's RMSNorm class and rotary function live in transformers."""
+    """Where an architecture's patchable classes and rotary function live in transformers."""
 
     causal_lm: str
     module: str
@@ -28,6 +29,7 @@ class ArchSpec:
     mlp: str | None = None
     experts: str | None = None
     expert_mlp: tuple[str, tuple[str, str, str]] | None = None  # 4.x: class, (gate, up, down)
+    attention: str | None = None  # fused LoRA on q/k/v/o_proj (None: not supported)
 
     def modeling_module(self):
         """The transformers modeling module of this architecture."""
@@ -79,8 +81,22 @@ def _tf(name: str) -> str:
 
 # keyed by config.model_type
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("LlamaForCausalLM", _tf("llama"), "LlamaRMSNorm", True, "LlamaMLP"),
-    "mistral": ArchSpec("MistralForCausalLM", _tf("mistral"), "MistralRMSNorm", True, "MistralMLP"),
+    "llama": ArchSpec(
+        "LlamaForCausalLM",
+        _tf("llama"),
+        "LlamaRMSNorm",
+        True,
+        "LlamaMLP",
+        attention="LlamaAttention",
+    ),
+    "mistral": ArchSpec(
+        "MistralForCausalLM",
+        _tf("mistral"),
+        "MistralRMSNorm",
+        True,
+        "MistralMLP",
+        attention="MistralAttention",
+    ),
     "mixtral": ArchSpec(
         "MixtralForCausalLM",
         _tf("mixtral"),
@@ -88,17 +104,40 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         True,
         experts="MixtralExperts",
         expert_mlp=("MixtralBlockSparseTop2MLP", ("w1", "w3", "w2")),
+        attention="MixtralAttention",
     ),
-    "granite": ArchSpec("GraniteForCausalLM", _tf("granite"), "GraniteRMSNorm", True, "GraniteMLP"),
+    "granite": ArchSpec(
+        "GraniteForCausalLM",
+        _tf("granite"),
+        "GraniteRMSNorm",
+        True,
+        "GraniteMLP",
+        attention="GraniteAttention",
+    ),
     "granitemoe": ArchSpec(
         "GraniteMoeForCausalLM",
         _tf("granitemoe"),
         "GraniteMoeRMSNorm",
         True,
         experts="GraniteMoeExperts",
+        attention="GraniteMoeAttention",
     ),
-    "qwen2": ArchSpec("Qwen2ForCausalLM", _tf("qwen2"), "Qwen2RMSNorm", True, "Qwen2MLP"),
-    "qwen3": ArchSpec("Qwen3ForCausalLM", _tf("qwen3"), "Qwen3RMSNorm", True, "Qwen3MLP"),
+    "qwen2": ArchSpec(
+        "Qwen2ForCausalLM",
+        _tf("qwen2"),
+        "Qwen2RMSNorm",
+        True,
+        "Qwen2MLP",
+        attention="Qwen2Attention",
+    ),
+    "qwen3": ArchSpec(
+        "Qwen3ForCausalLM",
+        _tf("qwen3"),
+        "Qwen3RMSNorm",
+        True,
+        "Qwen3MLP",
+        attention="Qwen3Attention",
+    ),
     # GPT-BigCode has LayerNorm, learned positions and a GELU MLP: the loss only
     "gpt_bigcode": ArchSpec("GPTBigCodeForCausalLM", _tf("gpt_bigcode")),
 }

@@ -139,13 +139,14 @@ def build_fused_ce_forward(model: torch.nn.Module) -> Callable[..., Any]:
     @forward_like(original)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         positional = labels_position is not None and len(args) > labels_position
-        labels = args[labels_position] if positional else kwargs.get("labels")
+        at = labels_position if positional else None  # labels' index in args, if passed there
+        labels = args[at] if at is not None else kwargs.get("labels")
         # Evaluation and generation need real logits: run the model untouched.
         if labels is None or not model.training or not torch.is_grad_enabled():
             return original(*args, **kwargs)
         args_list = list(args)
-        if positional:
-            args_list[labels_position] = None
+        if at is not None:
+            args_list[at] = None
         else:
             del kwargs["labels"]
         head = model.get_output_embeddings()

@@ -186,6 +186,13 @@ def test_chunked_quantization_equals_one_call(bnb_dequant_kind, width, quant_typ
         quantize_table(weight, quant_type, storage, rows_per_chunk=100)
 
 
+def test_an_empty_table_is_refused():
+    from fms_acceleration_peft.bnb_embeddings import quantize_table
+
+    with pytest.raises(ValueError, match=r"shape \[0, 64\] has no rows"):
+        quantize_table(torch.empty(0, 64), "nf4", torch.uint8)
+
+
 def test_repack_guard_covers_the_4bit_lm_head(tied_dir, monkeypatch):
     """On an AVX512-BF16 CPU an eval forward would repack lm_head, i.e. the shared table too."""
     import bitsandbytes.nn.modules as bnb_modules

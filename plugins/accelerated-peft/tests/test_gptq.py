@@ -18,7 +18,7 @@ import torch
 
 from fms_acceleration.testing import build_framework
 from fms_acceleration_peft import AutoGPTQAccelerationPlugin
-from fms_acceleration_peft.gptq_kernels import gptqmodel_backend, own_path
+from fms_acceleration_peft.gptq_kernels import gptqmodel_backend, group_size_for, own_path
 from fms_acceleration_peft.gptq_linear import GPTQLinear
 from fms_acceleration_peft.lora import trainable_parameter_names
 from fms_acceleration_peft.quantize import main as quantize_main
@@ -88,6 +88,16 @@ def test_kernel_choice_per_device():
     assert gptqmodel_backend("gptq_torch_fused", "cpu") == "gptq_torch_fused"
     with pytest.raises(ValueError, match="kernel='marlin'"):
         own_path("marlin", "cpu")
+
+
+def test_group_size_divides_the_model_widths(tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    LlamaConfig(hidden_size=96, intermediate_size=160).save_pretrained(tmp_path / "llama")
+    assert group_size_for(str(tmp_path / "llama")) == 32
+    # no intermediate_size at all: only the hidden width counts; 200 fits no preferred size
+    GPT2Config(n_embd=200).save_pretrained(tmp_path / "gpt2")
+    assert group_size_for(str(tmp_path / "gpt2")) == -1
 
 
 def test_checkpoint_is_4bit_gptq(gptq_dir):

@@ -218,7 +218,8 @@ def check_4bit_dequantize(modules: Iterable[tuple[str, nn.Module]]) -> list[Dequ
         if case is None:
             continue
         names.setdefault(case, []).append(name)
-        shapes.setdefault(case, tuple(int(s) for s in weight.quant_state.shape))
+        rows, cols = (int(s) for s in weight.quant_state.shape)  # dequant_case saw it is 2-D
+        shapes.setdefault(case, (rows, cols))
     mismatches = []
     for case, found in names.items():
         wrong, probed = probe_dequantize(case)

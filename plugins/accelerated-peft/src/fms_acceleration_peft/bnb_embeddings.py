@@ -74,6 +74,8 @@ def quantize_table(
         )
         chunks.append(data)
         absmax.append(state.absmax)
+    if state is None:  # the loop above quantized no chunk
+        raise ValueError(f"weight of shape {list(weight.shape)} has no rows to quantize")
     state.absmax = torch.cat(absmax)
     state.shape = weight.shape
     return Params4bit(

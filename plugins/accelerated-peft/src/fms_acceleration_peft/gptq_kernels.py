@@ -63,8 +63,8 @@ def group_size_for(model_name: str, preferred: tuple[int, ...] = (128, 64, 32, 1
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_name)
-    widths = [getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)]
-    widths = [w for w in widths if isinstance(w, int)]
+    found = [getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)]
+    widths = [w for w in found if isinstance(w, int)]
     for size in preferred:
         if all(w % size == 0 for w in widths):
             return size

@@ -137,7 +137,8 @@ def _swap_in_gptq_linears(
         if prefix + ".g_idx" not in tensors and not settings.desc_act:
             # GPTQ-for-LLaMa era checkpoints: groups in column order, g_idx not stored
             tensors[prefix + ".g_idx"] = layout.default_g_idx()
-        parts = {name: tensors.get(f"{prefix}.{name}") for name in QUANTIZED_TENSORS}
+        # a missing tensor stays out of `parts`, which `layout.check` reports by name
+        parts = {n: t for n in QUANTIZED_TENSORS if (t := tensors.get(f"{prefix}.{n}")) is not None}
         try:
             layout.check(parts, prefix)
         except GPTQFormatError as err:

@@ -220,7 +220,7 @@ def loss_divisor(
     """Normaliser of the summed loss: num_items_in_batch when given, else the non-ignored count."""
     if num_items_in_batch is None:
         return (target != ignore_index).sum().to(torch.float32)
-    if torch.is_tensor(num_items_in_batch):
+    if isinstance(num_items_in_batch, torch.Tensor):
         return num_items_in_batch.to(device=target.device, dtype=torch.float32)
     return torch.tensor(float(num_items_in_batch), device=target.device)
 

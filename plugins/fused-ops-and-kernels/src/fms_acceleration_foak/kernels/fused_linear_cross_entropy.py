@@ -117,16 +117,16 @@ def chunked_loss_and_grads(
             ce_loss_and_grad_rows(logits, t, ignore_index, loss_rows[start:end], scale, need_any)
         else:
             loss_and_grad_rows_(logits, t, ignore_index, scale, loss_rows[start:end], need_any)
-        if need_gh:
+        if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
-        if need_gw:
+        if grad_weight is not None:
             accumulate_matmul(grad_weight, logits.t(), h)
-        if need_gb:
+        if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=torch.float32)
         del logits
     if grad_weight is not None and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
-    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+    if grad_bias is not None and bias is not None and grad_bias.dtype != bias.dtype:
         grad_bias = grad_bias.to(bias.dtype)
     return loss_rows.sum() / divisor, grad_hidden, grad_weight, grad_bias
 

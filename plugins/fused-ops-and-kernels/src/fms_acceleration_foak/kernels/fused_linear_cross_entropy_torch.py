@@ -103,8 +103,12 @@ def _scratch(shape: tuple[int, int], spare: torch.Tensor | None) -> torch.Tensor
     that is large enough. The weight gradient is written only after a chunk's rows are done, so
     the row blocks can borrow it: the peak is then the logits and the gradients alone."""
     numel = shape[0] * shape[1]
-    borrow = spare is not None and spare.is_contiguous() and spare.element_size() == 2
-    if borrow and spare.numel() >= 2 * numel:
+    if (
+        spare is not None
+        and spare.is_contiguous()
+        and spare.element_size() == 2
+        and spare.numel() >= 2 * numel
+    ):
         return spare.view(-1)[: 2 * numel].view(torch.float32).view(shape)
     return torch.empty(shape, dtype=torch.float32)
 
@@ -161,9 +165,9 @@ def loss_and_grads(
         loss_and_grad_rows_(
             logits, target[start:end], ignore_index, scale, loss_rows[start:end], write_grad, work
         )
-        if need_gh:
+        if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
-        if need_gw:
+        if grad_weight is not None:
             if start == 0 or accumulator is not None:
                 torch.mm(logits.t(), h, out=grad_weight)  # a chunk's share, rounded once
             else:
@@ -172,10 +176,10 @@ def loss_and_grads(
                 accumulator.copy_(grad_weight)
             elif accumulator is not None:
                 accumulator.add_(grad_weight)
-        if need_gb:
+        if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=torch.float32)
-    if accumulator is not None:
+    if accumulator is not None and grad_weight is not None:
         grad_weight.copy_(accumulator)
-    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+    if grad_bias is not None and bias is not None and grad_bias.dtype != bias.dtype:
         grad_bias = grad_bias.to(bias.dtype)
     return loss_rows.sum() / divisor, grad_hidden, grad_weight, grad_bias

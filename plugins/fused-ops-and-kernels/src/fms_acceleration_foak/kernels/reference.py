@@ -47,7 +47,7 @@ def cross_entropy_reference(
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction)
     if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
+        if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss

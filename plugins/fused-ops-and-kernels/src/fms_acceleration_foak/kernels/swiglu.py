@@ -143,9 +143,9 @@ def swiglu_backward(
     grid, rows, block = launch_shape(n_rows, n_cols)
     launch(
         _swiglu_bwd_kernel, grid, gate.device,
-        d2, g2, u2, dg, du, h if want_h else dg,
+        d2, g2, u2, dg, du, h if h is not None else dg,
         d2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
-        h.stride(0) if want_h else 0, n_rows, n_cols,
+        h.stride(0) if h is not None else 0, n_rows, n_cols,
         ROWS=rows, BLOCK=block, WRITE_H=want_h, num_warps=NUM_WARPS,
     )  # fmt: skip
     shape = gate.shape

@@ -81,6 +81,13 @@ def gptq_from_linear(
     return layer
 
 
+# The stand-in builders by kind; each takes (linear, **kwargs) and returns the quantized layer.
+_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
+    "bitsandbytes": bnb_4bit_from_linear,
+    "auto_gptq": gptq_from_linear,
+}
+
+
 def quantize_linears(
     model: torch.nn.Module,
     kind: str,
@@ -94,7 +101,7 @@ def quantize_linears(
     Returns how many layers were replaced.
     """
     if build is None:
-        build = {"bitsandbytes": bnb_4bit_from_linear, "auto_gptq": gptq_from_linear}.get(kind)
+        build = _BUILDERS.get(kind)
     if build is None:
         raise ValueError(f"kind must be 'bitsandbytes' or 'auto_gptq', got {kind!r}")
     roles = set(roles)

@@ -187,7 +187,8 @@ def rules_from_plan(plan: FusedLoRAPlan) -> list[ModelPatcherRule]:
         return fused_linear_forward(plan.linear[module], module.forward)
 
     def mlp_builder(module: torch.nn.Module):
-        return fused_mlp_forward(*plan.mlp[module], module.forward)
+        gate, up, down = plan.mlp[module]  # _plan_mlp stores one source per MLP_ROLES entry
+        return fused_mlp_forward(gate, up, down, module.forward)
 
     rules = []
     for rule_id, targets, builder in (

@@ -155,7 +155,7 @@ def arch_spec_for(model: torch.nn.Module) -> ArchSpec:
     base = unwrap_model(model)
     name = type(base).__name__
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    spec = ARCHITECTURES.get(model_type)
+    spec = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if spec is None or spec.causal_lm != name:
         supported = ", ".join(sorted(SUPPORTED_CAUSAL_LMS))
         raise AccelerationPluginConfigError(

@@ -55,6 +55,23 @@ def fast_causal_lm_loss(
     return cross_entropy(logits, shift_labels, ignore_index, num_items_in_batch)
 
 
+class _FastLossGetter:
+    """Getter of PreTrainedModel.loss_function: the fast loss for the running model's CE."""
+
+    def __init__(self, previous: property, causal_lm_loss: Callable[..., Any]) -> None:
+        assert previous.fget is not None, "PreTrainedModel.loss_function is a getter property"
+        # public under this name: a later patch finds the property it wraps by it
+        self.foak_previous = previous
+        self._previous_get: Callable[[Any], Any] = previous.fget
+        self._causal_lm_loss = causal_lm_loss
+
+    def __call__(self, model: Any) -> Any:
+        resolved = self._previous_get(model)
+        if resolved is self._causal_lm_loss and _FAST_LOSS_MODEL.get() is model:
+            return fast_causal_lm_loss
+        return resolved
+
+
 def build_loss_function_property(previous: property) -> property:
     """PreTrainedModel.loss_function that answers fast_causal_lm_loss for the running model.
 
@@ -66,14 +83,7 @@ def build_loss_function_property(previous: property) -> property:
 
     # another framework's patch already installed: wrap what it wrapped (the test is the same)
     previous = getattr(previous.fget, "foak_previous", previous)
-
-    def fget(self):
-        resolved = previous.fget(self)
-        if resolved is ForCausalLMLoss and _FAST_LOSS_MODEL.get() is self:
-            return fast_causal_lm_loss
-        return resolved
-
-    fget.foak_previous = previous
+    fget = _FastLossGetter(previous, ForCausalLMLoss)
     return property(fget, previous.fset, previous.fdel, previous.__doc__)
 
 
@@ -139,13 +149,14 @@ def build_fused_ce_forward(model: torch.nn.Module) -> Callable[..., Any]:
     @forward_like(original)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         positional = labels_position is not None and len(args) > labels_position
-        labels = args[labels_position] if positional else kwargs.get("labels")
+        at = labels_position if positional else None  # labels' index in args, if passed there
+        labels = args[at] if at is not None else kwargs.get("labels")
         # Evaluation and generation need real logits: run the model untouched.
         if labels is None or not model.training or not torch.is_grad_enabled():
             return original(*args, **kwargs)
         args_list = list(args)
-        if positional:
-            args_list[labels_position] = None
+        if at is not None:
+            args_list[at] = None
         else:
             del kwargs["labels"]
         head = model.get_output_embeddings()

@@ -53,7 +53,9 @@ def rms_norm_rules(spec: ArchSpec) -> list[ModelPatcherRule]:
 
 
 def rope_rules(spec: ArchSpec) -> list[ModelPatcherRule]:
-    """Replace apply_rotary_pos_emb in the architecture's modeling module."""
+    """Replace apply_rotary_pos_emb in the architecture's modeling module (none without one)."""
+    if spec.rope_function is None:
+        return []
     return [
         ModelPatcherRule(
             rule_id=f"foak.rope.{spec.causal_lm}",
@@ -142,13 +144,14 @@ def swiglu_rules(spec: ArchSpec) -> list[ModelPatcherRule]:
     default); the eager per-expert loop computes silu(gate) * up inline and stays as it is.
     """
     rules = []
-    if spec.mlp:
-        rules.append(_mlp_rule(spec.mlp, spec.mlp_class(), DENSE_ROLES))
+    mlp = spec.mlp_class()  # None exactly when spec.mlp is unset
+    if spec.mlp and mlp is not None:
+        rules.append(_mlp_rule(spec.mlp, mlp, DENSE_ROLES))
     experts = spec.experts_class()
-    expert_mlp = spec.expert_mlp_class()
-    if experts is None and expert_mlp is not None:
+    expert_mlp = spec.expert_mlp_class()  # found only when spec.expert_mlp is set
+    if experts is None and expert_mlp is not None and spec.expert_mlp is not None:
         rules.append(_mlp_rule(spec.expert_mlp[0], expert_mlp, spec.expert_mlp[1]))
-    elif experts is not None:
+    elif experts is not None and spec.experts_gate is not None:  # the class implies the gate
         previous = experts.__dict__.get("_apply_gate")
         if previous is None:
             logger.warning(

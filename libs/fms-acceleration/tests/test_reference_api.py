@@ -264,3 +264,27 @@ def test_a_schema_less_subclass_keeps_its_parents_validation_and_defaults(fakes)
         AccelerationPluginConfigError, match="unknown key 'quant_typ' \\(did you mean 'quant_type'"
     ):
         AccelerationFramework(config, plugin_classes=[spy])
+
+
+def test_a_framework_kept_from_an_earlier_block_reports_the_newest_block():
+    """The reference's `active_plugins` was a class-level list each block refilled; its own tests
+    (accelerated-peft's test_configure_bnb_plugin) read a framework from a closed block to see
+    the plugins of the next one. Frameworks built directly never share state."""
+    augmenting = create_plugin_cls(
+        class_name="Augmenting", requires_augmentation=True, augmentation=dummy_augmentation
+    )
+    plain = create_plugin_cls(class_name="Plain")
+    AccelerationPlugin.register_plugin(augmenting, configuration_and_paths=["training.a"])
+    AccelerationPlugin.register_plugin(plain, configuration_and_paths=["training.b"])
+    with instantiate_framework({"training": {"a": {}}}) as first:
+        assert first.requires_augmentation and len(first.active_plugins) == 1
+    with instantiate_framework({"training": {"b": {}}}) as second:
+        assert not second.requires_augmentation
+        assert not first.requires_augmentation  # the reference's view: the newest block
+        assert [name for name, _ in first.active_plugins] == ["Plain"]
+    # no block open: each reports its own plugins again
+    assert first.requires_augmentation and not second.requires_augmentation
+    direct = AccelerationFramework({"plugins": {"training": {"a": {}}}})
+    with instantiate_framework({"training": {"b": {}}}):
+        assert direct.requires_augmentation
+        assert [name for name, _ in direct.active_plugins] == ["Augmenting"]

@@ -59,11 +59,54 @@ def read_configuration(path: str) -> dict:
     return read_yaml_file(path, "configuration")
 
 
+class _ReferenceViewFramework(AccelerationFramework):
+    """A framework as these helpers' callers knew it: in the reference, `active_plugins` and
+    `plugins_require_custom_loading` were class-level lists that each block emptied and refilled,
+    so a framework kept from an earlier block reports the plugins of the newest open block (the
+    reference's own tests read it that way). Only frameworks built by these helpers; a framework
+    built directly keeps its state on its instance."""
+
+    def _shown(self) -> _ReferenceViewFramework:
+        return _OPEN_BLOCKS[-1] if _OPEN_BLOCKS else self
+
+    @property  # a plain attribute upstream
+    def active_plugins(self) -> list[tuple[str, AccelerationPlugin]]:
+        return self._shown().__dict__["_active_plugins"]
+
+    @active_plugins.setter
+    def active_plugins(self, value: list[tuple[str, AccelerationPlugin]]) -> None:
+        self.__dict__["_active_plugins"] = value
+
+    @property  # a plain attribute upstream
+    def plugins_require_custom_loading(self) -> list[str]:
+        return self._shown().__dict__["_plugins_require_custom_loading"]
+
+    @plugins_require_custom_loading.setter
+    def plugins_require_custom_loading(self, value: list[str]) -> None:
+        self.__dict__["_plugins_require_custom_loading"] = value
+
+    @property
+    def requires_augmentation(self) -> bool:
+        shown = self._shown()
+        return shown.requires_augmentation if shown is not self else super().requires_augmentation
+
+    @property
+    def requires_custom_loading(self) -> bool:
+        shown = self._shown()
+        return (
+            shown.requires_custom_loading if shown is not self else super().requires_custom_loading
+        )
+
+
+# The frameworks of the open build_framework_and_maybe_instantiate blocks, innermost last.
+_OPEN_BLOCKS: list[_ReferenceViewFramework] = []
+
+
 def configure_framework_from_json(
     configuration_contents: Mapping[str, Any], require_packages_check: bool = True
 ) -> AccelerationFramework:
     """A framework from the contents of `plugins:` given as a dict."""
-    return AccelerationFramework(
+    return _ReferenceViewFramework(
         {KEY_PLUGINS: dict(configuration_contents)}, require_packages_check
     )
 
@@ -91,12 +134,17 @@ def build_framework_and_maybe_instantiate(
             AccelerationPlugin.register_plugin(
                 plugin, configuration_and_paths=and_paths, configuration_or_paths=or_paths
             )
-        if instantiate:
-            yield configure_framework_from_json(
-                configuration_contents or {}, require_packages_check
-            )
-        else:
+        if not instantiate:
             yield None
+            return
+        framework = _ReferenceViewFramework(
+            {KEY_PLUGINS: dict(configuration_contents or {})}, require_packages_check
+        )
+        _OPEN_BLOCKS.append(framework)
+        try:
+            yield framework
+        finally:
+            _OPEN_BLOCKS.remove(framework)
 
 
 build_framework_and_instantiate = build_framework_and_maybe_instantiate

@@ -153,6 +153,39 @@ def test_a_forward_routed_around_stops_the_run_with_the_patch_named(tiny_llama_d
     framework.undo_patches()
 
 
+def test_a_forward_wrapped_around_ours_is_still_ours(tiny_llama_dir):
+    """accelerate under mixed precision wraps a prepared forward (autocast, then an fp32
+    conversion, each with __wrapped__): the patched forward still runs inside; replacing the
+    wrapped function is still caught."""
+    import functools
+    from types import MethodType
+
+    model = _load(tiny_llama_dir)
+    framework = _framework(CountNorms, "count_norms")
+    model, _ = framework.augmentation(model, None, (None,))
+    framework.get_callbacks_and_ready_for_train(model)
+    norm = model.model.norm
+    ours = norm.forward
+
+    def wrap(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    norm.forward = MethodType(wrap(wrap(ours.__func__)), norm)
+    framework.check_patches(trained=True)  # no error
+    hidden = torch.randn(2, 3, norm.weight.shape[0])
+    norm(hidden)
+    (plugin,) = framework.plugins.values()
+    assert plugin.calls == 1
+    norm.forward = MethodType(wrap(type(norm).forward), norm)
+    with pytest.raises(PatchNotInEffectError, match="its forward was replaced"):
+        framework.check_patches(trained=True)
+    framework.undo_patches()
+
+
 def test_strict_false_warns_once_and_the_summary_says_not_applied(tiny_llama_dir):
     model = _load(tiny_llama_dir)
     framework = _framework(CountNorms, "count_norms", strict=False)

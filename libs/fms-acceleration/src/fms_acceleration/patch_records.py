@@ -79,8 +79,8 @@ class PatchRecord:
             return None  # undone
         top = layers[-1]()
         now = current_value(self._owner, self._name)
-        if top is None or now is top._installed:
-            return None  # ours, or a later framework's layer on top of ours
+        if top is None or _leads_to(now, top._installed):
+            return None  # ours (maybe wrapped), or a later framework's layer on top of ours
         where = "its forward" if self.kind == "forward" else f"'{self._name}'"
         return f"{where} was replaced after patching (now {_describe(now)})"
 
@@ -93,6 +93,20 @@ class PatchRecord:
             "parent_module_name": self.parent_module_name,
             "rule_id": self.rule_id,
         }
+
+
+def _leads_to(value: Any, installed: Any) -> bool:
+    """Whether `value` is `installed`, or wraps it (functools.wraps' `__wrapped__`): accelerate
+    under mixed precision wraps a prepared model's forward in autocast and an fp32 conversion,
+    and the patched forward still runs inside."""
+    goal = getattr(installed, "__func__", installed)
+    for _ in range(8):  # wrappers of wrappers; a cycle ends here
+        if value is installed or getattr(value, "__func__", value) is goal:
+            return True
+        value = getattr(getattr(value, "__func__", value), "__wrapped__", None)
+        if value is None:
+            return False
+    return False
 
 
 def _describe(value: Any) -> str:

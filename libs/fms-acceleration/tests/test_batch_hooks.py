@@ -165,9 +165,10 @@ def _trainer(tmp_path, model_dir, framework, **kw) -> Trainer:
     return trainer
 
 
-def _reference_loss(model, batches) -> float:
+def _reference_loss(model, batches, training: bool = True) -> float:
     """Causal-LM cross entropy summed over all the batches together, divided by the count the
-    Trainer normalises by (scored tokens; every label before transformers 5.11)."""
+    Trainer normalises by: scored tokens (in training before transformers 5.11, every label; an
+    evaluation batch is the model's own mean over its scored tokens)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
@@ -178,7 +179,8 @@ def _reference_loss(model, batches) -> float:
                 ignore_index=-100, reduction="sum",
             )  # fmt: skip
             total += losses.item()
-            counted = labels if trainer_counts_shifted_labels() else batch["labels"]
+            shifted = trainer_counts_shifted_labels() or not training
+            counted = labels if shifted else batch["labels"]
             count += int((counted != -100).sum())
     return total / count
 
@@ -302,7 +304,7 @@ def test_validation_hook_sees_each_batch_with_its_index(tmp_path, tiny_llama_dir
         batch["labels"][:, 6:] = -100
         batches.append(batch)
     # HF averages the per-batch losses (each batch has the same token count here)
-    reference = sum(_reference_loss(trainer.model, [b]) for b in batches) / 3
+    reference = sum(_reference_loss(trainer.model, [b], training=False) for b in batches) / 3
     assert first["eval_loss"] == pytest.approx(reference, rel=1e-4)
     framework.undo_patches()
     assert "prediction_step" not in trainer.__dict__

@@ -1,0 +1,147 @@
+"""The client in CI: fms-hf-tuning's own entry point, `python -m tuning.sft_trainer`, trains a tiny
+Llama with every acceleration it documents that runs on a CPU, each in its own process.
+
+    python scripts/client/sft_matrix.py --output DIR [--only ROW ...]
+
+Writes DIR/sft_matrix.md and DIR/sft_matrix.csv (acceleration x trained/refused/crashed,
+first/last loss, ratio to the reference run) and each run's log under DIR/runs/<row>/; exits 1
+when a row that should train does not, or its losses do not match its reference run's.
+Run it through `tox -e client`, which installs the client beside our packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from sft_fixtures import build_fixtures, quantize_gptq
+from sft_report import csv_text, judge, markdown, table_rows
+from sft_rows import ROWS, STEPS, Row, rows_by_name
+from sft_runs import RunResult, run_row
+
+VERSIONS_OF = (
+    "fms-hf-tuning",
+    "transformers",
+    "peft",
+    "accelerate",
+    "trl",
+    "torch",
+    "bitsandbytes",
+    "fms-acceleration",
+    "fms-acceleration-peft",
+    "fms-acceleration-foak",
+    "fms-acceleration-aadp",
+)
+
+
+def selected_rows(names: list[str] | None) -> tuple[Row, ...]:
+    """The rows asked for with the rows they are checked against, in matrix order."""
+    named = rows_by_name()
+    if not names:
+        return ROWS
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise SystemExit(f"--only {' '.join(unknown)}: no such row; rows: {', '.join(named)}")
+    wanted: set[str] = set()
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name not in wanted:
+            wanted.add(name)
+            check = named[name].check
+            if check is not None:
+                pending.append(check.against)
+    return tuple(r for r in ROWS if r.name in wanted)
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def header() -> str:
+    """Date, machine and package versions, for the top of the markdown table."""
+    try:
+        cpu_flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        cpu_flags = ""
+    avx = " ".join(f for f in ("avx512f", "avx512_bf16") if f" {f}" in cpu_flags) or "neither"
+    versions = ", ".join(f"{d} {_version(d)}" for d in VERSIONS_OF)
+    return (
+        f"# fms-hf-tuning's sft_trainer over our plugins\n\n"
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU "
+        f"(AVX-512 flags: {avx}), Python {platform.python_version()}, "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}\n\n{versions}\n\n"
+    )
+
+
+def _interpret_triton_without_cuda() -> None:
+    # as the repository's conftest does: the fast kernels' Triton code runs in the interpreter
+    if "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+def run_matrix(rows: tuple[Row, ...], output: Path) -> dict[str, RunResult]:
+    """Build the fixtures, then run every row that is not refused up front."""
+    model, data = build_fixtures(output / "fixtures")
+    gptq_model: Path | str = model
+    if any(r.gptq and r.refusal is None for r in rows):
+        try:
+            gptq_model = quantize_gptq(
+                model, data, output / "fixtures" / "tiny-llama-gptq", output / "gptq.log"
+            )
+        except RuntimeError as err:
+            gptq_model = str(err)
+    results: dict[str, RunResult] = {}
+    for row in rows:
+        if row.refusal is not None:
+            results[row.name] = RunResult("refused", reason=row.refusal)
+        elif row.gptq and isinstance(gptq_model, str):
+            results[row.name] = RunResult("crashed", reason=gptq_model)
+        else:
+            base = gptq_model if row.gptq else model
+            print(f"sft_matrix: {row.name} ...", flush=True)
+            results[row.name] = run_row(row, Path(base), data, output / "runs" / row.name, STEPS)
+            print(f"sft_matrix: {row.name}: {results[row.name].outcome}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, required=True, help="a new or empty folder")
+    parser.add_argument("--only", nargs="+", help="these rows (and their references) only")
+    args = parser.parse_args(argv)
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        parser.error(f"--output {args.output}: exists and is not an empty folder")
+    rows = selected_rows(args.only)
+    args.output.mkdir(parents=True, exist_ok=True)
+    _interpret_triton_without_cuda()
+    results = run_matrix(rows, args.output)
+    verdicts = {}
+    for row in rows:
+        verdicts[row.name] = judge(row, results[row.name], results)
+    table = table_rows(rows, results, verdicts)
+    text = header() + markdown(table)
+    (args.output / "sft_matrix.md").write_text(text, encoding="utf-8")
+    (args.output / "sft_matrix.csv").write_text(csv_text(table), encoding="utf-8")
+    print(text)
+    failed = [name for name, v in verdicts.items() if v.verdict == "FAIL"]
+    if failed:
+        print(f"sft_matrix: FAILED: {', '.join(failed)} (logs under {args.output}/runs)")
+        return 1
+    print(f"sft_matrix: every row that runs trained and matched; table in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

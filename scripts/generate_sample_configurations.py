@@ -43,6 +43,8 @@ COMMENT_OUT = "<comment out>"
 # An override value that removes the key (a scalar or a whole stanza) with its comments.
 REMOVE = "<remove>"
 
+_SCATTERMOE = "training.moe.scattermoe"
+
 # name -> (plugin folder, file in its configs/, overrides {dotted path under `plugins:`: value})
 CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bnb-nf4": (
@@ -95,6 +97,12 @@ CONFIGURATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "hpo-fts": ("hpo", "hpo_fts.yaml", {}),
     "aadp-padding-free": ("attention-and-distributed-packing", "padding_free.yaml", {}),
     "aadp-multipack": ("attention-and-distributed-packing", "multipack.yaml", {}),
+    "odm": ("online-data-mixing", "odm.yaml", {}),
+    "moe-ep1": ("accelerated-moe", "scattermoe.yaml", {}),
+    **{
+        f"moe-ep{n}": ("accelerated-moe", "scattermoe.yaml", {f"{_SCATTERMOE}.ep_degree": n})
+        for n in (2, 4, 8)
+    },
 }
 
 # sample shortname -> named configurations it merges, in order
@@ -115,12 +123,42 @@ SAMPLES: dict[str, tuple[str, ...]] = {
     "accelerated-peft-bnb-nf4-foak-padding-free": ("aadp-padding-free", "bnb-nf4", "bnb-nf4-foak"),
     "foak-fast-kernels-padding-free": ("aadp-padding-free", "foak-fast-kernels"),
     "foak-fused-ce-padding-free": ("aadp-padding-free", "foak-fused-ce"),
+    "odm": ("odm",),
+    # the reference's MoE samples (named for the granite MoE models it was tuned on; they fit
+    # every architecture the plugin supports): alone, with padding-free, and with fast kernels
+    **{
+        f"moe-scattermoe-granite-ep{n}{suffix}": (*extra, f"moe-ep{n}")
+        for n in (1, 2, 4)
+        for suffix, extra in (
+            ("", ()),
+            ("-padding-free", ("aadp-padding-free",)),
+            ("-padding-free-foak", ("aadp-padding-free", "foak-fast-kernels")),
+        )
+    },
+    "moe-scattermoe-granite-ep8": ("moe-ep8",),
+    "moe-scattermoe-granite-ep8-foak": ("foak-fast-kernels", "moe-ep8"),
 }
 
 # how a sample is run, when not by `fms-acceleration train` (samples with a search stanza)
 _SEARCH = "fms-acceleration search sample-configurations/{filename} --trials 6 \\\n#     --storage sqlite:///study.db"
 USAGE: dict[str, str] = {"hpo-lora": _SEARCH, "hpo-fts": _SEARCH + " --full-finetuning"}
 _TRAIN = "fms-acceleration train --acceleration-config sample-configurations/{filename}"
+# MoE samples train a MoE (the embedded model up-cycled); ep_degree N > 1 needs a multiple of N
+# processes
+_MOE = " --model smollm2-moe"
+_TORCHRUN = (
+    "torchrun --nproc_per_node {n} -m fms_acceleration_train \\\n"
+    "#     --acceleration-config sample-configurations/{{filename}}" + _MOE
+)
+USAGE.update(
+    {
+        shortname: _TORCHRUN.format(n=names[-1].removeprefix("moe-ep"))
+        if names[-1] != "moe-ep1"
+        else _TRAIN + _MOE
+        for shortname, names in SAMPLES.items()
+        if names[-1].startswith("moe-ep")
+    }
+)
 
 HEADER = """\
 # FMS Acceleration plugin configuration: {shortname}

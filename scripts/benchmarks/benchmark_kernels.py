@@ -1,4 +1,4 @@
-"""Benchmark the fused-ops-and-kernels kernels against PyTorch eager, HF code and Liger-Kernel.
+"""Benchmark the fused-ops-and-kernels kernels against PyTorch eager, HF code and peer libraries.
 
 For every kernel and implementation it measures the forward, the backward and the full step
 (forward + backward): time, peak memory and, from the bytes the step must touch at least once,
@@ -6,14 +6,19 @@ achieved GB/s as a fraction of the device-to-device copy bandwidth measured in t
 
 Implementations: foak (ours), reference (our plain-PyTorch reference), hf_eager (the
 transformers code the kernel replaces), liger (Liger-Kernel's op, when installed; CUDA only),
-and for causal_lm_loss `previous` (transformers' ForCausalLMLoss calling our CE kernel after its
-fp32 upcast: the fast_loss patch before it took the model's loss function).
+cce (Cut Cross-Entropy's linear_cross_entropy, fused linear CE only, when installed: its Triton
+impl "cce" on CUDA, impl "torch_compile" on CPU), and for causal_lm_loss `previous`
+(transformers' ForCausalLMLoss calling our CE kernel after its fp32 upcast: the fast_loss patch
+before it took the model's loss function). A peer that is not installed is skipped with the
+reason printed.
 
 On CUDA every measurement runs in this process (peak memory from torch.cuda's allocator stats,
 reset per measurement; times from CUDA events, the L2 cache flushed before each repetition). On
 CPU each measurement runs in a fresh subprocess and peak memory is the resident-set high-water
 mark (VmHWM, reset through /proc/self/clear_refs after the inputs are built), so `peak_mb` is
-the memory the step added on top of its inputs.
+the memory the step added on top of its inputs. On a shared machine, measure CPU time with one
+thread (--timer cpu --threads 1), repeat in interleaved fresh processes (--rounds) and keep the
+best time (--stat min); the 1-minute load average is recorded with every row.
 
     # every kernel on CUDA (bf16), Llama-3-8B shapes, with Liger where installed
     python scripts/benchmarks/benchmark_kernels.py --out kernels_cuda.csv
@@ -21,10 +26,12 @@ the memory the step added on top of its inputs.
     python scripts/benchmarks/benchmark_kernels.py --device cpu \\
         --kernels fused_linear_cross_entropy --passes full --warmup 0 --tokens 4096 \\
         --hidden 2048 --vocab 49152 128256 --out scripts/benchmarks/refs/kernels_cpu.csv
-    # prompt-heavy labels (half of them -100): fused linear CE computes only the scored rows
-    python scripts/benchmarks/benchmark_kernels.py --device cpu --in-process \\
-        --kernels fused_linear_cross_entropy --passes full --tokens 2048 --hidden 576 \\
-        --vocab 49152 --ignored-fraction 0.5 --frozen-lm-head --out flce_prompt_heavy.csv
+    # fused linear CE vs HF and Cut Cross-Entropy on CPU, both dtypes, all or half labelled
+    python scripts/benchmarks/benchmark_kernels.py --device cpu --kernels \\
+        fused_linear_cross_entropy --impls foak hf_eager cce --passes full --dtype float32 \\
+        bfloat16 --tokens 1024 --hidden 576 --vocab 128256 --ignored-fraction 0 0.5 \\
+        --threads 1 --timer cpu --stat min --warmup 1 --repeat 3 --rounds 2 \\
+        --out flce_peers.csv --markdown flce_peers.md
     # fix 1 on CPU: loss memory of bf16 logits, ours (interpreter) vs previous vs HF
     python scripts/benchmarks/benchmark_kernels.py --device cpu --interpret \\
         --kernels causal_lm_loss --impls foak previous hf_eager --passes full --warmup 0 \\
@@ -39,6 +46,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +62,7 @@ KERNELS = (
     "swiglu",
 )
 LABELLED_KERNELS = ("cross_entropy", "causal_lm_loss", "fused_linear_cross_entropy")
-IMPLS = ("foak", "reference", "hf_eager", "liger", "previous")
+IMPLS = ("foak", "reference", "hf_eager", "liger", "cce", "previous")
 PASSES = ("forward", "backward", "full")
 FIELDS = (
     "date",
@@ -63,16 +71,22 @@ FIELDS = (
     "triton",
     "transformers",
     "liger",
+    "cce",
     "kernel",
     "impl",
     "shape",
     "dtype",
+    "ignored",
     "pass",
     "ms",
+    "first_ms",
     "peak_mb",
     "gbps",
     "copy_gbps",
     "bandwidth_fraction",
+    "threads",
+    "timer",
+    "load",
     "note",
 )
 
@@ -94,6 +108,20 @@ def _liger(module: str, name: str, device):
     return getattr(mod, name)
 
 
+def cce_impl(device) -> str:
+    """Which implementation of Cut Cross-Entropy runs on this device (its Triton one needs CUDA)."""
+    return "cce" if device.type == "cuda" else "torch_compile"
+
+
+def _cce(device):
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as err:
+        raise NotApplicable(f"cut-cross-entropy not installed ({err})") from None
+    impl = cce_impl(device)
+    return lambda h, w, target: linear_cross_entropy(h, w, target, impl=impl)
+
+
 def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
     """(leaves, fn() -> outputs, bytes touched by fwd, by bwd, shape); NotApplicable if none."""
     import torch
@@ -110,6 +138,8 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
     size = torch.tensor([], dtype=dtype).element_size()
     if impl == "previous" and kernel != "causal_lm_loss":
         raise NotApplicable("previous is the old fast_loss path of causal_lm_loss")
+    if impl == "cce" and kernel != "fused_linear_cross_entropy":
+        raise NotApplicable("Cut Cross-Entropy has only a fused linear cross-entropy")
     if kernel in ("rms_norm", "rms_norm_head_dim"):
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -208,6 +238,9 @@ def _workload(kernel: str, impl: str, args: argparse.Namespace, device, dtype):
             name = "LigerFusedLinearCrossEntropyFunction"
             fn = _liger("fused_linear_cross_entropy", name, device)
             fns["liger"] = lambda: fn.apply(h, w, target)[0]
+        if impl == "cce":
+            cce = _cce(device)
+            fns["cce"] = lambda: cce(h, w, target)
         nbytes = (h.numel() + w.numel()) * size
         return [h, w], fns[impl], nbytes, 2 * nbytes, (tokens, hidden, args.vocab)
     if kernel == "swiglu":
@@ -242,14 +275,17 @@ def copy_bandwidth(device) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def _timed(device, fn) -> float:
-    """Seconds of fn(): CUDA events on CUDA, perf_counter elsewhere."""
+def _timed(device, fn, timer: str = "wall") -> float:
+    """Seconds of fn(): CUDA events on CUDA; elsewhere wall time, or with timer "cpu" this
+    process's CPU time (user + system: page faults count), which other jobs on a shared
+    machine disturb far less."""
     import torch
 
     if device.type != "cuda":
-        start = time.perf_counter()
+        clock = time.process_time if timer == "cpu" else time.perf_counter
+        start = clock()
         fn()
-        return time.perf_counter() - start
+        return clock() - start
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     fn()
@@ -279,6 +315,8 @@ def measure(spec: dict) -> dict:
 
     torch.manual_seed(0)
     args = argparse.Namespace(**spec["args"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     inputs, fn, fwd_bytes, bwd_bytes, shape = _workload(
@@ -301,13 +339,16 @@ def measure(spec: dict) -> dict:
         if flush is not None:
             flush.zero_()  # a cold L2: bandwidth from memory, not from cache
         if phase == "forward":
-            return _timed(device, fn)
+            return _timed(device, fn, args.timer)
         if phase == "full":
-            return _timed(device, lambda: torch.autograd.backward(*outputs_and_grads()))
+            full = lambda: torch.autograd.backward(*outputs_and_grads())  # noqa: E731
+            return _timed(device, full, args.timer)
         outs, grads = outputs_and_grads()
-        return _timed(device, lambda: torch.autograd.backward(outs, grads))
+        return _timed(device, lambda: torch.autograd.backward(outs, grads), args.timer)
 
-    for _ in range(args.warmup):
+    # the first call: with torch.compile (Cut Cross-Entropy on CPU) it includes compiling
+    first = step() if args.warmup else None
+    for _ in range(args.warmup - 1):
         step()
     gc.collect()
     for t in inputs:
@@ -323,14 +364,23 @@ def measure(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _status_kb("VmHWM") * 1024 - base
-    seconds = times[len(times) // 2]
+    seconds = times[0] if args.stat == "min" else times[len(times) // 2]
     nbytes = {"forward": fwd_bytes, "backward": bwd_bytes, "full": fwd_bytes + bwd_bytes}[phase]
     return {
         "shape": "x".join(map(str, shape)),
         "ms": round(seconds * 1e3, 3),
+        "first_ms": None if first is None else round(first * 1e3, 1),
         "peak_mb": round(peak / 2**20, 1),
         "gbps": round(nbytes / seconds / 1e9, 2),
     }
+
+
+def combine(results: list[dict]) -> dict:
+    """One row from the same measurement in several fresh processes: the best time (the run
+    least disturbed by other jobs), the median peak memory, the first (coldest) first call."""
+    best = min(results, key=lambda r: r["ms"])
+    peak = statistics.median(r["peak_mb"] for r in results)
+    return {**best, "peak_mb": round(peak, 1), "first_ms": results[0]["first_ms"]}
 
 
 # --- driver -------------------------------------------------------------------------------------
@@ -349,6 +399,7 @@ def versions() -> dict:
         "triton": triton.__version__,
         "transformers": transformers.__version__,
         "liger": installed_version("liger-kernel") or "",
+        "cce": installed_version("cut-cross-entropy") or "",
     }
 
 
@@ -366,9 +417,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16")
+    parser.add_argument(
+        "--dtype", nargs="+", default=None, help="float32 / float16 / bfloat16 (one or more)"
+    )
     # defaults: Llama-3-8B, 16k tokens per step
-    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384])
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--seq", type=int, default=4096)
@@ -376,8 +429,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--vocab", type=int, nargs="+", default=[128256])
+    parser.add_argument(
+        "--zip-shapes",
+        action="store_true",
+        help="pair --tokens with --vocab element-wise instead of measuring every combination",
+    )
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument(
+        "--stat", choices=("median", "min"), default="median", help="of the repeats' times"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each shape this many times, the impls interleaved, each in a fresh "
+        "process off CUDA; keep the best time and the median peak",
+    )
+    parser.add_argument(
+        "--timer",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="off CUDA: wall-clock or this process's CPU time (steadier on a shared machine)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument(
         "--frozen-lm-head",
         action="store_true",
@@ -386,8 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ignored-fraction",
         type=float,
-        default=0.1,
-        help="share of labels set to -100 (instruction data: the prompt's tokens)",
+        nargs="+",
+        default=[0.1],
+        help="share of labels set to -100 (instruction data: the prompt's tokens); one or more",
     )
     parser.add_argument(
         "--interpret",
@@ -406,6 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--append", action="store_true", help="append rows to --out")
     parser.add_argument("--out", type=Path, default=Path("kernels.csv"))
+    parser.add_argument(
+        "--markdown", type=Path, help="also write fused linear CE's rows as a table of ratios"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -422,6 +501,76 @@ def _child(spec: dict, interpret: bool) -> dict:
         lines = proc.stderr.strip().splitlines()
         raise RuntimeError(lines[-1] if lines else f"exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run(spec: dict, in_process: bool, interpret: bool) -> dict:
+    """Measure one spec here or in a fresh process; {"not_applicable": why} if it cannot run."""
+    if not in_process:
+        return _child(spec, interpret)
+    try:
+        return measure(spec)
+    except NotApplicable as why:
+        return {"not_applicable": str(why)}
+
+
+def _grid(args: argparse.Namespace):
+    """(kernel, dtype, tokens, vocab, ignored fraction, pass) of every row to measure."""
+    for kernel in args.kernels:
+        labelled = kernel in LABELLED_KERNELS
+        vocabs = args.vocab if labelled else args.vocab[:1]
+        fractions = args.ignored_fraction if labelled else args.ignored_fraction[:1]
+        if args.zip_shapes:
+            shapes = list(zip(args.tokens, vocabs, strict=True))
+        else:
+            shapes = [(tokens, vocab) for tokens in args.tokens for vocab in vocabs]
+        for dtype in args.dtype:
+            for tokens, vocab in shapes:
+                for ignored in fractions:
+                    for phase in args.passes:
+                        yield kernel, dtype, tokens, vocab, ignored, phase
+
+
+def flce_markdown(rows: list[dict], title: str, command: str | None = None) -> str:
+    """Fused linear CE, forward + backward: each impl's time and peak, and ours over each peer's
+    (below 1.00 is ours faster or smaller); `command` (default: this process's) made the rows."""
+    flce = "fused_linear_cross_entropy"
+    picked = [r for r in rows if r["kernel"] == flce and r["pass"] == "full"]
+    impls = list(dict.fromkeys(r["impl"] for r in picked))
+    peers = [i for i in impls if i != "foak"]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in picked:
+        frozen = "lm_head frozen" in r["note"]
+        groups.setdefault((r["dtype"], r["shape"], r["ignored"], frozen), {})[r["impl"]] = r
+    header = ["dtype", "tokens x hidden x vocab", "labels ignored"]
+    header += [f"{i} ms" for i in impls] + [f"{i} MB" for i in impls]
+    header += [f"foak/{p} {what}" for p in peers for what in ("time", "memory")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    for (dtype, shape, ignored, frozen), by_impl in groups.items():
+        ours = by_impl.get("foak")
+        cells = [dtype, shape + (", lm_head frozen" if frozen else ""), f"{float(ignored):.0%}"]
+        cells += [str(by_impl[i]["ms"]) if i in by_impl else "-" for i in impls]
+        cells += [str(by_impl[i]["peak_mb"]) if i in by_impl else "-" for i in impls]
+        for peer in peers:
+            theirs = by_impl.get(peer)
+            for key in ("ms", "peak_mb"):
+                ok = ours and theirs and float(theirs[key]) > 0
+                cells.append(f"{float(ours[key]) / float(theirs[key]):.2f}" if ok else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    meta = picked[0] if picked else {}
+    about = [
+        f"# {title}",
+        "",
+        f"- date: {meta.get('date', '?')}; device: {meta.get('device', '?')}",
+        f"- torch {meta.get('torch', '?')}, transformers {meta.get('transformers', '?')}, "
+        f"liger-kernel {meta.get('liger') or 'absent'}, cut-cross-entropy "
+        f"{meta.get('cce') or 'absent'}",
+        f"- time: {meta.get('timer', '?')} time, {meta.get('threads') or 'default'} thread(s); "
+        "peak: memory the step adds on top of its inputs; 1-minute load average per row in the "
+        "CSV",
+        f"- made by: `{command or ' '.join(['python', *sys.argv])}`",
+        "",
+    ]
+    return "\n".join(about + lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,17 +593,24 @@ def main(argv: list[str] | None = None) -> int:
         parser_error = "--interpret needs fresh processes (the interpreter is chosen at import)"
         print(parser_error, file=sys.stderr)
         return 2
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if args.zip_shapes and len(args.tokens) != len(args.vocab):
+        print("--zip-shapes needs as many --tokens as --vocab values", file=sys.stderr)
+        return 2
+    args.dtype = args.dtype or ["bfloat16" if device == "cuda" else "float32"]
     warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
     repeat = args.repeat if args.repeat is not None else (10 if device == "cuda" else 1)
+    timer = "cuda events" if device == "cuda" else args.timer
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     copy_gbps = copy_bandwidth(torch.device(device))
-    common = {"date": date, "device": device_name(device), **versions(), "dtype": dtype}
-    common["copy_gbps"] = round(copy_gbps, 1)
+    common = {"date": date, "device": device_name(device), **versions(), "timer": timer}
+    common.update(copy_gbps=round(copy_gbps, 1), threads=args.threads or "")
     print(f"{common['device']}: device-to-device copy {copy_gbps:.0f} GB/s", flush=True)
-    foak_note = ""
+    notes = {"foak": []}
     if device != "cuda":
-        foak_note = "cpu: foak = Triton interpreter" if args.interpret else "cpu: foak = torch path"
+        notes["foak"].append(
+            "cpu: foak = Triton interpreter" if args.interpret else "cpu: foak = torch path"
+        )
+    notes["cce"] = [f"cce impl={cce_impl(torch.device(device))}"]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     append = args.append and args.out.exists()
@@ -468,50 +624,57 @@ def main(argv: list[str] | None = None) -> int:
     writer = csv.DictWriter(handle, fieldnames=FIELDS)
     if not append:
         writer.writeheader()
-    rows = []
-    for kernel in args.kernels:
-        vocabs = args.vocab if "cross_entropy" in kernel or "loss" in kernel else args.vocab[:1]
-        for vocab in vocabs:
+    rows, skipped, said = [], {}, set()
+    for kernel, dtype, tokens, vocab, ignored, phase in _grid(args):
+        results: dict[str, list[dict]] = {}
+        for _ in range(args.rounds):  # impls interleaved: a busy spell hits them all alike
             for impl in args.impls:
-                for phase in args.passes:
-                    child_args = {**vars(args), "vocab": vocab, "warmup": warmup}
-                    child_args.update(repeat=repeat, out=None, child=None)
-                    spec = {
-                        "kernel": kernel,
-                        "impl": impl,
-                        "pass": phase,
-                        "device": device,
-                        "dtype": dtype,
-                        "args": child_args,
-                    }
-                    try:
-                        result = measure(spec) if in_process else _child(spec, args.interpret)
-                    except NotApplicable:
-                        continue
-                    except Exception as err:  # one failure must not lose the other rows
-                        print(f"{kernel}/{impl}/{phase} failed: {err}", file=sys.stderr)
-                        if in_process and device == "cuda":
-                            torch.cuda.empty_cache()
-                        continue
-                    if "not_applicable" in result:
-                        continue
-                    row = {**common, "kernel": kernel, "impl": impl, "pass": phase, **result}
-                    row["bandwidth_fraction"] = round(row["gbps"] / copy_gbps, 3)
-                    notes = [foak_note] if impl == "foak" and foak_note else []
-                    if args.frozen_lm_head and kernel == "fused_linear_cross_entropy":
-                        notes.append("lm_head frozen")
-                    if kernel in LABELLED_KERNELS and args.ignored_fraction != 0.1:
-                        notes.append(f"{args.ignored_fraction:.0%} labels ignored")
-                    row["note"] = "; ".join(notes)
-                    rows.append(row)
-                    writer.writerow(row)  # as it comes: a run stopped early keeps its rows
-                    handle.flush()
-                    shown = ("kernel", "impl", "pass", "shape", "ms", "peak_mb", "gbps")
-                    print(", ".join(f"{k}={row[k]}" for k in shown), flush=True)
+                if (kernel, impl) in skipped:
+                    continue
+                child_args = {**vars(args), "vocab": vocab, "warmup": warmup, "tokens": tokens}
+                child_args.update(repeat=repeat, out=None, child=None, markdown=None)
+                child_args.update(ignored_fraction=ignored, dtype=dtype, timer=args.timer)
+                spec = {"kernel": kernel, "impl": impl, "pass": phase, "device": device}
+                spec.update(dtype=dtype, args=child_args)
+                try:
+                    result = _run(spec, in_process, args.interpret)
+                except Exception as err:  # one failure must not lose the other rows
+                    print(f"{kernel}/{impl}/{phase} failed: {err}", file=sys.stderr)
                     if in_process and device == "cuda":
                         torch.cuda.empty_cache()
+                    continue
+                if "not_applicable" in result:
+                    why = skipped[(kernel, impl)] = result["not_applicable"]
+                    if impl in ("liger", "cce") and (impl, why) not in said:  # a peer: say why
+                        print(f"skipping {impl}: {why}")
+                        said.add((impl, why))
+                    continue
+                results.setdefault(impl, []).append(result)
+                if in_process and device == "cuda":
+                    torch.cuda.empty_cache()
+        for impl, measured in results.items():
+            row = {**common, "kernel": kernel, "impl": impl, "pass": phase, "dtype": dtype}
+            row.update(combine(measured), ignored=ignored if kernel in LABELLED_KERNELS else "")
+            row["bandwidth_fraction"] = round(row["gbps"] / copy_gbps, 3)
+            row["load"] = round(os.getloadavg()[0], 2)
+            note = list(notes.get(impl, []))
+            if args.frozen_lm_head and kernel == "fused_linear_cross_entropy":
+                note.append("lm_head frozen")
+            if args.rounds > 1:
+                note.append(f"best of {args.rounds} processes x {repeat} ({args.stat})")
+            row["note"] = "; ".join(note)
+            rows.append(row)
+            writer.writerow(row)  # as it comes: a run stopped early keeps its rows
+            handle.flush()
+            shown = ("kernel", "impl", "dtype", "pass", "shape", "ignored", "ms", "peak_mb")
+            print(", ".join(f"{k}={row[k]}" for k in shown), flush=True)
     handle.close()
     print(f"wrote {len(rows)} rows to {args.out}")
+    if args.markdown:  # every row of the CSV: with --append, earlier runs' rows too
+        with args.out.open(newline="") as handle:
+            all_rows = list(csv.DictReader(handle))
+        args.markdown.write_text(flce_markdown(all_rows, "Fused linear cross-entropy vs peers"))
+        print(f"wrote {args.markdown}")
     return 0 if rows else 1
 
 

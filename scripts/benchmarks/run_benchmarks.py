@@ -8,6 +8,11 @@ with a sample configuration; its train_summary.json gives tokens/s, peak memory 
 RSS on CPU, torch peak allocated on GPU) and the final loss. A run that fails or times out is
 recorded with its status and the rest go on. Results: a CSV, a markdown table with each
 accelerated run's ratio to its scenario's baseline, and a PNG chart.
+
+Then the file's kernel_benchmarks for the device run scripts/benchmarks/benchmark_kernels.py:
+our kernels against peer libraries (Cut Cross-Entropy, Liger-Kernel; skipped with the reason
+printed when not installed), all rows in one CSV (kernels_DEVICE.csv, device, versions and date
+on each row) with a markdown table of our ratios to each peer (kernels_DEVICE.md).
 """
 
 from __future__ import annotations
@@ -101,6 +106,55 @@ def load_scenarios(path: Path) -> list[Scenario]:
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class KernelBenchmark:
+    """A benchmark_kernels.py invocation: its options (without the leading "--")."""
+
+    name: str
+    device: str
+    arguments: dict[str, Any]
+    timeout_s: int
+
+
+def load_kernel_benchmarks(path: Path) -> list[KernelBenchmark]:
+    """The kernel_benchmarks of scenarios.yaml; ValueError naming the entry and key that is
+    wrong (an option benchmark_kernels.py does not have included)."""
+    import benchmark_kernels
+
+    data = read_yaml_file(path, "scenarios", ValueError) or {}
+    out = []
+    for index, raw in enumerate(data.get("kernel_benchmarks") or []):
+        name = raw.get("name") or f"#{index}"
+        unknown = set(raw) - {"name", "device", "arguments", "timeout_s", "description"}
+        if unknown:
+            raise ValueError(f"{path}: kernel benchmark {name}: unknown key(s) {sorted(unknown)}")
+        if raw.get("device") not in ("cpu", "cuda"):
+            raise ValueError(f"{path}: kernel benchmark {name}: device must be cpu or cuda")
+        arguments = dict(raw.get("arguments") or {})
+        try:
+            benchmark_kernels.parse_args(_cli_arguments(arguments))
+        except SystemExit:
+            raise ValueError(
+                f"{path}: kernel benchmark {name}: arguments {arguments} are not options of "
+                "benchmark_kernels.py (see its --help)"
+            ) from None
+        out.append(KernelBenchmark(name, raw["device"], arguments, int(raw.get("timeout_s", 1800))))
+    return out
+
+
+def run_kernel_benchmark(bench: KernelBenchmark, csv_path: Path, append: bool) -> str:
+    """Run one kernel benchmark in a child process, its rows into csv_path; its status."""
+    command = [sys.executable, str(HERE / "benchmark_kernels.py"), "--device", bench.device]
+    command += [*_cli_arguments(bench.arguments), "--out", str(csv_path)]
+    command += ["--append"] if append else []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.run(command, env=env, timeout=bench.timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"timeout after {bench.timeout_s} s"
+    return "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -207,7 +261,8 @@ def environment() -> dict[str, str]:
     versions = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "triton",
                  "fms-acceleration", "fms-acceleration-peft", "fms-acceleration-foak",
-                 "fms-acceleration-fts", "fms-acceleration-aadp"):  # fmt: skip
+                 "fms-acceleration-fts", "fms-acceleration-aadp",
+                 "fms-acceleration-moe"):  # fmt: skip
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -313,6 +368,31 @@ def write_csv(runs: list[Run], path: Path, env: dict[str, str]) -> None:
             writer.writerow({**{k: v for k, v in asdict(r).items() if k != "log"}, **extra})
 
 
+def run_kernel_benchmarks(
+    benches: list[KernelBenchmark], args: argparse.Namespace, device: str, started: float
+) -> None:
+    """Run the kernel benchmarks into one CSV, then its table of ratios to the peers."""
+    import benchmark_kernels
+
+    stem = args.output_dir / (f"{args.name}_kernels" if args.name else f"kernels_{device}")
+    csv_path = stem.with_suffix(".csv")
+    done = 0
+    for bench in benches:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            print(f"{bench.name}: skipped, time budget of {args.budget_s:.0f} s spent")
+            continue
+        status = run_kernel_benchmark(bench, csv_path, append=done > 0)
+        print(f"{bench.name}: {status}")
+        done += status == "ok"
+    if not done:
+        return
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    title = f"Kernels against peer libraries ({device})"
+    stem.with_suffix(".md").write_text(benchmark_kernels.flce_markdown(rows, title))
+    print(f"kernel benchmarks in {stem}.{{csv,md}}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the scenarios for this machine's device; write CSV, markdown and PNG."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -338,14 +418,16 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scenarios = [s for s in load_scenarios(args.scenarios) if s.device == device]
+    kernel_benches = [k for k in load_kernel_benchmarks(args.scenarios) if k.device == device]
     if args.only:
-        unknown = set(args.only) - {s.name for s in scenarios}
+        unknown = set(args.only) - {s.name for s in scenarios} - {k.name for k in kernel_benches}
         if unknown:
             print(f"error: no {device} scenario named {sorted(unknown)}", file=sys.stderr)
             return 2
         scenarios = [s for s in scenarios if s.name in args.only]
+        kernel_benches = [k for k in kernel_benches if k.name in args.only]
     plan = [(s, c, m) for s in scenarios for m in s.models for c in s.framework_configs]
-    if not plan:
+    if not plan and not kernel_benches:
         print(f"error: no {device} scenarios in {args.scenarios}", file=sys.stderr)
         return 2
 
@@ -369,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"peak={_fmt(run.peak_memory_mib, '.0f')}MiB loss={_fmt(run.final_loss, '.4f')}"
             )
 
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if kernel_benches:
+        run_kernel_benchmarks(kernel_benches, args, device, started)
+    if not runs:
+        return 0
     env = environment()
     # Shared machines make timings noisy: record how busy this one was.
     env["load"] = (
@@ -376,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
         f"end, on {os.cpu_count()} logical CPUs"
         + (f"; each run limited to {args.threads} thread(s)" if args.threads else "")
     )
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = args.output_dir / (args.name or f"scenarios_{device}")
     write_csv(runs, stem.with_suffix(".csv"), env)
     stem.with_suffix(".md").write_text(

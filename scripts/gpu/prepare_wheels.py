@@ -2,9 +2,11 @@
 
     python scripts/gpu/prepare_wheels.py            # on a machine that reaches the package index
 
-- our packages (the core, accelerated-peft, fused-ops-and-kernels), built here with hatchling,
+- our packages (the core, accelerated-peft, fused-ops-and-kernels, accelerated-moe), built here
+  with hatchling,
   which the GPU machine does not have;
-- bitsandbytes 0.50.2 and liger-kernel 0.8.5, which it does not have either;
+- bitsandbytes 0.50.2, liger-kernel 0.8.5 and cut-cross-entropy 25.1.1 (a 22 KB wheel: the
+  fused linear CE peers), which it does not have either;
 - any other requirement of our packages missing from its image (gpu_machine_packages.txt lists
   what the image holds), with the requirements of those in turn: e.g. pydantic and
   pydantic-core once the core validates with pydantic.
@@ -29,8 +31,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = ("libs/fms-acceleration", "plugins/accelerated-peft", "plugins/fused-ops-and-kernels")
-THIRD_PARTY = ("bitsandbytes==0.50.2", "liger-kernel==0.8.5")
+OURS = (
+    "libs/fms-acceleration",
+    "plugins/accelerated-peft",
+    "plugins/fused-ops-and-kernels",
+    "plugins/accelerated-moe",
+)
+THIRD_PARTY = ("bitsandbytes==0.50.2", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1")
 PLATFORMS = (
     "manylinux_2_28_x86_64",
     "manylinux_2_27_x86_64",

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The GPU suite of fused-ops-and-kernels, in one command (issue 14).
+# The GPU suite of fused-ops-and-kernels (issue 14) and accelerated-moe (issue 25), in one
+# command.
 #
 # On a CUDA machine (the lent H200: no network; python3 with torch 2.11 cu130, triton 3.6,
 # transformers 5.17, peft, accelerate) it, within about 8 minutes:
-#   install  our packages, bitsandbytes 0.50.2 and liger-kernel 0.8.5 from .whl/ (no network,
-#            no dependency resolution) into a private target dir on PYTHONPATH;
+#   install  our packages, bitsandbytes 0.50.2, liger-kernel 0.8.5 and cut-cross-entropy
+#            25.1.1 from .whl/ (no network, no dependency resolution) into a private target dir
+#            on PYTHONPATH;
 #   kernels  every kernel vs torch eager, HF code and Liger-Kernel, as GB/s and % of the
 #            device-to-device copy bandwidth measured in the same run; the causal-LM loss on
 #            bf16 logits (ours vs the previous patch vs HF); fused linear CE at vocab 128256,
-#            lm_head trained and frozen, 16k and 32k tokens, vs unfused and vs Liger's;
+#            lm_head trained and frozen, 16k and 32k tokens, vs unfused, Liger's and Cut
+#            Cross-Entropy's (its Triton impl);
 #   e2e      LoRA and QLoRA tokens/s and peak memory, HF vs ours, random-init Llama-3-8B shapes
 #            (batch 4 x seq 2048);
-#   tests    the foak tests on CUDA: kernels compiled (not interpreted), in bf16 too, at
+#   moe      one Mixtral-8x7B experts layer (8192 tokens, bf16, forward + backward): tokens/s
+#            of our grouped Triton GEMMs vs transformers' default experts (grouped_mm on 5.x)
+#            and its per-expert eager loop (4.55's only one);
+#   tests    the foak and moe tests on CUDA: kernels compiled (not interpreted), in bf16 too, at
 #            realistic shapes; patched vs unpatched models and fused LoRA in bf16;
 #   summary  the table (scripts/gpu/summarize.py), also written as gpu_summary.md.
 # CSVs (device, versions, date on every row) go to scripts/benchmarks/refs/gpu_*.csv.
@@ -25,7 +31,7 @@
 # Then, there:
 #     bash scripts/gpu/suite.sh
 # Settings (environment): PYTHON (default python3), SUITE_OUT (where the CSVs go),
-# SUITE_PARTS (default "install kernels e2e tests summary": the figures first; parts always
+# SUITE_PARTS (default "install kernels e2e moe tests summary": the figures first; parts always
 # run in this order), SUITE_WHEELS (default .whl),
 # SUITE_TESTS=all (the whole foak test suite on the GPU machine, not only its CUDA tests),
 # SUITE_BUDGET_S (default 480: each part gets at most what is left; later parts are skipped,
@@ -36,7 +42,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 WHEELS=${SUITE_WHEELS:-$ROOT/.whl}
-PARTS=${SUITE_PARTS:-"install kernels e2e tests summary"}
+PARTS=${SUITE_PARTS:-"install kernels e2e moe tests summary"}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
 SUITE_START=$(date +%s)
@@ -84,7 +90,8 @@ log "mode $MODE, python $("$PY" -c 'import sys; print(sys.version.split()[0])'),
 "$PY" - <<'EOF'
 import importlib.metadata as md
 import torch
-names = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel")
+names = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel",
+         "cut-cross-entropy")
 for name in names:
     try:
         print(f"  {name} {md.version(name)}")
@@ -95,11 +102,11 @@ if torch.cuda.is_available():
     print(f"  device {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
 EOF
 
-# --- install: our wheels + bitsandbytes + liger-kernel, no network, no dependency resolution ---
+# --- install: our wheels + bitsandbytes + the peers, no network, no dependency resolution -------
 if want install; then
     log "install from $WHEELS"
     missing=()
-    for pkg in fms_acceleration fms_acceleration_peft fms_acceleration_foak; do
+    for pkg in fms_acceleration fms_acceleration_peft fms_acceleration_foak fms_acceleration_moe; do
         compgen -G "$WHEELS/$pkg-[0-9]*.whl" >/dev/null || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -111,7 +118,7 @@ if want install; then
         echo "building our wheels into $WHEELS (prepare_wheels.py --ours-only)"
         "$PY" scripts/gpu/prepare_wheels.py --ours-only --dest "$WHEELS" || { fail install; }
     fi
-    for pkg in bitsandbytes liger_kernel; do
+    for pkg in bitsandbytes liger_kernel cut_cross_entropy; do
         if ! compgen -G "$WHEELS/$pkg-[0-9]*.whl" >/dev/null; then
             if [ "$MODE" = gpu ]; then
                 echo "missing the $pkg wheel in $WHEELS: run scripts/gpu/prepare_wheels.py first"
@@ -144,10 +151,10 @@ if want kernels; then
         step 240 "kernel benchmarks" "$PY" $bench --out "$csv_out"
         log "fused linear CE: frozen lm_head (LoRA), and 32k tokens"
         step 90 "fused linear CE (frozen)" "$PY" $bench --kernels fused_linear_cross_entropy \
-            --passes full --impls foak reference hf_eager liger --frozen-lm-head --append \
+            --passes full --impls foak reference hf_eager liger cce --frozen-lm-head --append \
             --out "$csv_out"
         step 90 "fused linear CE (32k tokens)" "$PY" $bench --kernels fused_linear_cross_entropy \
-            --passes full --impls foak hf_eager liger --tokens 32768 --append --out "$csv_out"
+            --passes full --impls foak hf_eager liger cce --tokens 32768 --append --out "$csv_out"
     else
         log "kernel benchmarks (dry run: toy CPU shapes, torch paths, no Liger)"
         tiny=(--device cpu --in-process --tokens 256 --hidden 64 --intermediate 128 --seq 64
@@ -172,6 +179,23 @@ if want e2e; then
     fi
 fi
 
+# --- MoE: grouped expert GEMMs vs transformers' experts ------------------------------------------
+if want moe; then
+    bench=scripts/benchmarks/benchmark_moe.py
+    if [ "$MODE" = gpu ]; then
+        log "MoE experts: one Mixtral-8x7B experts layer, 8192 tokens, bf16"
+        step 240 "moe experts" "$PY" $bench --device cuda --dtype bfloat16 --tokens 8192 \
+            --hidden 4096 --intermediate 14336 --experts 8 --top-k 2 --reps 5 --rounds 1 \
+            --out "$OUT/gpu_moe.csv"
+    else
+        log "MoE experts (dry run: toy CPU shapes, the PyTorch path)"
+        rm -f "$OUT/gpu_moe.csv"
+        step 240 "moe experts" "$PY" $bench --device cpu --tokens 256 --hidden 64 \
+            --intermediate 96 --experts 4 --top-k 2 --reps 1 --rounds 1 --impls scattermoe eager \
+            --out "$OUT/gpu_moe.csv"
+    fi
+fi
+
 # --- tests: compiled kernels on CUDA, models in bf16 ---------------------------------------------
 if want tests && [ "$(allow 300)" -eq 0 ]; then
     echo "!!! skipped tests: the ${BUDGET} s budget is spent (SUITE_BUDGET_S)" >&2
@@ -184,16 +208,19 @@ elif want tests; then
         # plugin suite (its CPU-only tests too). The AOT compile test is CI's: here the kernels
         # really run.
         tests=plugins/fused-ops-and-kernels/tests
-        select=(-k "test_kernels or cuda or fast_loss" "$tests/test_kernels.py"
-                "$tests/test_models.py" "$tests/test_fused_lora_model.py")
-        [ "${SUITE_TESTS:-}" = all ] && select=("$tests" --deselect "$tests/test_aot_compile.py")
+        moe=plugins/accelerated-moe/tests
+        select=(-k "test_kernels or cuda or fast_loss or triton" "$tests/test_kernels.py"
+                "$tests/test_models.py" "$tests/test_fused_lora_model.py" "$moe/test_kernels.py"
+                "$moe/test_models.py")
+        [ "${SUITE_TESTS:-}" = all ] && select=("$tests" "$moe" --deselect
+                "$tests/test_aot_compile.py" --deselect "$moe/test_aot_compile.py")
         timeout "$(allow 300)" "$PY" -m pytest -q -n 8 -p no:cacheprovider \
             --junitxml="$junit" "${select[@]}"
         rc=$?
     else
         log "tests (dry run): collecting the CUDA tests, which skip here"
         timeout "$(allow 300)" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$junit" \
-            plugins/fused-ops-and-kernels/tests -k cuda
+            plugins/fused-ops-and-kernels/tests plugins/accelerated-moe/tests/test_kernels.py -k cuda
         rc=$?
     fi
     [ $rc -eq 0 ] || fail "tests (exit $rc)"

@@ -77,3 +77,26 @@ def test_one_run_trains_in_its_own_process_and_reads_the_summary(tmp_path):
     runs = [bench.execute(scenario, name, str(model), work) for name in scenario.framework_configs]
     assert [run.status for run in runs] == ["ok", "ok"], [run.error for run in runs]
     assert all(run.train_tokens_per_s > 0 for run in runs)
+
+
+def test_kernel_benchmarks_of_the_repo_are_options_of_the_kernel_benchmark():
+    benches = bench.load_kernel_benchmarks(SCENARIOS)
+    assert {b.device for b in benches} == {"cpu", "cuda"}
+    for b in benches:
+        impls = b.arguments["impls"]
+        assert "foak" in impls and "cce" in impls, b.name  # ours and Cut Cross-Entropy
+        assert ("liger" in impls) == (b.device == "cuda"), b.name  # Liger: CUDA only
+    cpu = next(b for b in benches if b.name == "flce-peers-cpu-bf16")
+    assert cpu.arguments["dtype"] == "bfloat16" and cpu.arguments["threads"] == 1
+
+
+def test_bad_kernel_benchmark_names_the_entry(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "kernel_benchmarks:\n  - name: k\n    device: cpu\n    arguments: {vocabs: 3}\n"
+    )
+    with pytest.raises(ValueError, match=r"kernel benchmark k: arguments .* are not options"):
+        bench.load_kernel_benchmarks(path)
+    path.write_text("kernel_benchmarks:\n  - name: k\n    device: gpu\n")
+    with pytest.raises(ValueError, match="kernel benchmark k: device must be cpu or cuda"):
+        bench.load_kernel_benchmarks(path)

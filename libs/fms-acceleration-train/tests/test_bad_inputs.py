@@ -46,15 +46,15 @@ def _model_with(folder: Path, tiny: Path, damage) -> Path:
 
 # case -> (arguments, with {model} {data} {dir} filled in; expected text of the error line)
 CASES = {
-    "zero steps": (["--max-steps", "0"], "--max-steps: 0 must be > 0."),
-    "negative steps": (["--max-steps", "-3"], "--max-steps: -3 must be > 0."),
+    "zero steps": (["--max-steps", "0"], "--max-steps: 0 must be greater than 0."),
+    "negative steps": (["--max-steps", "-3"], "--max-steps: -3 must be greater than 0."),
     "steps not a number": (["--max-steps", "ten"], "argument --max-steps: invalid int value"),
-    "zero batch": (["--batch-size", "0"], "--batch-size: 0 must be > 0."),
+    "zero batch": (["--batch-size", "0"], "--batch-size: 0 must be greater than 0."),
     "short sequences": (["--seq-len", "4"], "--seq-len: 4 must be greater than or equal to 8."),
     "lr nan": (["--learning-rate", "nan"], "--learning-rate: .nan is not a finite number."),
     "lr inf": (["--learning-rate", "inf"], "--learning-rate: .inf is not a finite number."),
-    "negative lr": (["--learning-rate", "-0.1"], "--learning-rate: -0.1 must be > 0."),
-    "rank zero": (["--lora-r", "0"], "--lora-r: 0 must be > 0."),
+    "negative lr": (["--learning-rate", "-0.1"], "--learning-rate: -0.1 must be greater than 0."),
+    "rank zero": (["--lora-r", "0"], "--lora-r: 0 must be greater than 0."),
     "dropout one": (["--lora-dropout", "1"], "--lora-dropout: 1.0 must be less than 1."),
     "negative dropout": (
         ["--lora-dropout", "-0.5"],
@@ -65,7 +65,7 @@ CASES = {
         ["--cpu-threads", "-2"],
         "--cpu-threads: -2 must be greater than or equal to 0.",
     ),
-    "zero log interval": (["--log-every", "0"], "--log-every: 0 must be > 0."),
+    "zero log interval": (["--log-every", "0"], "--log-every: 0 must be greater than 0."),
     "unknown dtype": (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     "missing acceleration config": (
         ["--acceleration-config", "{dir}/nope.yaml"],
@@ -124,7 +124,12 @@ CASES = {
     ),
     "output dir is a file": (
         ["--output-dir", "{dir}/data.jsonl"],
-        "--output-dir {dir}/data.jsonl: is a file; give a folder",
+        "--output-dir: '{dir}/data.jsonl' is a file; give a folder.",
+    ),
+    "output dir under a file": (
+        ["--output-dir", "{dir}/data.jsonl/sub"],
+        "--output-dir: '{dir}/data.jsonl/sub' is under {dir}/data.jsonl, which is a file; give a "
+        "folder.",
     ),
     "output dir holds results": (
         ["--output-dir", "<busy>"],

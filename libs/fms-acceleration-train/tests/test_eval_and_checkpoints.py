@@ -63,7 +63,7 @@ def test_split_is_seeded_disjoint_and_keeps_the_train_order():
         ({"eval_steps": 2}, "--eval-steps: 2 needs --eval-split > 0 (there are no evaluation "
                             "examples)."),
         ({"eval_split": 1.0}, "--eval-split: 1.0 must be less than 1."),
-        ({"save_steps": 0}, "--save-steps: 0 must be > 0."),
+        ({"save_steps": 0}, "--save-steps: 0 must be greater than 0."),
     ],
 )  # fmt: skip
 def test_bad_options_name_the_flag(options, message):

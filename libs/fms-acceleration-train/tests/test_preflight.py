@@ -91,6 +91,15 @@ def test_output_dir_rules(tmp_path):
     check_output_dir(tmp_path, overwrite=False, resuming=True)
     with pytest.raises(TrainJobError, match="is a file; give a folder"):
         check_output_dir(tmp_path / "train_summary.json", overwrite=True, resuming=False)
+    under_a_file = tmp_path / "train_summary.json" / "a" / "b"
+    for resuming in (False, True):  # even a resumed or overwriting run cannot write there
+        with pytest.raises(TrainJobError) as err:
+            check_output_dir(under_a_file, overwrite=True, resuming=resuming)
+        assert str(err.value) == (
+            f"--output-dir {under_a_file}: is under {tmp_path / 'train_summary.json'}, which is a "
+            "file; give a folder"
+        )
+    check_output_dir(tmp_path / "new" / "deeper", overwrite=False, resuming=False)
 
 
 def _train_with_interrupt(model_dir, output_dir, interrupt_at):

@@ -143,7 +143,7 @@ def test_cli_prints_one_line_error_and_exit_code_2(tmp_path, tiny_model, capsys)
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"max_steps": 0}, "--max-steps: 0 must be > 0."),
+        ({"max_steps": 0}, "--max-steps: 0 must be greater than 0."),
         ({"lora_dropout": 1.0}, "--lora-dropout: 1.0 must be less than 1."),
         ({"acceleration_config": "missing.yaml"}, "--acceleration-config: 'missing.yaml' file not"),
         ({"learning_rate": float("nan")}, "--learning-rate: .nan is not a finite number."),

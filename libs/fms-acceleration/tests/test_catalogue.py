@@ -92,3 +92,15 @@ def test_the_train_summary_records_the_active_plugins_versions():
     versioned = _versioned(framework)
     assert "fms-acceleration-aadp" in versioned and "transformers" in versioned
     assert "fms-acceleration-foak" not in versioned  # not active in this run
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.package)
+def test_every_package_ships_its_license_readme_and_types(package):
+    folder = ROOT / package.folder
+    project = tomllib.loads((folder / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert project["readme"] == "README.md" and (folder / "README.md").is_file()
+    # a copy, not a link: an sdist keeps a link, and the link leaves the unpacked sdist
+    assert not (folder / "LICENSE").is_symlink()
+    assert (folder / "LICENSE").read_bytes() == (ROOT / "LICENSE").read_bytes()
+    assert (folder / "src" / package.module / "py.typed").is_file()

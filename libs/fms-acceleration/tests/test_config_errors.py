@@ -8,6 +8,7 @@ import types
 import pytest
 
 from fms_acceleration import AccelerationFramework, AccelerationPluginConfigError
+from fms_acceleration import stanzas as stanzas_module
 from fms_acceleration.cli import main
 
 BAD_CONFIGS = {
@@ -290,7 +291,17 @@ def test_an_unclaimed_stanza_beside_active_plugins_warns_here_and_fails_check(
     assert expected in capsys.readouterr().err
 
 
-def test_known_but_uninstalled_stanza_warns_and_passes_through(tmp_path, installed_fakes, capsys):
+def test_known_but_uninstalled_stanza_warns_and_passes_through(
+    tmp_path, installed_fakes, capsys, monkeypatch
+):
+    # whether or not this environment has the odm package, the configuration is read as where
+    # it does not
+    real = stanzas_module.installed_version
+    monkeypatch.setattr(
+        stanzas_module,
+        "installed_version",
+        lambda name: None if name == "fms-acceleration-odm" else real(name),
+    )
     path = _write(
         tmp_path,
         """

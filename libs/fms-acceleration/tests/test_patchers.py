@@ -140,8 +140,9 @@ def test_first_rule_wins_on_a_module_with_a_warning():
 
 
 def test_rule_validation_and_duplicate_ids():
+    incomplete = ModelPatcherRule("bad", forward=lambda s, v: v)  # built, as in the reference
     with pytest.raises(PatchError, match="needs a trigger"):
-        ModelPatcherRule("bad", forward=lambda s, v: v)
+        ModelPatcher().register(incomplete)
     with pytest.raises(PatchError, match="at most one of forward, forward builder"):
         ModelPatcherRule("bad", forward=lambda s: s, forward_builder=lambda m: m)
     with pytest.raises(PatchError, match="trigger must be None"):
@@ -522,3 +523,53 @@ def test_rules_registered_in_a_plugins_init_reach_the_framework():
     assert framework.model_patcher.counts() == {"in-init": 1}
     assert torch.equal(model(torch.ones(2)), torch.zeros(2))
     framework.undo_patches()
+
+
+def test_replaced_members_are_recorded_and_undo_carries_trained_values_back():
+    """A submodule swapped for another, a parameter swapped for a copy and a submodule removed
+    are patches like any other: undo carries what trained back into the originals, then puts
+    them back in place, newest first."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    first, second = model[0], model[1]
+    original_weight = second.weight
+    patcher = ModelPatcher()
+    carried = []
+
+    def carry_linear(original, replacement):
+        carried.append("module")
+        original.weight.data.copy_(replacement.weight.data)
+
+    def carry_weight(original, replacement):
+        carried.append("parameter")
+        original.data.copy_(replacement.data)
+
+    swap = torch.nn.Linear(4, 6)
+    patcher.replace_member("swap", model, "0", swap, where="model", carry_back=carry_linear)
+    copy = torch.nn.Parameter(second.weight.detach() * 2)
+    patcher.replace_member("shard", second, "weight", copy, where="model.1")
+    patcher.replace_member("add", second, "extra", torch.nn.ReLU())
+    assert model[0] is swap and second.weight is copy and isinstance(second.extra, torch.nn.ReLU)
+    assert [(r.rule_id, r.kind) for r in patcher.history] == [
+        ("swap", "module"),
+        ("shard", "parameter"),
+        ("add", "module"),
+    ]
+    assert patcher.history[0].target == "model.0 (Linear)"
+    with torch.no_grad():
+        swap.weight.add_(1.0)  # "training" of the replacement
+    trained = swap.weight.detach().clone()
+    patcher.undo()
+    assert carried == ["module"]
+    assert model[0] is first and second.weight is original_weight
+    assert "extra" not in second._modules
+    torch.testing.assert_close(first.weight, trained)
+    # removing a member, then undoing, brings it back with its carried-back values
+    patcher.replace_member(
+        "drop", model, "1", None, carry_back=lambda original, gone: carried.append((original, gone))
+    )
+    assert len(model) == 1
+    patcher.undo()
+    assert model[1] is second and carried == ["module", (second, None)]
+    with pytest.raises(PatchError, match="only a submodule or a parameter"):
+        patcher.replace_member("bad", model, "nothing", torch.zeros(2))

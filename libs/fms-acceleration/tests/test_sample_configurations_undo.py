@@ -74,6 +74,10 @@ def module_level_objects() -> dict[tuple[str, ...], Any]:
     return found
 
 
+def _hub_function(value: Any) -> bool:
+    return callable(value) and type(value).__name__ == "Func"
+
+
 def _location(target: str) -> tuple[tuple[str, ...], Any]:
     """(key in module_level_objects, object there now) of a dotted patch target: a module's
     attribute ('pkg.mod.f'), a class's own attribute ('pkg.mod.Class.attr') or an entry of a
@@ -122,6 +126,13 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory) -> str:
+    from fms_acceleration.testing import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "mixtral", arch="mixtral"))
+
+
+@pytest.fixture(scope="module")
 def gptq_model_dir(tiny_model_dir, tmp_path_factory) -> str:
     """The tiny Llama GPTQ-quantized (4 bits) by the accelerated-peft plugin's quantizer."""
     pytest.importorskip("gptqmodel")
@@ -151,6 +162,20 @@ def third_party_imports_done():
         importlib.import_module("gptqmodel")
 
 
+def training_set(framework: Any, tiny_dataset: Any, tmp_path: Path) -> Any:
+    """Two rows; under online data mixing, a mixer over two categories of two rows each (the
+    plugin refuses any other training set)."""
+    if "odm" not in framework.plugins:
+        return tiny_dataset(n=2, seq_len=8)
+    from fms_acceleration_odm import OnlineMixingDataset
+
+    options = framework.plugins["odm"].options
+    parts = {name: tiny_dataset(n=2, seq_len=8) for name in ("a", "b")}
+    return OnlineMixingDataset(
+        parts, None, parts, None, output_dir=tmp_path / "odm", **options.dataset_kwargs()
+    )
+
+
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["shortname"] for e in ENTRIES])
 def test_sample_is_undone_completely(entry, request, tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -165,11 +190,16 @@ def test_sample_is_undone_completely(entry, request, tmp_path):
     from fms_acceleration.testing import tiny_dataset
 
     path = SAMPLES / entry["filename"]
-    peft_stanzas = yaml.safe_load(path.read_text())["plugins"].get("peft", {})
+    plugins = yaml.safe_load(path.read_text())["plugins"]
+    peft_stanzas = plugins.get("peft", {})
     loaders = {"bitsandbytes", "auto_gptq"} & set(peft_stanzas.get("quantization", {}))
     if "bitsandbytes" in loaders:
         pytest.importorskip("bitsandbytes")
+    moe = plugins.get("training", {}).get("moe", {}).get("scattermoe")
+    if moe is not None and moe.get("ep_degree", 1) > 1:
+        pytest.skip("ep_degree > 1 shards experts over processes (accelerated-moe's torchrun test)")
     fixture = "gptq_model_dir" if "auto_gptq" in loaders else "tiny_model_dir"
+    fixture = "tiny_moe_dir" if moe is not None else fixture
     model_dir = request.getfixturevalue(fixture)
 
     framework = AccelerationFramework(str(path))
@@ -203,7 +233,7 @@ def test_sample_is_undone_completely(entry, request, tmp_path):
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=tiny_dataset(n=2, seq_len=8),
+        train_dataset=training_set(framework, tiny_dataset, tmp_path),
         data_collator=default_data_collator,
     )
     accelerator = trainer.accelerator
@@ -226,9 +256,9 @@ def test_sample_is_undone_completely(entry, request, tmp_path):
         r.module_name for r in recorded(framework.trainer_patcher, "method")
     }
     model_records = recorded(framework.model_patcher)
-    # the kernels and padding-free patch the model; the schedule wraps prepare_optimizer
+    # the kernels, padding-free and MoE patch the model; the schedule wraps prepare_optimizer
     assert bool(model_records) == bool(
-        {"fused_ops_and_kernels", "padding_free"} & set(framework.plugins)
+        {"fused_ops_and_kernels", "padding_free", "scattermoe"} & set(framework.plugins)
     )
     # the schedule wraps prepare_optimizer, padding-free prepare (for its collator)
     wraps = bool({"finetuning_schedule", "padding_free"} & set(framework.plugins))

@@ -26,28 +26,121 @@ DEQUANT_KINDS = ("avx512f", "no-avx512f")
 GEMV_KINDS = ("avx512bf16", "no-avx512bf16")
 
 
+# --- GPTQ: a decoder written independently of fms_acceleration_peft.gptq_format (arithmetic on
+# unsigned words, not bit shifts on int32), and random layers -----------------------------------
+
+
+def _unsigned(words: torch.Tensor) -> torch.Tensor:
+    """int32 words as the unsigned values their bits spell (int64)."""
+    return words.to(torch.int64) % (1 << 32)
+
+
+def _code_at(words: torch.Tensor, position: torch.Tensor, bits: int) -> torch.Tensor:
+    """The `position`-th `bits`-wide field of each word (int64)."""
+    return torch.div(_unsigned(words), 2 ** (position * bits), rounding_mode="floor") % (1 << bits)
+
+
+def _reference_weight(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int) -> torch.Tensor:
+    """W (in, out) in fp64: W[k, n] = scale[g, n] * (code[k, n] - zero[g, n]), g = g_idx[k]."""
+    pack = 32 // bits
+    k_in = g_idx.shape[0]
+    n_out = scales.shape[1]
+    rows = torch.arange(k_in)
+    cols = torch.arange(n_out)
+    codes = _code_at(qweight[rows // pack], (rows % pack)[:, None], bits)
+    groups = g_idx.long()
+    zeros = _code_at(qzeros[groups][:, cols // pack], (cols % pack)[None, :], bits) + zero_offset
+    return scales.double()[groups] * (codes - zeros).double()
+
+
+def _random_gptq_layer(
+    in_features: int,
+    out_features: int,
+    bits: int,
+    group_size: int,
+    desc_act: bool,
+    generator: torch.Generator,
+    zero_offset: int = 1,
+):
+    """Random GPTQ tensors (qweight, qzeros, scales fp16, g_idx) of a valid layer."""
+    from fms_acceleration_peft.gptq_format import GPTQLayout, pack_columns, pack_rows
+
+    layout = GPTQLayout(in_features, out_features, bits, group_size, zero_offset)
+    codes = torch.randint(0, layout.maxq + 1, (in_features, out_features), generator=generator)
+    # stored zeros; with zero_offset 1 the largest stored value would read back as maxq + 1
+    stored = torch.randint(0, layout.maxq, (layout.groups, out_features), generator=generator)
+    scales = (torch.rand(layout.groups, out_features, generator=generator) * 0.02 + 0.002).half()
+    g_idx = layout.default_g_idx()
+    if desc_act:
+        g_idx = g_idx[torch.randperm(in_features, generator=generator)]
+    return pack_rows(codes, bits), pack_columns(stored, bits), scales, g_idx.to(torch.int32)
+
+
+@pytest.fixture
+def reference_weight():
+    """The plain-torch GPTQ decoder: (qweight, qzeros, scales, g_idx, bits, zero_offset) -> W."""
+    return _reference_weight
+
+
+@pytest.fixture
+def random_gptq_layer():
+    """A factory of random GPTQ tensors (in, out, bits, group_size, desc_act, generator)."""
+    return _random_gptq_layer
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> str:
     """A saved random-init tiny llama (fp32) with its tokenizer."""
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama", seed=0))
 
 
-@pytest.fixture(scope="session")
-def gptq_dir(tiny_llama_dir, tmp_path_factory) -> str:
-    """The tiny llama quantized to 4 bits (group 32) by the module's command line."""
-    output = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
-    calibration = tmp_path_factory.mktemp("calib") / "calib.txt"
-    # tiny tokenizer words, so calibration activations are not all <unk>
+def calibration_file(directory) -> str:
+    """Calibration text in the tiny tokenizer's words, so activations are not all <unk>."""
+    path = directory / "calib.txt"
     rows = [" ".join(f"tok{(s + i) % 120}" for i in range(24)) for s in range(0, 96, 6)]
-    calibration.write_text("\n".join(rows), encoding="utf-8")
-    command = [sys.executable, "-m", "fms_acceleration_peft.quantize", "--model", tiny_llama_dir]
-    command += ["--output", str(output), "--bits", "4", "--group-size", "32"]
-    command += ["--calibration", str(calibration)]
+    path.write_text("\n".join(rows), encoding="utf-8")
+    return str(path)
+
+
+def quantize_with_cli(model_dir: str, output, calibration: str, *flags: str) -> str:
+    """Run fms-acceleration-peft-quantize in a subprocess; the output directory."""
+    command = [sys.executable, "-m", "fms_acceleration_peft.quantize", "--model", model_dir]
+    command += ["--output", str(output), "--calibration", calibration, *flags]
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"}  # inductor is slow on shared CPUs
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(output)
     return str(output)
+
+
+@pytest.fixture(scope="session")
+def calibration_path(tmp_path_factory) -> str:
+    """The calibration file every quantization fixture uses."""
+    return calibration_file(tmp_path_factory.mktemp("calib"))
+
+
+@pytest.fixture(scope="session")
+def gptq_dir(tiny_llama_dir, calibration_path, tmp_path_factory) -> str:
+    """The tiny llama quantized by our GPTQ to 4 bits (group 32, symmetric, column order)."""
+    output = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
+    flags = ("--bits", "4", "--group-size", "32")
+    return quantize_with_cli(tiny_llama_dir, output, calibration_path, *flags)
+
+
+@pytest.fixture(scope="session")
+def gptq_desc_act_dir(tiny_llama_dir, calibration_path, tmp_path_factory) -> str:
+    """The tiny llama quantized by our GPTQ to 8 bits, groups of 16, asymmetric, desc_act."""
+    output = tmp_path_factory.mktemp("gptq") / "tiny-gptq-8bit-desc-act"
+    flags = ("--bits", "8", "--group-size", "16", "--asym", "--desc-act", "--dtype", "float16")
+    return quantize_with_cli(tiny_llama_dir, output, calibration_path, *flags)
+
+
+@pytest.fixture(scope="session")
+def gptqmodel_dir(tiny_llama_dir, calibration_path, tmp_path_factory) -> str:
+    """The tiny llama quantized by gptqmodel (through our CLI) like gptq_dir: 4 bits, group 32."""
+    output = tmp_path_factory.mktemp("gptqmodel") / "tiny-gptqmodel"
+    flags = ("--bits", "4", "--group-size", "32", "--quantizer", "gptqmodel")
+    return quantize_with_cli(tiny_llama_dir, output, calibration_path, *flags)
 
 
 @pytest.fixture

@@ -70,6 +70,8 @@ def test_gradient_checkpointing_follows_train_args(tiny_llama_dir, lora_config, 
 def test_no_peft_model_leaves_peft_to_the_trainer(tiny_llama_dir, lora_config):
     framework = _framework(no_peft_model=True)
     assert framework.slot_owners == {"model_loader": "bitsandbytes"}
+    assert framework.requires_augmentation is False  # the reference's contract
+    assert _framework(no_peft_model=True, quantize_embeddings=True).requires_augmentation
     model = framework.model_loader(tiny_llama_dir, dtype=torch.bfloat16)
     returned, args = framework.augmentation(model, None, (lora_config,))
     assert returned is model and not isinstance(returned, PeftModel)

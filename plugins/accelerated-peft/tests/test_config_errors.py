@@ -62,10 +62,26 @@ def test_unknown_gptq_key():
     assert "plugins.peft.quantization.auto_gptq.kernal" in message and "kernel" in message
 
 
-def test_use_external_lib_true_is_refused():
-    message = _error(_gptq(use_external_lib=True))
-    assert "plugins.peft.quantization.auto_gptq.use_external_lib" in message
-    assert "auto_gptq" in message and "false" in message
+def test_use_external_lib_without_auto_gptq_names_key_and_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "auto_gptq" else real(name)
+    )
+    with pytest.raises(AssertionError) as info:  # the reference raised an AssertionError
+        build_framework(_gptq(use_external_lib=True), PLUGINS)
+    assert isinstance(info.value, AccelerationPluginConfigError)
+    message = str(info.value)
+    assert (
+        "plugins.peft.quantization.auto_gptq.use_external_lib: true needs the package " in message
+    )
+    assert "'auto_gptq'" in message and "set it to false" in message
+    assert "Unable to use external library, auto_gptq module not found." in message
+
+
+def test_use_external_lib_takes_only_the_triton_v2_kernel():
+    message = _error(_gptq(use_external_lib=True, kernel="torch"))
+    assert "plugins.peft.quantization.auto_gptq.use_external_lib: true" in message
+    assert "plugins.peft.quantization.auto_gptq.kernel is 'torch'" in message
 
 
 def test_both_quantizations_conflict_on_model_loader():
@@ -76,14 +92,28 @@ def test_both_quantizations_conflict_on_model_loader():
     assert "bitsandbytes" in message and "auto_gptq" in message and "model_loader" in message
 
 
-def test_missing_gptqmodel_names_the_extra(monkeypatch):
+def test_gptq_needs_no_gptq_package_by_default(monkeypatch):
+    real = importlib.util.find_spec
+    absent = {"gptqmodel", "auto_gptq"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name)
+    )
+    framework = build_framework(_gptq(), PLUGINS)
+    assert framework.plugins["auto_gptq"].kernel == "triton_v2"
+    assert framework.plugins["auto_gptq"].use_external_lib is False
+
+
+def test_gptqmodel_kernel_without_gptqmodel_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name)
     )
-    message = _error(_gptq())
-    assert "'auto_gptq'" in message and "'gptqmodel'" in message
-    assert "pip install fms-acceleration-peft[gptq]" in message
+    message = _error(_gptq(kernel="gptq_torch"))
+    assert "plugins.peft.quantization.auto_gptq.kernel: 'gptq_torch' is a gptqmodel kernel" in (
+        message
+    )
+    assert "'gptqmodel'" in message and "fms-acceleration-peft[gptq]" in message
+    assert "triton_v2 or torch" in message
 
 
 def test_missing_bitsandbytes(monkeypatch):
@@ -112,8 +142,18 @@ def test_loader_rejects_a_non_float_dtype(tiny_llama_dir):
         framework.model_loader(tiny_llama_dir, dtype="int8")
 
 
-def test_gptq_loader_rejects_float32(tiny_llama_dir):
-    framework = build_framework(_gptq(), PLUGINS)
-    with pytest.raises(AccelerationPluginConfigError, match="bfloat16 or float16") as e:
+def test_gptq_loader_refuses_an_unquantized_checkpoint(tiny_llama_dir):
+    framework = build_framework(_gptq(kernel="torch"), PLUGINS)
+    with pytest.raises(AccelerationPluginConfigError) as e:
         framework.model_loader(tiny_llama_dir, dtype=torch.float32)
-    assert "plugins.peft.quantization.auto_gptq" in str(e.value)
+    message = str(e.value)
+    assert message.startswith("plugins.peft.quantization.auto_gptq: model_loader: ")
+    assert "config.json: no quantization_config" in message and "not a GPTQ checkpoint" in message
+
+
+def test_gptqmodel_kernels_refuse_float32(gptq_dir):
+    pytest.importorskip("gptqmodel")
+    framework = build_framework(_gptq(kernel="gptq_torch"), PLUGINS)
+    with pytest.raises(AccelerationPluginConfigError, match="use bfloat16 or float16") as e:
+        framework.model_loader(gptq_dir, dtype=torch.float32)
+    assert "plugins.peft.quantization.auto_gptq: model_loader: dtype=torch.float32" in str(e.value)

@@ -3,6 +3,7 @@ exit code 2, no traceback, and nothing written."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -51,7 +52,14 @@ CASES = {
         ["--calibration", "<folder>"],
         ": is a folder, expected a text file",
     ),
-    "float32 compute dtype": (None, ["--dtype", "float32"], "--dtype float32: use bfloat16"),
+    "float32 with gptqmodel": (
+        None,
+        ["--dtype", "float32", "--quantizer", "gptqmodel"],
+        "--dtype float32: use bfloat16 or float16 with --quantizer gptqmodel"
+        if importlib.util.find_spec("gptqmodel")
+        else "--quantizer gptqmodel: the package 'gptqmodel' is not installed",
+    ),
+    "asymmetric 3-bit": (None, ["--bits", "3", "--asym"], "--bits 3: not supported by"),
     "unknown dtype": (None, ["--dtype", "int8"], "--dtype int8: dtype='int8' is not a floating"),
 }
 

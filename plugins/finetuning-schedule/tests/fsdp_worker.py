@@ -65,31 +65,24 @@ class Lrs(TrainerCallback):
         self.rows.append([g["lr"] for g in optimizer.param_groups])
 
 
-def enable_fsdp2_on_cpu(trainer: Trainer) -> None:
-    """accelerate honours an FSDP plugin only for GPU-like distributed types; its FSDP2 path
-    (fully_shard + gloo) runs on CPU once the state says FSDP, as it does under
-    `accelerate launch` with an FSDP2 config on GPUs (test-only)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = trainer.accelerator.state
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    PartialState().distributed_type = DistributedType.FSDP
-    state.distributed_type = DistributedType.FSDP
-    trainer.is_fsdp_enabled = True
-
-
 def train(out: str, fsdp: bool, grad_accum: int = 1) -> dict:
     """Train the schedule (4 rows per optimizer step: 2 per rank under FSDP, 4 // grad_accum
     per micro-batch otherwise); return what the tests compare (rank 0's view under FSDP)."""
-    from fms_acceleration.testing import build_framework, tiny_dataset
+    from fms_acceleration.testing import build_framework, enable_fsdp_on_cpu, tiny_dataset
     from fms_acceleration_fts import FinetuningSchedulePlugin
 
     extra = {}
     if fsdp:
         extra = dict(
             fsdp="full_shard auto_wrap",
-            fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+            # every rank builds the same seeded model, so nothing needs broadcasting; and
+            # accelerate 1.9 refuses sync_module_states (transformers 4.55's default) without
+            # a GPU
+            fsdp_config={
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "sync_module_states": False,
+            },
             ddp_backend="gloo",
         )
     args = TrainingArguments(
@@ -120,7 +113,7 @@ def train(out: str, fsdp: bool, grad_accum: int = 1) -> dict:
     model, _ = framework.augmentation(model, args, modifiable_args=())
     trainer = InOrder(model=model, args=args, train_dataset=tiny_dataset(n=4 * STEPS, seq_len=8))
     if fsdp:
-        enable_fsdp2_on_cpu(trainer)
+        enable_fsdp_on_cpu(trainer)
     for cb in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
         trainer.add_callback(cb)
     lrs = Lrs()
@@ -135,7 +128,7 @@ def train(out: str, fsdp: bool, grad_accum: int = 1) -> dict:
     return {
         "adapter": type(fts.adapter).__name__,
         "dtensors": sum(hasattr(p, "full_tensor") for p in model.parameters()),
-        "transitions": [(t["depth"], t["global_step"]) for t in fts.callback.transitions],
+        "transitions": [(t["depth"], t["global_step"]) for t in fts.callback.state.transitions],
         "optimizer": type(optimizer).__name__,
         "scheduler": type(trainer.lr_scheduler).__name__,
         "groups": [(g["fts_phase"], len(g["params"])) for g in optimizer.param_groups],

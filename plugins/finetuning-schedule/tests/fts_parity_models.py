@@ -120,6 +120,8 @@ class EpochRecorder(TrainerCallback):
         self.fts = fts
         self.rows: dict[int, tuple] = {}
         self.lrs: dict[int, tuple] = {}
+        self.initial_lrs: dict[int, tuple] = {}
+        self.waits: dict[int, int] = {}  # early stopping's count of evaluations without improvement
 
     def on_epoch_begin(self, args, state, control, optimizer=None, **kw):
         epoch = round(state.epoch or 0.0)
@@ -134,6 +136,10 @@ class EpochRecorder(TrainerCallback):
             raw.defaults["lr"],
         )
         self.lrs[epoch] = tuple(round(g["lr"], 9) for g in raw.param_groups)
+        self.initial_lrs[epoch] = tuple(
+            round(g.get("initial_lr", g["lr"]), 9) for g in raw.param_groups
+        )
+        self.waits[epoch] = self.fts.state.wait
 
 
 def sgd_steplr(steps_per_epoch: int = 1, all_params: bool = False, lr: float = 1e-3):
@@ -159,9 +165,11 @@ def run_boring(
     optimizers: Callable[[nn.Module], tuple] | None = None,
     model: nn.Module | None = None,
     before_optimizer: Callable[[nn.Module], None] | None = None,
+    resume: str | None = None,
     **arg_overrides: Any,
 ) -> tuple[Trainer, Any, EpochRecorder]:
-    """Train the boring model with the FTS stanza; return (trainer, plugin, recorder)."""
+    """Train the boring model with the FTS stanza (resuming from a checkpoint folder if given);
+    return (trainer, plugin, recorder)."""
     from fms_acceleration.testing import build_framework
     from fms_acceleration_fts import FinetuningSchedulePlugin
 
@@ -208,5 +216,5 @@ def run_boring(
         trainer.add_callback(cb)
     recorder = EpochRecorder(plugin.callback)
     trainer.add_callback(recorder)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, plugin, recorder

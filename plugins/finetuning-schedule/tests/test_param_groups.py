@@ -195,6 +195,24 @@ def test_start_lrs_follow_fts_precedence(use_current, init_pg_lrs, lrs, initial)
     assert [g.get("initial_lr", g["lr"]) for g in opt.param_groups] == initial
 
 
+@pytest.mark.parametrize("use_current", [False, True])
+def test_init_pg_lrs_leave_the_groups_they_do_not_reach_at_their_current_lr(use_current):
+    """FTS: init_pg_lrs replaces the list of starting lrs, so a group past its end neither
+    restarts from initial_lr nor is touched at all (FTS run: [1e-6, 7e-6, 3e-6] at phase 2)."""
+    (_, a), (_, b), (_, c) = params(8, 3)
+    opt = torch.optim.SGD(
+        [
+            {"params": [a], "lr": 2.4e-4, "initial_lr": 1e-3},
+            {"params": [b], "lr": 7e-6, "initial_lr": 1e-5},
+            {"params": [c], "lr": 3e-6, "initial_lr": 3e-6},
+        ],
+        lr=1.0,
+    )
+    start_lrs(opt, use_current, [1e-6])
+    assert [g["lr"] for g in opt.param_groups] == [1e-6, 7e-6, 3e-6]
+    assert [g["initial_lr"] for g in opt.param_groups] == [1e-6, 1e-5, 3e-6]
+
+
 def test_reinit_scheduler_keeps_initial_lr_as_base():
     opt = two_group_sgd()
     sched = LambdaLR(opt, lambda s: 1.0)  # sets lr = initial_lr * 1.0

@@ -16,6 +16,7 @@ from fms_acceleration_fts.schedule import (
     load_schedule_yaml,
     parse_schedule,
     read_schedule,
+    schedule_epochs,
     unscheduled_params,
     validate_schedule,
     write_new_file,
@@ -288,13 +289,8 @@ INVALID = [
         "phase 1.lr: .nan is not a finite number.",
         id="nan-string-lr",
     ),
-    pytest.param({0: ok(), 1: bias(lr=0.0)}, {}, "phase 1.lr: 0.0 must be > 0.", id="zero-lr"),
     pytest.param(
-        {0: ok(lr=1e-3)},
-        {},
-        "phase 0: lr is taken from the Trainer (TrainingArguments.learning_rate or your "
-        "optimizer); set it there and remove lr from phase 0",
-        id="lr-in-phase-0",
+        {0: ok(), 1: bias(lr=0.0)}, {}, "phase 1.lr: 0.0 must be greater than 0.", id="zero-lr"
     ),
     pytest.param(
         {0: ok(new_optimizer=OPT)},
@@ -343,7 +339,7 @@ INVALID = [
     pytest.param(
         {0: ok(), 1: bias(new_lr_scheduler={**STEP, "pl_lrs_cfg": {"frequency": 0}})},
         {},
-        "phase 1.new_lr_scheduler.pl_lrs_cfg.frequency: 0 must be >= 1.",
+        "phase 1.new_lr_scheduler.pl_lrs_cfg.frequency: 0 must be greater than or equal to 1.",
         id="zero-frequency",
     ),
     pytest.param(
@@ -431,6 +427,31 @@ def test_string_phase_keys_are_read_as_integers(caplog):
     phases = validate_schedule({"0": ok(), "1": bias(lr="1e-4")}, NAMES)
     assert [p.params for p in phases] == [("head.weight",), ("head.bias",)]
     assert phases[1].lr == pytest.approx(1e-4)
+
+
+def test_phase0_lr_is_accepted_with_a_note():
+    """FTS test_fts_invalid_schedules[lr_phase0]: a warning, and the lr is not used."""
+    parsed = parse_schedule({0: ok(lr=5e-4), 1: bias()})
+    assert parsed.notes == (
+        "phase 0: lr 0.0005 is not used: phase 0 trains at the lr the Trainer's optimizer has "
+        "(TrainingArguments.learning_rate, or your optimizer's); set it there",
+    )
+    assert parsed.raw[0] == {"params": ["head.weight"], "lr": 5e-4}
+
+
+@pytest.mark.parametrize(
+    "epochs,expected",
+    [
+        ((1, 4, 6), 6),  # the final phase's limit
+        ((1, 6, 4), 6),  # an earlier phase's larger limit counts once the final phase has one
+        ((9, 2, 3), 3),  # phase 0's limit does not count
+        ((1, 6, -1), None),  # no limit on the final phase: the run's length is the user's
+        ((5,), None),  # one phase: nothing to extend
+    ],
+)
+def test_schedule_epochs_follow_fts_max_epochs_rule(epochs, expected):
+    raw = {d: {"params": [f"p{d}"], "max_transition_epoch": e} for d, e in enumerate(epochs)}
+    assert schedule_epochs(parse_schedule(raw).phases) == expected
 
 
 def test_epoch_transitions_only_accepts_last_phase_without_epoch():

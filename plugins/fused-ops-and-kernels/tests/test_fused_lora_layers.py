@@ -22,11 +22,17 @@ HIDDEN, KV, INTER, RANK = 96, 32, 160, 8
 ODD = (HIDDEN, KV, INTER)
 BNB_REALISTIC = (192, 64, 320)
 BNB_ODD = (72, 24, 200)
+QUANTIZED_BASE_PACKAGES = {
+    "bitsandbytes": "bitsandbytes",
+    "auto_gptq": "fms_acceleration_peft",
+    "auto_gptq:gptqmodel": "gptqmodel",
+}
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Relative tolerance per compute dtype: fp32 only sees summation-order differences; half types
 # see that peft computes LoRA in the fp32 adapter dtype while the fused path stays in x's dtype.
 REL_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-# (base, dtype, dims): bnb 4-bit on CPU computes in fp32/bf16; GPTQ's torch kernel in fp32/fp16.
+# (base, dtype, dims): bnb 4-bit on CPU computes in fp32/bf16; GPTQ's torch kernels in fp32/fp16.
+# "auto_gptq" is accelerated-peft's own GPTQLinear; "auto_gptq:gptqmodel" gptqmodel's TorchLinear.
 CASES = [
     ("plain", torch.float32, ODD),
     ("plain", torch.float16, ODD),
@@ -36,6 +42,9 @@ CASES = [
     ("bitsandbytes", torch.float32, BNB_ODD),
     ("auto_gptq", torch.float32, ODD),
     ("auto_gptq", torch.float16, ODD),
+    ("auto_gptq", torch.bfloat16, ODD),
+    ("auto_gptq:gptqmodel", torch.float32, ODD),
+    ("auto_gptq:gptqmodel", torch.float16, ODD),
 ]
 
 
@@ -62,22 +71,38 @@ def _lora_block(base: str, dtype: torch.dtype, bias: bool = True, dims=ODD):
     from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
 
     if base != "plain":  # optional dependencies of the quantized bases
-        pytest.importorskip({"bitsandbytes": "bitsandbytes", "auto_gptq": "gptqmodel"}[base])
+        pytest.importorskip(QUANTIZED_BASE_PACKAGES[base])
         pytest.importorskip("fms_acceleration_peft")  # the [bnb]/[gptq] extras bring it
     block = Block(bias=bias, dims=dims)
     if base == "plain":
         block.to(dtype)
     elif base == "bitsandbytes":
         quantize_linears(block, base, quant_type="nf4", double_quant=True, compute_dtype=dtype)
+    elif base == "auto_gptq":
+        from fms_acceleration_peft.gptq_linear import GPTQLinear
+
+        quantize_linears(
+            block, base, build=GPTQLinear.from_linear, bits=4, group_size=32, sym=False
+        )
     else:
-        quantize_linears(block, base, bits=4, group_size=32)
+        quantize_linears(block, "auto_gptq", bits=4, group_size=32)
     config = LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0, target_modules=list(ROLES))
+    if base == "auto_gptq":  # peft wraps a layer it does not know through its custom dispatch
+        _register_gptq_lora_layer(config)
     model = get_peft_model(block, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn_like(p) * (0.3 if "lora_B" in name else 0.1))
     return model.base_model.model
+
+
+def _register_gptq_lora_layer(config) -> None:
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    from fms_acceleration_peft.gptq_linear import GPTQLinear
+
+    config._register_custom_module({GPTQLinear: GPTQLoraLinear})
 
 
 def _sources(block, roles):

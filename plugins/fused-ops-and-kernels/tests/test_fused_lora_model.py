@@ -15,6 +15,12 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "granite")
 MOE = ("mixtral", "granitemoe")
 # Relative tolerance (to each tensor's largest value) on loss and every LoRA gradient.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+# quantized base -> the package that provides it ("auto_gptq" is accelerated-peft's own layer)
+QUANTIZED_BASE_PACKAGES = {
+    "bitsandbytes": "bitsandbytes",
+    "auto_gptq": "fms_acceleration_peft",
+    "auto_gptq:gptqmodel": "gptqmodel",
+}
 FUSED_NODES = ("_FusedLoRAProjectionsBackward", "_FusedLoRASwiGLUMLPBackward")
 
 
@@ -26,20 +32,34 @@ def _tiny_lora_model(arch="llama", base="plain", dtype=torch.float32, **lora_kwa
     from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
 
     if base != "plain":  # optional dependencies of the quantized bases
-        pytest.importorskip({"bitsandbytes": "bitsandbytes", "auto_gptq": "gptqmodel"}[base])
+        pytest.importorskip(QUANTIZED_BASE_PACKAGES[base])
     torch.manual_seed(0)
     overrides = {"attention_bias": True} if arch == "llama" else {}
     model = AutoModelForCausalLM.from_config(tiny_model_config(arch, **overrides))
     if base == "bitsandbytes":
         model.to(dtype)
         quantize_linears(model, base, compute_dtype=dtype)
-    elif base == "auto_gptq":
-        quantize_linears(model, base, bits=4, group_size=32)
+    elif base == "auto_gptq":  # accelerated-peft's own GPTQ layer
+        from fms_acceleration_peft.gptq_linear import GPTQLinear
+
+        quantize_linears(
+            model, base, build=GPTQLinear.from_linear, bits=4, group_size=32, sym=False
+        )
+        model.to(dtype)
+    elif base == "auto_gptq:gptqmodel":
+        quantize_linears(model, "auto_gptq", bits=4, group_size=32)
         model.to(dtype)
     else:
         model.to(dtype)
     config = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=ALL_ROLES)
-    model = get_peft_model(model, LoraConfig(**{**config, **lora_kwargs}))
+    config = LoraConfig(**{**config, **lora_kwargs})
+    if base == "auto_gptq":  # peft wraps a layer it does not know through its custom dispatch
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+
+        from fms_acceleration_peft.gptq_linear import GPTQLinear
+
+        config._register_custom_module({GPTQLinear: GPTQLoraLinear})
+    model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -75,7 +95,7 @@ def _patch(model, base):
     from fms_acceleration_foak.lora import build_fused_lora_rules
 
     patcher = ModelPatcher()
-    for rule in build_fused_lora_rules(model, base):
+    for rule in build_fused_lora_rules(model, base.split(":")[0]):
         patcher.register(rule)
     patcher.patch(model)
     return patcher
@@ -133,6 +153,9 @@ QUANT_CASES = [
     ("bitsandbytes", torch.bfloat16),
     ("auto_gptq", torch.float32),
     ("auto_gptq", torch.float16),
+    ("auto_gptq", torch.bfloat16),
+    ("auto_gptq:gptqmodel", torch.float32),
+    ("auto_gptq:gptqmodel", torch.float16),
 ]
 # Half precision end to end: largest relative grad error vs an fp32 twin that either path may make.
 HALF_CAP = {torch.float16: 2e-2, torch.bfloat16: 0.15}
@@ -390,3 +413,42 @@ def test_framework_with_bnb_loader_fuses_and_matches_unpatched(tmp_path):
     # bf16 activations with fp32 adapters on both paths, differing only in the LoRA dtype
     assert abs(got[0].item() - ref[0].item()) <= REL_TOL[torch.bfloat16] * ref[0].item()
     assert _max_rel(got, ref) <= HALF_CAP[torch.bfloat16]
+
+
+def test_framework_with_gptq_loader_fuses_and_matches_unpatched(tmp_path):
+    """End to end: accelerated-peft's own GPTQ quantizer and loader + this plugin's fused_lora."""
+    peft_plugins = pytest.importorskip("fms_acceleration_peft")
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    from fms_acceleration.testing import build_framework, save_tiny_model
+    from fms_acceleration_foak import FastKernelsAccelerationPlugin
+    from fms_acceleration_peft.gptq_linear import GPTQLinear
+    from fms_acceleration_peft.quantize import quantize_checkpoint
+
+    save_tiny_model(tmp_path / "float", "llama")
+    gptq_dir = quantize_checkpoint(tmp_path / "float", tmp_path / "gptq", bits=4, group_size=32)
+    foak = {"base_layer": "auto_gptq", "fused_lora": True, "fast_loss": False}
+    foak |= {"fast_rms_layernorm": False, "fast_rope_embeddings": False}
+    stanzas = {"auto_gptq": {"kernel": "torch"}, "fused_ops_and_kernels": foak}
+    framework = build_framework(
+        {"plugins": {"peft": {"quantization": stanzas}}},
+        [peft_plugins.AutoGPTQAccelerationPlugin, FastKernelsAccelerationPlugin],
+    )
+    model = framework.model_loader(str(gptq_dir), dtype=torch.float16)
+    assert sum(isinstance(m, GPTQLinear) for m in model.modules()) == 14
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), fp16=True, use_cpu=True)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=ALL_ROLES)
+    model, _ = framework.augmentation(model, args, modifiable_args=(lora,))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    batch = _batch(3)
+    got = _run(model, batch)
+    assert got[2] == {FUSED_NODES[0]: 4, FUSED_NODES[1]: 2}
+    framework.plugins["fused_ops_and_kernels"].model_patcher.undo()
+    ref = _run(model, batch)
+    assert ref[2] == {n: 0 for n in FUSED_NODES}
+    assert abs(got[0].item() - ref[0].item()) <= REL_TOL[torch.float16] * ref[0].item()
+    assert _max_rel(got, ref) <= HALF_CAP[torch.float16]

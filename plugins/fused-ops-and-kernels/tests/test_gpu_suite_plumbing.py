@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -44,8 +46,9 @@ def test_summary_reports_goals(tmp_path):
         dict(kernel="swiglu", impl="liger", shape="s", ms="1.1", gbps="3500", note=""),
         dict(kernel="fused_linear_cross_entropy", impl="foak", shape="f", ms="90", note=""),
         dict(kernel="fused_linear_cross_entropy", impl="hf_eager", shape="f", ms="100", note=""),
+        dict(kernel="fused_linear_cross_entropy", impl="cce", shape="f", ms="95", note=""),
     ]
-    peaks = ["0", "0", "4000", "30000"]
+    peaks = ["0", "0", "4000", "30000", "3900"]
     with (tmp_path / "gpu_kernels.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -64,3 +67,48 @@ def test_summary_reports_goals(tmp_path):
     assert "| swiglu: no slower than Liger | met | 1.10x Liger's speed |" in text
     assert "<= 1/10 unfused memory | NOT met | 0.133 |" in text
     assert ">= 1.0x unfused speed | met | 1.11x |" in text
+    peer = "at least Cut Cross-Entropy's speed at no more memory | NOT met"
+    assert f"{peer} | time 0.95x, memory 1.03x of theirs |" in text
+
+
+def _benchmark_module():
+    sys.path.insert(0, str(ROOT / "scripts/benchmarks"))
+    try:
+        import benchmark_kernels
+    finally:
+        sys.path.pop(0)
+    return benchmark_kernels
+
+
+def test_peer_that_is_not_installed_is_skipped_with_its_reason(monkeypatch):
+    import torch
+
+    bench = _benchmark_module()
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # import fails
+    with pytest.raises(bench.NotApplicable, match="cut-cross-entropy not installed"):
+        bench._cce(torch.device("cpu"))
+    assert bench.cce_impl(torch.device("cpu")) == "torch_compile"
+    assert bench.cce_impl(torch.device("cuda")) == "cce"  # its Triton kernels
+
+
+def test_flce_markdown_gives_ours_over_each_peer():
+    bench = _benchmark_module()
+    common = {"kernel": "fused_linear_cross_entropy", "pass": "full", "dtype": "bfloat16"}
+    common.update(shape="1024x576x128256", date="d", device="cpu", timer="cpu", threads=1)
+    rows = [
+        {**common, "impl": impl, "ignored": ignored, "ms": ms, "peak_mb": mb, "note": ""}
+        for impl, ignored, ms, mb in (
+            ("foak", 0.0, 900.0, 400.0),
+            ("hf_eager", 0.0, 1800.0, 2400.0),
+            ("cce", 0.0, 1000.0, 1000.0),
+            ("foak", 0.5, 500.0, 200.0),
+            ("cce", 0.5, 400.0, 500.0),
+        )
+    ]
+    text = bench.flce_markdown(rows, "peers", command="python bench.py --x")
+    assert "- made by: `python bench.py --x`" in text
+    assert "| foak/hf_eager time | foak/hf_eager memory | foak/cce time | foak/cce memory |" in text
+    assert "| bfloat16 | 1024x576x128256 | 0% | 900.0 | 1800.0 | 1000.0 | 400.0 | 2400.0 |" in text
+    assert "| 1000.0 | 0.50 | 0.17 | 0.90 | 0.40 |" in text
+    assert "| bfloat16 | 1024x576x128256 | 50% | 500.0 | - | 400.0 | 200.0 | - | 500.0 |" in text
+    assert "| - | - | 1.25 | 0.40 |" in text

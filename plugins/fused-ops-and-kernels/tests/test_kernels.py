@@ -208,24 +208,40 @@ def test_cross_entropy_vocab_spans_several_blocks(seed, assert_close, leaf, devi
 
 
 @pytest.mark.parametrize("bad", [123, 5000, -1, -7], ids=["vocab", "far", "minus1", "negative"])
-def test_labels_outside_the_vocabulary_are_refused(seed, device, bad):
-    # Fix 6: such labels used to be read out of bounds; torch raises on them, and so do we.
-    logits = torch.randn(8, 123, device=device, requires_grad=True)
-    target = torch.randint(0, 123, (8,), device=device)
+def test_labels_outside_the_vocabulary_are_refused(seed, bad):
+    # Fix 6: such labels used to be read out of bounds; torch raises on them, and so do we. On
+    # CPU tensors (read for free) the error names the label; on a GPU it is a device-side
+    # assert (test_label_check_reads_no_values), which would poison this process's CUDA context.
+    logits = torch.randn(8, 123, requires_grad=True)
+    target = torch.randint(0, 123, (8,))
     target[5] = bad
     message = rf"1 target label\(s\) outside \[0, 123\).*ignore_index=-100.*{bad} at flat position"
     with pytest.raises(ValueError, match=message):
         K.cross_entropy(logits, target)
-    with pytest.raises(ValueError, match=message):
-        hidden, weight = torch.randn(8, 16, device=device), torch.randn(123, 16, device=device)
-        K.fused_linear_cross_entropy(hidden, weight, target)
-    if device.type == "cpu":  # on CUDA torch refuses them with a device-side assert
-        with K.backend("torch"), pytest.raises((IndexError, RuntimeError, ValueError)):
-            K.cross_entropy(logits, target)  # the reference path refuses them too (torch)
+    hidden, weight = torch.randn(8, 16), torch.randn(123, 16)
+    for name in ("triton", "torch"):  # the Triton path (interpreter) and the CPU path
+        with K.backend(name), pytest.raises(ValueError, match=message):
+            K.fused_linear_cross_entropy(hidden, weight, target)
+    with K.backend("torch"), pytest.raises((IndexError, RuntimeError, ValueError)):
+        K.cross_entropy(logits, target)  # the reference path refuses them too (torch)
     target[5] = -100  # ignore_index itself is fine, and so is a custom one inside the vocab
     assert torch.isfinite(K.cross_entropy(logits, target))
     target[5] = 0
     assert torch.isfinite(K.cross_entropy(logits, target, ignore_index=0))
+
+
+def test_label_check_reads_no_values(monkeypatch):
+    # Off the CPU the check must not wait for the device: it is one device-side assert. Meta
+    # tensors have no values, so any read (bool(), .item(), nonzero) would raise here.
+    ce_module = importlib.import_module("fms_acceleration_foak.kernels.cross_entropy")
+    asserted = []
+    real = torch._assert_async
+    monkeypatch.setattr(torch, "_assert_async", lambda t, msg: asserted.append(msg) or real(t, msg))
+    target = torch.empty(16, dtype=torch.long, device="meta")
+    ce_module.check_targets(target, 123, -100)
+    assert asserted == [
+        "cross_entropy: a target label outside [0, 123) that is not ignore_index=-100"
+    ]
 
 
 def test_kernel_clamps_labels_it_was_not_told_about(seed, device):

@@ -113,12 +113,30 @@ def test_misspelled_key_is_refused_by_name(foak_classes):
         ({"fast_loss": 1}, "fast_loss"),
         ({"base_layer": "gptq"}, "allowed: 'auto_gptq', 'bitsandbytes'"),
         ({"fast_rope_embeddings": "yes"}, "expected a boolean"),
+        # null is not "left out": the reference reads it as false, our default is true
+        (
+            {"fast_loss": None},
+            "plugins.training.fused_ops_and_kernels.fast_loss: null is not an allowed value; "
+            "allowed: true, false, 'fused_ce_liger'.",
+        ),
+        (
+            {"fast_rms_layernorm": None},
+            "plugins.training.fused_ops_and_kernels.fast_rms_layernorm: expected a boolean "
+            "(true/false), got NoneType null.",
+        ),
     ],
 )
 def test_bad_values_are_refused(foak_classes, body, expected):
     with pytest.raises(AccelerationPluginConfigError, match="fused_ops_and_kernels") as err:
         build_framework(_config(body), foak_classes)
     assert expected in str(err.value)
+
+
+def test_null_base_layer_takes_its_default(foak_classes):
+    # fms-hf-tuning's FusedLoraConfig defaults base_layer to None, which its YAML writes as null
+    body = {"base_layer": None, "fused_lora": False, "fast_loss": False}
+    plugin = build_framework(_config(body, PEFT), foak_classes).plugins["fused_ops_and_kernels"]
+    assert (plugin.options["base_layer"], plugin.options["fast_loss"]) == ("auto_gptq", False)
 
 
 def test_legacy_fused_linear_loss(foak_classes):

@@ -37,7 +37,7 @@ def _entry(**kw) -> dict:
         (_entry(low=0.0, log=True), "search_space[0].log: true needs low > 0 (low is 0.0)."),
         (_entry(log=True, step=0.1),
          "search_space[0].log: true cannot be combined with step (0.1); remove one of them."),
-        (_entry(step=0.0), "search_space[0].step: 0.0 must be > 0."),
+        (_entry(step=0.0), "search_space[0].step: 0.0 must be greater than 0."),
         (_entry(type="int", low=1.5, high=8), "search_space[0].low: 1.5 must be a whole number "
                                                "for type int."),
         (_entry(type="int", low=0, high=8, log=True),

@@ -160,5 +160,5 @@ def test_errors_name_the_flag_or_key(tmp_path, capsys, tiny_model, dataset):
         "--study-name, or move them away."
     )
     assert _search_error(capsys, str(config), *storage, *common[:-2], "--lora-r", "0") == (
-        "fms-acceleration search: error: --lora-r: 0 must be > 0."
+        "fms-acceleration search: error: --lora-r: 0 must be greater than 0."
     )

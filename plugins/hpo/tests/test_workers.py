@@ -119,3 +119,24 @@ def test_failures_timeout_and_a_retry_past_the_total(tmp_path):
     run_worker(again, storage, "t", 55, slow, timeout=0.5)
     assert time.monotonic() - started < 10
     assert 1 <= len(again.study.get_trials()) - 5 < 50
+
+
+def test_a_trial_that_always_fails_stops_after_as_many_failures_as_the_total(tmp_path):
+    """Failures do not count towards the total (a retry takes their place), so without a cap a
+    deterministic failure would start trials forever."""
+    from fake_worker import OPTIONS
+
+    from fms_acceleration_hpo import StudyStorage
+    from fms_acceleration_hpo.worker import open_study, run_worker
+
+    storage = StudyStorage.parse(f"sqlite:///{tmp_path / 'study.db'}")
+    opened = open_study(storage, "t", OPTIONS, tmp_path)
+
+    def objective(trial):
+        trial.suggest_float("x", -1.0, 1.0)
+        raise ValueError("--output-dir is a file")
+
+    run_worker(opened, storage, "t", 3, objective, timeout=120)
+    trials = opened.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert {t.user_attrs["error"] for t in trials} == {"ValueError: --output-dir is a file"}

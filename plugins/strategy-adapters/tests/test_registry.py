@@ -15,10 +15,12 @@ from fms_acceleration_adapters import (
     StrategyAdapter,
     StrategyAdapterError,
     StrategyAdapterWarning,
+    check_custom_strategy_adapters,
     discover_strategy_adapters,
     distributed_type_of,
     resolve_strategy_adapter,
     select_strategy_adapter,
+    strategy_names,
 )
 
 GOOD_MODULE = """
@@ -82,6 +84,97 @@ def test_entry_points_load_lazily(fake_dists):
         StrategyAdapterError, match=r"'broken'.*failed to import: ModuleNotFoundError"
     ):
         resolve_strategy_adapter("broken")
+
+
+def test_dot_form_entry_point_values_load(fake_dists):
+    """FTS test_discover_strategy_adapters: 'module.Class' values (which importlib reads as a
+    module name) load as well as 'module:Class' ones."""
+    fake_dists(
+        "fake-dot",
+        {"dot_form": "fake_adapter_dot.GoodAdapter", "colon_form": "fake_adapter_dot:GoodAdapter"},
+        {"fake_adapter_dot": GOOD_MODULE},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = discover_strategy_adapters()
+        assert resolve_strategy_adapter("DOT_FORM") is found["colon_form"]
+    assert found["dot_form"] is found["colon_form"]
+    assert found["dot_form"].__name__ == "GoodAdapter"
+
+
+def _entry_point(name: str, value: str, load_error: Exception) -> types.SimpleNamespace:
+    def load():
+        raise load_error
+
+    return types.SimpleNamespace(name=name, value=value, group="g", dist=None, load=load)
+
+
+def test_failing_entry_point_load_falls_back_to_importing_its_value(monkeypatch):
+    """FTS test_discover_strategy_adapters_ep_load_failure / _both_imports_fail /
+    _no_value_attribute: ep.load()
+    raising is not the end: the value is imported as a reference; only if that fails too is the
+    entry point skipped, with both reasons."""
+    from fms_acceleration_adapters import registry
+
+    eps = [
+        _entry_point("fallback", "fms_acceleration_adapters.ddp:DDPStrategyAdapter",
+                     ImportError("simulated ep.load() failure")),
+        _entry_point("twice_broken", "nonexistent_mod_xyz:Adapter",
+                     ImportError("simulated ep.load() failure")),
+        _entry_point("no_value", None, AttributeError("no value attribute")),
+    ]  # fmt: skip
+    monkeypatch.setattr(registry, "entry_points_of", lambda group: eps)
+    with pytest.warns(StrategyAdapterWarning) as record:
+        found = discover_strategy_adapters()
+    assert found["fallback"] is DDPStrategyAdapter and "twice_broken" not in found
+    assert "no_value" not in found
+    message, no_value = [str(w.message) for w in record]
+    assert no_value == (
+        "strategy adapter entry point 'no_value' (None) from package '<unknown>' <unknown> "
+        "failed to import: AttributeError: no value attribute; as a 'module.Class' reference: "
+        "no reference (value None); it is skipped"
+    )
+    assert message == (
+        "strategy adapter entry point 'twice_broken' (nonexistent_mod_xyz:Adapter) from package "
+        "'<unknown>' <unknown> failed to import: ImportError: simulated ep.load() failure; as a "
+        "'module.Class' reference: cannot import module 'nonexistent_mod_xyz': "
+        "ModuleNotFoundError: No module named 'nonexistent_mod_xyz'; it is skipped"
+    )
+    assert resolve_strategy_adapter("fallback") is DDPStrategyAdapter
+
+
+def test_strategy_names_cover_accelerates_types_and_adapters(fake_dists):
+    fake_dists(
+        "fake-good", {"good": "fake_adapter_good:GoodAdapter"}, {"fake_adapter_good": GOOD_MODULE}
+    )
+    names = strategy_names()
+    assert {"single_device", "ddp", "fsdp", "peft", "deepspeed", "xla", "megatron_lm"} <= set(names)
+    assert "good" in names and names == sorted(names)
+    assert not any(
+        n.startswith("multi_") or n == "no" for n in names
+    )  # they are ddp / single_device
+    check_custom_strategy_adapters({"MULTI_GPU": "x", "NO": "y", "deepspeed": "z", "good": "w"})
+
+
+@pytest.mark.parametrize(
+    "key,hint",
+    [("fdsp", " (did you mean 'fsdp'?)"), ("single", " (did you mean 'single_device'?)"),
+     ("IAmMissing", ""), (" ", "")],
+)  # fmt: skip
+def test_custom_mapping_with_an_unknown_strategy_is_refused(key, hint):
+    """A custom adapter mapped to a strategy no run has would never be used: an error naming
+    the key and its value (FTS's test_fts_distributed_compat[csa_not_found] refuses it too)."""
+    custom = {"ddp": "ddp", key: "fms_acceleration_adapters:FSDPStrategyAdapter"}
+    expected = (
+        f"custom_strategy_adapters.{key}: unknown strategy {key!r} (mapped to "
+        f"'fms_acceleration_adapters:FSDPStrategyAdapter'){hint}; strategies: "
+        f"{', '.join(strategy_names())}, or an accelerate DistributedType value such as NO, "
+        "MULTI_GPU or FSDP"
+    )
+    for call in (check_custom_strategy_adapters, lambda c: select_strategy_adapter("NO", c)):
+        with pytest.raises(StrategyAdapterError) as err:
+            call(custom)
+        assert str(err.value) == expected
 
 
 @pytest.mark.parametrize(

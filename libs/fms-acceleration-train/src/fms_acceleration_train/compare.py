@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .acceleration_defaults import describe
+from .mixture_training import configures_odm, mixture_rows, steps_to_target
 from .quiet import quiet_third_party_start
 from .runner import TrainJobConfig, run_train_job, with_run_folder
 from .summary import TrainSummary, write_json
@@ -38,11 +39,17 @@ class Comparison:
         """Peak memory, accelerated over baseline."""
         return _ratio(self.accelerated.peak_memory_mib, self.baseline.peak_memory_mib)
 
+    @property
+    def steps_to_target(self) -> dict[str, Any]:
+        """For runs on the built-in mixture: steps to the baseline's final held-out loss."""
+        return steps_to_target(self.baseline.heldout_losses, self.accelerated.heldout_losses)
+
     def to_json(self) -> dict[str, Any]:
         """Both summaries and the ratios, as written to OUTPUT_DIR/comparison.json."""
         return {
             "speedup_tokens_per_s": round(self.speedup, 4),
             "peak_memory_ratio": round(self.memory_ratio, 4),
+            "steps_to_target": self.steps_to_target,
             "baseline": asdict(self.baseline),
             "accelerated": asdict(self.accelerated),
         }
@@ -61,6 +68,7 @@ class Comparison:
              f"{self.memory_ratio:.2f}x"),
             ("loss first -> last", _loss(base), _loss(fast), ""),
             ("held-out accuracy", _accuracy(base), _accuracy(fast), ""),
+            *mixture_rows(base, fast, self.steps_to_target),
         ]  # fmt: skip
         widths = [max(len(r[i]) for r in [("", "baseline", "accelerated", "ratio"), *rows])
                   for i in range(4)]  # fmt: skip
@@ -113,15 +121,23 @@ def run_comparison(config: TrainJobConfig) -> Comparison:
     OUTPUT_DIR/baseline and OUTPUT_DIR/accelerated, the comparison to OUTPUT_DIR."""
     config = with_run_folder(config)
     summaries = {}
+    # online data mixing is measured against the uniform mixture of the same domains
+    mixing = configures_odm(config.acceleration_config)
     for index, name in enumerate(RUNS, start=1):
         acceleration = None if name == "baseline" else config.acceleration_config
         run = config.model_copy(
             update={
                 "output_dir": str(Path(config.output_dir) / name),
                 "acceleration_config": acceleration,
+                "uniform_mixture": mixing and name == "baseline",
             }
         )
-        print(f"[{index}/2] {name}: acceleration {describe(acceleration)}", flush=True)
+        what = (
+            "the uniform mixture"
+            if run.uniform_mixture
+            else f"acceleration {describe(acceleration)}"
+        )
+        print(f"[{index}/2] {name}: {what}", flush=True)
         summaries[name] = run_in_fresh_process(run)
     comparison = Comparison(**summaries)
     comparison.write(config.output_dir)

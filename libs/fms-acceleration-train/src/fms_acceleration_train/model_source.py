@@ -71,7 +71,12 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
 
 
 def resolve_model(model: str | None) -> tuple[Path, bool]:
-    """Return (local HF directory, is_embedded) for --model (None = the embedded model)."""
+    """Return (local HF directory, is_embedded) for --model (None = the embedded model,
+    `smollm2-moe` = it up-cycled into a mixture of experts)."""
+    from .moe_model import MOE_MODEL, resolve_moe_model
+
+    if model == MOE_MODEL:
+        return resolve_moe_model(resolve_model(None)[0]), True
     if model is None:
         gguf_file = embedded_gguf_file()
         target = cache_dir() / "models" / f"{EMBEDDED_MODEL}-from-{gguf_file.stem}"

@@ -119,10 +119,24 @@ def resolve_output_dir(output_dir: str | None, resume: str | None) -> Path:
     return candidate
 
 
+def folder_problem(path: Path) -> str | None:
+    """Why no folder can be made at `path` (it, or a folder above it, is a file), or None.
+
+    Checked up front: making the folder fails otherwise deep in the Trainer (NotADirectoryError).
+    """
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is None:
+        return None
+    if blocking == path:
+        return "is a file; give a folder"
+    return f"is under {blocking}, which is a file; give a folder"
+
+
 def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a file, or into a folder that already holds results."""
-    if path.exists() and not path.is_dir():
-        raise TrainJobError(f"--output-dir {path}: is a file; give a folder")
+    """Refuse to write into a file, under a file, or into a folder that already holds results."""
+    problem = folder_problem(path)
+    if problem is not None:
+        raise TrainJobError(f"--output-dir {path}: {problem}")
     if overwrite or resuming or not path.is_dir():
         return
     if any(path.iterdir()):

@@ -8,12 +8,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field
 
-from fms_acceleration import StanzaModel, choice
+from fms_acceleration import choice
 from fms_acceleration.compat import dtype_kwargs
 from fms_acceleration.packages import installed_versions
-from fms_acceleration.validation import config_error
 
 from .data import Example, PaddingCollator, load_jsonl, pad_token_id, tokenize
 from .errors import TrainJobError, require
@@ -24,7 +23,15 @@ from .eval_and_checkpoints import (
     split_for_evaluation,
 )
 from .evaluation import answer_accuracy
-from .preflight import check_checkpoint, check_model_dir, check_output_dir, resolve_output_dir
+from .flags import Flag, FlagModel
+from .mixture_training import HeldOutCurve, plan_mixture
+from .preflight import (
+    check_checkpoint,
+    check_model_dir,
+    check_output_dir,
+    folder_problem,
+    resolve_output_dir,
+)
 from .summary import TrainSummary, peak_memory_mib
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -38,20 +45,8 @@ _LIBRARIES = (
 
 def _versioned(framework: Any) -> tuple[str, ...]:
     """Packages whose versions the summary records: the libraries and the active plugins'."""
-    plugins = (
-        [p._registration.package_name for p in framework.plugins.values()] if framework else []
-    )
-    return (*_LIBRARIES, *dict.fromkeys(plugins))
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _positive(value: Any) -> Any:
-    if value is not None and value <= 0:
-        raise ValueError("must be > 0")
-    return value
+    active = framework.plugins.values() if framework is not None else ()
+    return (*_LIBRARIES, *dict.fromkeys(p._registration.package_name for p in active))
 
 
 def _existing_file(value: str | None) -> str | None:
@@ -60,50 +55,107 @@ def _existing_file(value: str | None) -> str | None:
     return value
 
 
-Positive = AfterValidator(_positive)
+def _folder_can_be_made(value: str | None) -> str | None:
+    problem = None if value is None else folder_problem(Path(value))
+    if problem is not None:
+        raise ValueError(problem)
+    return value
 
 
-class TrainJobConfig(StanzaModel):
-    """Options of `fms-acceleration train` (None model/dataset = the embedded defaults).
+Positive = Field(gt=0)
+_BUILT_IN_ACCELERATION = "the built-in padding-free training with fused linear cross-entropy"
 
-    Errors name the command-line flag: `--max-steps: 0 must be > 0.`
+
+class TrainJobConfig(FlagModel):
+    """Options of `fms-acceleration train`, each also its flag (`--` + the name with dashes).
+
+    Errors name the flag: `--max-steps: 0 must be greater than 0.`
     """
 
-    model_config = ConfigDict(alias_generator=_flag, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(frozen=True)
+    error_type = TrainJobError
 
-    output_dir: str | None = None  # None: a new run-<time> folder under outputs/train
-    acceleration_config: Annotated[str | None, AfterValidator(_existing_file)] = None
-    model: str | None = None
-    dataset: str | None = None
+    # None: no acceleration (on the command line: the built-in one, unless --no-acceleration)
+    acceleration_config: Annotated[
+        str | None,
+        AfterValidator(_existing_file),
+        Flag(metavar="FILE", default=_BUILT_IN_ACCELERATION),
+    ] = None
+    """framework YAML (a sample-configurations/*.yaml)"""
+    model: Annotated[
+        str | None, Flag(metavar="DIR", default="the embedded SmolLM2-135M-Instruct")
+    ] = None
+    """local HF model directory; smollm2-moe: the embedded model up-cycled into 8 experts,
+    top-2 (a Mixtral, built once)"""
+    dataset: Annotated[
+        str | None,
+        Flag(
+            metavar="JSONL",
+            default="a built-in dataset whose held-out prompts measure answer accuracy before "
+            "and after training",
+        ),
+    ] = None
+    """{"prompt": ..., "response": ...} per line"""
+    output_dir: Annotated[
+        str | None,
+        AfterValidator(_folder_can_be_made),
+        Flag(metavar="DIR", default="a new outputs/train/run-<UTC time> folder"),
+    ] = None
+    """adapter and summary go here"""
     max_steps: Annotated[int, Positive] = 40
+    """optimizer steps"""
     batch_size: Annotated[int, Positive] = 8
+    """examples per step"""
     seq_len: Annotated[int, Field(ge=8)] = 128
+    """max tokens per example"""
     learning_rate: Annotated[float, Positive] = 1e-3
+    """peak learning rate"""
     lora_r: Annotated[int, Positive] = 8
+    """LoRA rank"""
     lora_alpha: int = 16
+    """LoRA scale"""
     lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """LoRA dropout"""
     target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = DEFAULT_TARGET_MODULES
+    """modules that get LoRA adapters"""
     full_finetuning: bool = False
+    """train all parameters (or those a plugin such as finetuning_schedule thaws) instead of
+    LoRA adapters; saves the whole model"""
     overwrite: bool = False
-    cpu_threads: Annotated[int, Field(ge=0)] = 0
+    """write into a non-empty --output-dir, replacing the results there"""
     dtype: choice("auto", "float32", "bfloat16", "float16") = "auto"
+    """auto: bfloat16 on GPU, float32 on CPU"""
+    cpu_threads: Annotated[int, Field(ge=0)] = 0
+    """torch threads on CPU; 0: $OMP_NUM_THREADS, else half the logical CPUs"""
     seed: Annotated[int, Field(ge=0)] = 42
-    evaluate: bool = True
+    """data order and LoRA init"""
+    evaluate: Annotated[bool, Flag(name="--no-eval")] = True
+    """check answer accuracy on the held-out prompts before and after training"""
     eval_max_new_tokens: Annotated[int, Positive] = 6
+    """tokens generated per held-out answer"""
     log_every: Annotated[int, Positive] = 5
+    """print the loss every N steps"""
     # --- evaluation split, periodic evaluation and checkpoints, resume (eval_and_checkpoints.py)
-    eval_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    eval_steps: Annotated[int | None, Positive, AfterValidator(eval_steps_need_a_split)] = None
+    eval_split: Annotated[float, Field(ge=0.0, lt=1.0), Flag(metavar="FRACTION")] = 0.0
+    """hold out this fraction of the training examples to report eval_loss on"""
+    eval_steps: Annotated[
+        int | None,
+        Positive,
+        AfterValidator(eval_steps_need_a_split),
+        Flag(default="once per epoch"),
+    ] = None
+    """evaluate every N steps"""
     save_steps: Annotated[int | None, Positive] = None
-    resume_from_checkpoint: str | None = None  # a checkpoint-N folder, or "last" in output_dir
-    allow_partial_resume: bool = False  # resume even without the optimizer/scheduler state
-
-    def __init__(self, **options: Any) -> None:
-        try:
-            # by flag, so that errors name the flag the user typed
-            super().__init__(**{_flag(name): value for name, value in options.items()})
-        except ValidationError as err:
-            raise config_error(err, "", type(self), TrainJobError) from None
+    """save a checkpoint every N steps"""
+    resume_from_checkpoint: Annotated[str | None, Flag(metavar="DIR|last")] = None
+    """continue from a checkpoint-N folder, or 'last': the newest one in --output-dir (without
+    --output-dir: in the newest run under outputs/train)"""
+    allow_partial_resume: bool = False
+    """resume even if the checkpoint lacks the optimizer or scheduler state (the run then
+    differs from an uninterrupted one)"""
+    uniform_mixture: bool = False
+    """train on the uniform mixture of the built-in domains (what --compare runs as the
+    baseline of an online-data-mixing configuration; mixture_training.py)"""
 
 
 def with_run_folder(config: TrainJobConfig) -> TrainJobConfig:
@@ -272,6 +324,10 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
         from fms_acceleration import AccelerationFramework
 
         framework = AccelerationFramework(config.acceleration_config)
+    mixture = plan_mixture(config, framework)
+    if mixture is not None:
+        # held-out losses per domain measure it; the generated-answer check is left out
+        held_out, dataset_name = [], mixture.description
 
     set_seed(config.seed)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -308,13 +364,23 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
             raise TrainJobError("the model has no trainable parameters after augmentation")
 
         losses: list[float] = []
+        train_dataset: Any = rows
+        eval_dataset: Any = tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None
+        if mixture is not None:
+            train_dataset, eval_dataset = mixture.datasets(
+                tokenizer, config.seq_len, config.output_dir, config.seed
+            )
+            mixture.evaluation_arguments(args, config.log_every, config.batch_size)
+            curve = HeldOutCurve(list(eval_dataset))
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=rows,
-            eval_dataset=tokenize(evaluation, tokenizer, config.seq_len) if evaluation else None,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
             data_collator=PaddingCollator(pad_token_id(tokenizer)),
         )
+        if mixture is not None:
+            trainer.add_callback(curve.callback())
         recorder, progress = _make_callbacks(config.log_every, losses)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress)
@@ -382,5 +448,9 @@ def run_train_job(config: TrainJobConfig, framework: Any = None) -> TrainSummary
                 {"prompt": prompt, "expected": expected, "before": b[2], "after": answer}
                 for (prompt, expected, answer), b in zip(after.samples, before.samples)
             ]
+        if mixture is not None:
+            summary.train_examples = mixture.train_examples()
+            summary.heldout_losses = curve.points
+            summary.data_mixing = mixture.report(train_dataset, framework)
         summary.write(output_dir)
     return summary

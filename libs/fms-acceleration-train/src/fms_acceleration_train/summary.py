@@ -57,6 +57,10 @@ class TrainSummary:
     eval_samples: list[dict[str, str]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     startup_s: float = 0.0  # from the process's start to the first training step
+    # the built-in mixture (mixture_training.py): [step, mean, {domain: loss}] per evaluation,
+    # and the mixture's mode, final ratios, samples per domain and files
+    heldout_losses: list[list[Any]] = field(default_factory=list)
+    data_mixing: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The summary as a JSON-serializable dict."""
@@ -100,10 +104,32 @@ class TrainSummary:
             for s in self.eval_samples:
                 prompt = s["prompt"].replace("\n", " ")
                 lines.append(f"    {prompt[:60]!r}: expected {s['expected']!r}, got {s['after']!r}")
+        lines += _mixture_lines(self)
         if self.saved_to:
             lines.append(f"  saved to          {self.saved_to}")
         lines.append("=" * 64)
         return "\n".join(lines)
+
+
+def _mixture_lines(summary: TrainSummary) -> list[str]:
+    """The held-out loss and the data mixture, for a run on the built-in mixture."""
+    lines = []
+    if summary.heldout_losses:
+        first, last = summary.heldout_losses[0], summary.heldout_losses[-1]
+        lines.append(
+            f"  held-out loss     {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step "
+            f"{last[0]}), mean over {len(last[2])} domains"
+        )
+    mixing = summary.data_mixing
+    if mixing:
+        shares = ", ".join(
+            f"{c} {r:.2f}" for c, r in zip(mixing["categories"], mixing["final_sampling_ratio"])
+        )
+        lines.append(f"  data mixture      {mixing['mode']}: final ratio {shares}")
+        for key, label in (("log", "mixing log"), ("plot", "mixing plot")):
+            if key in mixing:
+                lines.append(f"  {label:<17} {mixing[key]}")
+    return lines
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:

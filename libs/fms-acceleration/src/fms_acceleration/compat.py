@@ -57,6 +57,14 @@ def dtype_kwargs(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype} if uses_dtype_keyword() else {"torch_dtype": dtype}
 
 
+def config_dtype(config: Any) -> Any:
+    """The weights' dtype a model config records: `dtype` since 4.56, `torch_dtype` before (a
+    config.json written by 5.x and read by 4.55 carries `dtype` as a string); None if absent."""
+    if uses_dtype_keyword():
+        return getattr(config, "dtype", None)
+    return getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+
+
 def pop_dtype(kwargs: MutableMapping[str, Any]) -> Any:
     """Remove and return the dtype a caller passed under either spelling (`dtype` wins)."""
     legacy = kwargs.pop("torch_dtype", None)
@@ -102,3 +110,13 @@ def stop_hub_kernels(model: Any) -> Callable[[], None] | None:
         model.set_use_kernels(True, mode=mode)
 
     return restore
+
+
+def fsdp_plugin_kwargs(training_args: Any) -> dict[str, Any]:
+    """Arguments of accelerate's FullyShardedDataParallelPlugin for these TrainingArguments:
+    transformers 5 computes them (`fsdp_plugin_args`); 4.x hands its options over in FSDP_*
+    environment variables, which the plugin reads itself, all but the FSDP version."""
+    computed = getattr(training_args, "fsdp_plugin_args", None)
+    if computed is not None:
+        return dict(computed)
+    return {"fsdp_version": int((training_args.fsdp_config or {}).get("version", 1))}

@@ -23,8 +23,12 @@ import torch
 
 from . import compat
 from .errors import PatchError, PatchTypeError
+from .module_members import CarryBack, MemberRecord, replace_member
 from .patch_records import PatchRecord, install, swap_attribute
 from .routing import Routable, routed_attribute, routed_method, routed_reader
+
+SETTING = "setting"  # the kind of a record that changed a setting, not a forward or attribute
+HUB_KERNELS_OFF = "hub-kernels-off"
 
 
 class ModelPatcherTriggerType(Enum):
@@ -129,7 +133,13 @@ class ModelPatcherRule:
             )
         if self.import_and_maybe_reload is not None:
             self._check_import_rule()
-        elif self.trigger is None:
+
+    def check_complete(self) -> None:
+        """PatchError unless the rule can be applied: a forward rule needs a trigger.
+
+        Checked when the rule is registered, not built: the reference let a rule be built
+        without one (its tests filter such rules by id), so building one stays allowed."""
+        if self.import_and_maybe_reload is None and self.trigger is None:
             raise PatchError(
                 f"Rule '{self.rule_id}' needs a trigger with its forward / forward_builder (or "
                 "import_and_maybe_reload alone)"
@@ -219,6 +229,7 @@ class ModelPatcher(RecordingPatcher):
         """Add a rule; its id must be unique in this patcher."""
         if not isinstance(rule, ModelPatcherRule):
             raise PatchTypeError(f"register expects a ModelPatcherRule, got {rule!r}")
+        rule.check_complete()
         if rule.rule_id in self._rules:
             raise PatchError(f"patch rule '{rule.rule_id}' already exists")
         self._rules[rule.rule_id] = rule
@@ -254,11 +265,33 @@ class ModelPatcher(RecordingPatcher):
         super().undo()
         self._applied.clear()
 
+    @routed_method
+    def replace_member(
+        self,
+        rule_id: str,
+        module: torch.nn.Module,
+        name: str,
+        replacement: torch.nn.Module | torch.nn.Parameter | None,
+        *,
+        where: str = "",
+        carry_back: CarryBack | None = None,
+    ) -> MemberRecord:
+        """Replace submodule or parameter `name` of `module` now (None removes it), recorded
+        with the other patches: undo calls `carry_back(original, replacement)`, then puts the
+        original back (see fms_acceleration.module_members)."""
+        record = replace_member(
+            rule_id, module, name, replacement, where=where, carry_back=carry_back
+        )
+        self._history.append(record)
+        return record
+
     def counts(self) -> dict[str, int]:
-        """How many targets each applied rule patched."""
+        """How many targets each applied rule patched (settings the patcher changed for a
+        rule's sake, such as hub kernels turned off, are in the history, not here)."""
         out: dict[str, int] = {}
         for record in self._history:
-            out[record.rule_id] = out.get(record.rule_id, 0) + 1
+            if record.kind != SETTING:
+                out[record.rule_id] = out.get(record.rule_id, 0) + 1
         return out
 
     @routed_reader
@@ -424,8 +457,8 @@ def _keep_instance_forwards(root: torch.nn.Module) -> list[PatchRecord]:
     if restore is None:
         return []
     record = PatchRecord(
-        "hub-kernels-off",
-        "setting",
+        HUB_KERNELS_OFF,
+        SETTING,
         f"{type(base).__name__}.use_kernels",
         cls=type(base).__name__,
         module_name="use_kernels",

@@ -77,6 +77,8 @@ def validate_plugins_tree(
     """Validate every stanza under `plugins:`; report unknown stanzas; keep uninstalled known
     ones as written, with a warning naming the package to install."""
     schemas = collect_schemas(registrations)
+    # the plugin class each stanza's schema belongs to, named in errors as the reference did
+    owners = {p: r.plugin_class.__name__ for r in reversed(registrations) for p in r.schemas}
     tree: dict[str, Any] = {}
     present: set[str] = set()
     for path in sorted(schemas):
@@ -85,7 +87,8 @@ def validate_plugins_tree(
         if not found or (schema is None and value is None):
             continue  # a schema-less stanza with no body is absent, as in the reference
         if schema is not None:
-            value = validate_model(schema, value, f"plugins.{path}").model_dump()
+            owner = owners.get(path)
+            value = validate_model(schema, value, f"plugins.{path}", owner=owner).model_dump()
         else:
             value = copy.deepcopy(value)  # the plugin may change it; the user's dict stays
         set_at(tree, path, value)

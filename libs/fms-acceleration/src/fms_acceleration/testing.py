@@ -131,3 +131,25 @@ def tiny_dataset(
         ids = [4 + (start - 4 + i) % (vocab - 4) for i in range(seq_len)]
         rows.append({"input_ids": ids, "labels": list(ids), "attention_mask": [1] * seq_len})
     return rows
+
+
+def enable_fsdp_on_cpu(trainer: Any) -> None:
+    """Turn a Trainer's MULTI_CPU accelerator (torchrun, gloo) into an FSDP one (tests only).
+
+    accelerate honours an FSDP plugin only for GPU-like distributed types, yet its FSDP2 path
+    (`fully_shard` + gloo) runs on CPU: setting the state before `accelerator.prepare` lets the
+    unmodified Trainer take that path, as it does on GPUs under `accelerate launch`.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from .compat import fsdp_plugin_kwargs
+
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**fsdp_plugin_kwargs(trainer.args))
+    if state.mixed_precision != "no":
+        state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
+    # AcceleratorState() re-reads PartialState's fields, so both must say FSDP
+    PartialState().distributed_type = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True

@@ -136,8 +136,8 @@ def choice(*values: Any) -> Any:
 # --- walking a model to a location ---------------------------------------------------------------
 
 
-def _strip(annotation: Any) -> Any:
-    """Remove Annotated / Optional wrappers."""
+def unwrap_annotation(annotation: Any) -> Any:
+    """The type inside Annotated / Optional wrappers (`Annotated[int | None, ...]` -> int)."""
     while True:
         origin = typing.get_origin(annotation)
         if origin is Annotated:
@@ -152,7 +152,7 @@ def _strip(annotation: Any) -> Any:
 
 
 def _sub_annotation(annotation: Any, part: str | int) -> Any:
-    annotation = _strip(annotation)
+    annotation = unwrap_annotation(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         field = annotation.model_fields.get(str(part))
         return field.annotation if field is not None else None
@@ -180,14 +180,14 @@ def _annotation_at(model: type[BaseModel], loc: Sequence[str | int]) -> Any:
 
 
 def _model_fields_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
-    annotation = _strip(_annotation_at(model, loc))
+    annotation = unwrap_annotation(_annotation_at(model, loc))
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return sorted(f.alias or name for name, f in annotation.model_fields.items())
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         names: set[str] = set()
         for arg in typing.get_args(annotation):
-            arg = _strip(arg)
+            arg = unwrap_annotation(arg)
             if isinstance(arg, type) and issubclass(arg, BaseModel):
                 names |= set(arg.model_fields)
         return sorted(names)
@@ -195,7 +195,7 @@ def _model_fields_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[s
 
 
 def _literal_choices(annotation: Any) -> tuple[Any, ...]:
-    annotation = _strip(annotation)
+    annotation = unwrap_annotation(annotation)
     if typing.get_origin(annotation) is Literal:
         return typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -280,12 +280,17 @@ def config_error(
     path: str,
     model: type[BaseModel],
     error_type: type[Exception] = AccelerationPluginConfigError,
+    owner: str | None = None,
 ) -> Exception:
-    """Translate a pydantic ValidationError into `error_type` with our message."""
+    """Translate a pydantic ValidationError into `error_type` with our message; `owner` (a
+    plugin class name) is named as the reference named it: "<owner>: Value at '<key>'"."""
     errors = sorted(err.errors(include_url=False), key=_error_order)
     message = describe_error(errors[0], path, model)
     if len(errors) > 1:
         message += f" ({len(errors) - 1} more problem(s) in {path or 'the input'})"
+    if owner is not None:
+        key = _dotted(path, tuple(errors[0]["loc"])).removeprefix("plugins.")
+        message += f" ({owner}: Value at '{key}' is invalid)"
     return error_type(message)
 
 
@@ -294,9 +299,11 @@ def validate_model(
     data: Any,
     path: str,
     error_type: type[Exception] = AccelerationPluginConfigError,
+    owner: str | None = None,
 ) -> ModelT:
-    """Validate `data` (None counts as an empty mapping) into `model`, or raise `error_type`."""
+    """Validate `data` (None counts as an empty mapping) into `model`, or raise `error_type`
+    (naming `owner`, the plugin class whose schema refused it, when given)."""
     try:
         return model.model_validate({} if data is None else data)
     except ValidationError as err:
-        raise config_error(err, path, model, error_type) from None
+        raise config_error(err, path, model, error_type, owner) from None

@@ -1,7 +1,8 @@
-"""4-bit quantized LoRA plugins for fms-acceleration: bitsandbytes QLoRA and GPTQ-LoRA.
+"""Quantized LoRA plugins for fms-acceleration: bitsandbytes QLoRA and GPTQ-LoRA.
 
-Importing this package registers both plugins (ids "bitsandbytes" and "auto_gptq"); gptqmodel is
-imported only when the GPTQ plugin loads a model.
+Importing this package registers both plugins (ids "bitsandbytes" and "auto_gptq"). GPTQ runs on
+this package's own kernels, loader and quantizer; gptqmodel and auto_gptq are imported only when
+a stanza asks for them.
 """
 
 from .bnb_cpu_repack import (
@@ -11,6 +12,7 @@ from .bnb_cpu_repack import (
 )
 from .framework_plugin_autogptq import GPTQ_STANZA, AutoGPTQAccelerationPlugin
 from .framework_plugin_bnb import BNB_STANZA, BNBAccelerationPlugin
+from .gptq_linear import GPTQLinear
 from .kbit_training import prepare_for_kbit_training
 from .peft_wrapping import PEFT_WRAPPING_SLOT
 
@@ -26,6 +28,7 @@ __all__ = [
     "PEFT_WRAPPING_SLOT",
     "AutoGPTQAccelerationPlugin",
     "BNBAccelerationPlugin",
+    "GPTQLinear",
     "disable_cpu_weight_repacking",
     "is_repacked_for_cpu",
     "prepare_for_kbit_training",

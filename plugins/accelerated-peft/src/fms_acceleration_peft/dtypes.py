@@ -31,7 +31,9 @@ def resolve_dtype(requested: Any, model_name: str, default: torch.dtype) -> torc
     if requested is None or requested == "auto":
         from transformers import AutoConfig
 
-        saved = getattr(AutoConfig.from_pretrained(model_name), "dtype", None)
+        from fms_acceleration import compat
+
+        saved = compat.config_dtype(AutoConfig.from_pretrained(model_name))
         requested = saved if saved is not None else default
     if isinstance(requested, str):
         key = requested.removeprefix("torch.")

@@ -42,6 +42,12 @@ class BNBAccelerationPlugin(QuantizedLoraPlugin):
         self.no_peft_model: bool = stanza["no_peft_model"]
         self.quantize_embeddings: bool = stanza["quantize_embeddings"]
 
+    @property
+    def requires_augmentation(self) -> bool:
+        """False with no_peft_model (the trainer applies PEFT), unless quantize_embeddings must
+        still check the LoraConfig against the 4-bit embeddings."""
+        return not self.no_peft_model or self.quantize_embeddings
+
     def taken_slots(self) -> frozenset[str]:
         """model_loader always; peft_wrapping unless no_peft_model leaves PEFT to the trainer."""
         slots = super().taken_slots()

@@ -1,4 +1,9 @@
-"""Choosing a trainable gptqmodel kernel (backend) that runs on the current device."""
+"""The GPTQ kernels the `auto_gptq` stanza can name, and who provides each.
+
+Our own kernels need no GPTQ package: `triton_v2` (the reference's name; the fused Triton
+dequantize-matmul on CUDA, the torch kernel elsewhere) and `torch`. gptqmodel's trainable
+backends are optional accelerated paths, used only when named and installed.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +11,48 @@ import warnings
 
 import torch
 
-# The reference project's name for the Triton kernel with a backward pass.
+# The reference project's name for the Triton kernel with a backward pass; the default.
 REFERENCE_KERNEL = "triton_v2"
-
-# gptqmodel backends whose QuantLinear declares SUPPORTS_TRAINING (7.6.0), by user-facing name.
-TRAINABLE_KERNELS = {
-    "triton_v2": "gptq_triton",
-    "triton": "gptq_triton",
-    "gptq_triton": "gptq_triton",
-    "torch": "gptq_torch",
-    "gptq_torch": "gptq_torch",
-    "torch_fused": "gptq_torch_fused",
-    "gptq_torch_fused": "gptq_torch_fused",
-    "torch_aten": "gptq_torch_aten",
-    "gptq_torch_aten": "gptq_torch_aten",
-    "auto": "auto_trainable",
-    "auto_trainable": "auto_trainable",
-}
-# Kernels that need a CUDA device; on CPU the plain torch kernel does the same math.
-_CUDA_ONLY = {"gptq_triton"}
-_CPU_FALLBACK = "gptq_torch"
+# our kernels -> the GPTQLinear path they run
+OWN_KERNELS = {"triton_v2": "auto", "torch": "torch"}
+# gptqmodel BACKEND values whose QuantLinear declares SUPPORTS_TRAINING (gptqmodel 7.6)
+GPTQMODEL_KERNELS = (
+    "gptq_triton",
+    "gptq_torch",
+    "gptq_torch_fused",
+    "gptq_torch_aten",
+    "auto_trainable",
+)
+KERNELS = (*OWN_KERNELS, *GPTQMODEL_KERNELS)
+# gptqmodel kernels that need CUDA; on CPU its torch kernel does the same math
+_GPTQMODEL_CUDA_ONLY = {"gptq_triton"}
 
 
-def backend_for(kernel: str, device: torch.device | str | None = None) -> str:
-    """The gptqmodel BACKEND value to load `kernel` with on `device` (default: cuda if any)."""
-    if kernel not in TRAINABLE_KERNELS:
-        raise ValueError(
-            f"kernel={kernel!r} is not a GPTQ kernel that supports training; "
-            f"use one of {', '.join(TRAINABLE_KERNELS)}"
+def own_path(kernel: str, device: torch.device | str) -> str:
+    """The GPTQLinear path ('auto' or 'torch') for one of our kernels on `device`."""
+    if kernel not in OWN_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(OWN_KERNELS)}")
+    if kernel == REFERENCE_KERNEL and torch.device(device).type != "cuda":
+        warnings.warn(
+            f"GPTQ kernel '{kernel}' is a Triton kernel for CUDA; on {torch.device(device).type} "
+            "the torch kernel runs (same results)",
+            stacklevel=2,
         )
-    backend = TRAINABLE_KERNELS[kernel]
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = torch.device(device).type
-    if device_type != "cuda" and backend in _CUDA_ONLY | {"auto_trainable"}:
-        if backend in _CUDA_ONLY:
+    return OWN_KERNELS[kernel]
+
+
+def gptqmodel_backend(kernel: str, device: torch.device | str) -> str:
+    """The gptqmodel BACKEND value to load `kernel` with on `device`."""
+    if kernel not in GPTQMODEL_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(GPTQMODEL_KERNELS)}")
+    if torch.device(device).type != "cuda" and kernel in _GPTQMODEL_CUDA_ONLY | {"auto_trainable"}:
+        if kernel in _GPTQMODEL_CUDA_ONLY:
             warnings.warn(
-                f"GPTQ kernel '{kernel}' needs CUDA; using the torch kernel on {device_type}",
+                f"gptqmodel kernel '{kernel}' needs CUDA; using gptqmodel's torch kernel",
                 stacklevel=2,
             )
-        return _CPU_FALLBACK
-    return backend
+        return "gptq_torch"
+    return kernel
 
 
 def group_size_for(model_name: str, preferred: tuple[int, ...] = (128, 64, 32, 16)) -> int:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 
-def apply_lora(model: nn.Module, peft_config: Any) -> nn.Module:
-    """Wrap `model` with `peft_config` (a peft LoraConfig); only the LoRA weights train."""
+def apply_lora(
+    model: nn.Module, peft_config: Any, lora_layers: Mapping[type, type] | None = None
+) -> nn.Module:
+    """Wrap `model` with `peft_config` (a peft LoraConfig); only the LoRA weights train.
+
+    `lora_layers` maps base layer classes peft does not know to the LoRA layer class that
+    wraps them (peft's custom-module dispatch); the caller's config is left unchanged.
+    """
     from peft import LoraConfig, get_peft_model
 
     if not isinstance(peft_config, LoraConfig):
@@ -16,6 +24,9 @@ def apply_lora(model: nn.Module, peft_config: Any) -> nn.Module:
             "modifiable_args[0] must be a peft LoraConfig for 4-bit LoRA, got "
             f"{type(peft_config).__name__}"
         )
+    if lora_layers:
+        peft_config = copy.deepcopy(peft_config)
+        peft_config._register_custom_module(dict(lora_layers))
     return get_peft_model(model, peft_config)
 
 

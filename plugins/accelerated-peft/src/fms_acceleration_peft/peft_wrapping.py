@@ -6,6 +6,7 @@ it calls lives in kbit_training.py and lora.py.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fms_acceleration import AccelerationPlugin, AccelerationPluginConfigError
@@ -33,9 +34,16 @@ class QuantizedLoraPlugin(AccelerationPlugin):
 
 
 def wrap_with_lora(
-    model: Any, train_args: Any, modifiable_args: tuple, stanza: str, hint: str = ""
+    model: Any,
+    train_args: Any,
+    modifiable_args: tuple,
+    stanza: str,
+    hint: str = "",
+    lora_layers: Mapping[type, type] | None = None,
 ) -> tuple[Any, tuple]:
-    """Apply modifiable_args[0] to the prepared model; return (peft model, (None, *rest))."""
+    """Apply modifiable_args[0] to the prepared model; return (peft model, (None, *rest)).
+
+    `lora_layers`: LoRA layer classes for base layers peft does not dispatch itself."""
     from peft import LoraConfig
 
     peft_config = modifiable_args[0] if modifiable_args else None
@@ -47,5 +55,5 @@ def wrap_with_lora(
         )
     gradient_checkpointing, gc_kwargs = checkpointing_from_train_args(train_args)
     model = prepare_for_kbit_training(model, gradient_checkpointing, gc_kwargs)
-    model = apply_lora(model, peft_config)
+    model = apply_lora(model, peft_config, lora_layers)
     return model, (None, *modifiable_args[1:])

@@ -1,6 +1,7 @@
 """Fine-Tuning Scheduler for transformers.Trainer: phased thawing of a model during training."""
 
 from .fts_config import FTSConfig, FTSOptions
+from .fts_state import FTSState
 from .param_groups import FTSTransitionError
 from .schedule import (
     ClassInit,
@@ -24,6 +25,7 @@ __all__ = [
     "FTSConfig",
     "FTSOptions",
     "FTSScheduleError",
+    "FTSState",
     "FTSTransitionError",
     "FinetuningScheduleCallback",
     "LrSchedulerReinit",

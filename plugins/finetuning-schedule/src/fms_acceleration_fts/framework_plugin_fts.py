@@ -22,6 +22,7 @@ from fms_acceleration_adapters import (
     StrategyAdapter,
     StrategyAdapterError,
     adapter_name_for,
+    check_custom_strategy_adapters,
     distributed_type_of,
     has_strategy_adapter,
     resolve_strategy_adapter,
@@ -39,6 +40,7 @@ from .schedule import (
     read_schedule,
     renumbered,
     resolve_schedule,
+    schedule_epochs,
     unscheduled_params,
     write_new_file,
 )
@@ -135,10 +137,13 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
         return parsed
 
     def _write_renumbered(self, raw: Any) -> str | None:
-        # FTS writes a non-contiguous schedule renumbered (`_ft_schedule_valid.yaml`) for the
-        # user to check; the model class is not known yet, so it is named after the schedule.
-        log_dir = self.fts_config.log_dir
-        if log_dir is None or not isinstance(raw, dict):
+        # FTS writes a non-contiguous schedule renumbered (`_ft_schedule_valid.yaml`) to its
+        # log_dir for the user to check. The model class and output_dir are not known yet: the
+        # copy is named after the schedule file and goes to log_dir, else beside that file.
+        folder = self.fts_config.log_dir
+        if folder is None and isinstance(self.ft_schedule, str):
+            folder = os.path.dirname(os.path.abspath(self.ft_schedule))
+        if folder is None or not isinstance(raw, dict):
             return None
         try:
             keys = convert_phase_keys(raw)
@@ -149,9 +154,13 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
         stem = "ft_schedule"
         if isinstance(self.ft_schedule, str):
             stem = os.path.splitext(os.path.basename(self.ft_schedule))[0]
-        path, _ = write_new_file(
-            dump_schedule(renumbered(keys)), os.path.join(log_dir, f"{stem}_valid.yaml")
-        )
+        try:
+            path, _ = write_new_file(
+                dump_schedule(renumbered(keys)), os.path.join(folder, f"{stem}_valid.yaml")
+            )
+        except OSError as err:
+            logger.warning("%s.ft_schedule: the renumbered copy was not written: %s", PATH, err)
+            return None
         return path
 
     def _check_reinit_configs(self) -> None:
@@ -179,6 +188,10 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
 
     def _candidate_adapters(self) -> dict[str, type[StrategyAdapter]]:
         """Adapters this stanza could select: the built-ins and every custom reference."""
+        try:
+            check_custom_strategy_adapters(self.custom_strategy_adapters)
+        except StrategyAdapterError as err:
+            raise AccelerationPluginConfigError(f"{PATH}.{err}") from None
         found: dict[str, type[StrategyAdapter]] = {}
         for name in BUILTIN_ADAPTERS:
             found[name] = resolve_strategy_adapter(name)
@@ -263,6 +276,7 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
         """Validate the schedule against the model and freeze it to phase 0."""
         self.distributed_type = self._distributed_type(train_args)
         self._check_training_arguments(train_args)
+        self._extend_epochs(train_args)
         if any(_is_peft_config(arg) for arg in modifiable_args):
             # The client applies PEFT after augmentation (get_peft_model resets requires_grad),
             # so the schedule is validated and frozen against the wrapped model later.
@@ -309,6 +323,35 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
                     f"{PATH}.{where}.pl_lrs_cfg.monitor: {monitor!r}, but the Trainer steps "
                     "ReduceLROnPlateau with TrainingArguments.metric_for_best_model, which is "
                     f"{wanted!r}: set metric_for_best_model={monitor!r}"
+                )
+
+    def _extend_epochs(self, args: Any) -> None:
+        """FTS raises max_epochs to what the schedule needs; the Trainer reads num_train_epochs
+        when train() starts, so raising it here lengthens the run (and its LR schedule)."""
+        needed = schedule_epochs(self.parsed.phases) if self.parsed is not None else None
+        if needed is None or not hasattr(args, "num_train_epochs"):
+            return
+        current = args.num_train_epochs
+        last = len(self.parsed.phases) - 1
+        logger.warning(
+            "%s.ft_schedule: the final phase's max_transition_epoch (%d) is not a transition; "
+            "the run lasts the greater of num_train_epochs (%s) and the largest "
+            "max_transition_epoch of phases 1..%d (%d) epochs, as in FTS",
+            PATH,
+            self.parsed.phases[last].max_transition_epoch,
+            current,
+            last,
+            needed,
+        )
+        if needed > current:
+            args.num_train_epochs = float(needed)
+            if getattr(args, "max_steps", -1) > 0:
+                logger.warning(
+                    "%s: num_train_epochs is now %d, but TrainingArguments.max_steps=%d still "
+                    "ends the run at that step",
+                    PATH,
+                    needed,
+                    args.max_steps,
                 )
 
     def _build_callback(
@@ -423,7 +466,7 @@ class FinetuningSchedulePlugin(AccelerationPlugin):
         def builder(original: Any) -> Any:
             def load_optimizer_and_scheduler(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
                 if checkpoint is not None and plugin.callback is not None:
-                    plugin.callback.resume_dir = str(checkpoint)
+                    plugin.callback.state.resume_dir = str(checkpoint)
                 return original(checkpoint, *args, **kwargs)
 
             return load_optimizer_and_scheduler

@@ -10,18 +10,12 @@ from pydantic import AfterValidator, Field
 
 from fms_acceleration import StanzaModel, choice
 
-from .schedule import LrSchedulerReinit, OptimizerReinit, must_be_positive
+from .schedule import LrSchedulerReinit, OptimizerReinit
 
 
 def _depth(value: int) -> int:
     if value < -1:
         raise ValueError("must be -1 (all phases) or a phase index >= 0")
-    return value
-
-
-def _not_negative(value: float) -> float:
-    if value < 0:
-        raise ValueError("must be >= 0")
     return value
 
 
@@ -31,9 +25,9 @@ class EarlyStoppingOptions(StanzaModel):
 
     monitor: str = "eval_loss"
     """metric name from Trainer.evaluate"""
-    patience: Annotated[int, AfterValidator(must_be_positive)] = 3
+    patience: Annotated[int, Field(gt=0)] = 3
     """evaluations without improvement"""
-    min_delta: Annotated[float, AfterValidator(_not_negative)] = 0.0
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
     """smallest change counted as improvement"""
     mode: choice("min", "max") = "min"
     """min: lower is better"""
@@ -55,7 +49,7 @@ class FTSOptions(StanzaModel):
     log_dir/<ModelClass>_ft_schedule.yaml"""
     max_depth: Annotated[int, AfterValidator(_depth)] = -1
     """last phase to reach; -1: all"""
-    base_max_lr: Annotated[float, AfterValidator(must_be_positive)] = 1e-5
+    base_max_lr: Annotated[float, Field(gt=0)] = 1e-5
     """lr of phases without lr"""
     epoch_transitions_only: bool = False
     """transition on max_transition_epoch only (no early stopping)"""

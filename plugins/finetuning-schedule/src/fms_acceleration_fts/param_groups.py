@@ -6,7 +6,8 @@ when a phase asks for reinitialization, and paces a rebuilt scheduler by epoch o
 steps. The lr rules are
 Fine-Tuning Scheduler's: a new group starts at its phase lr; a rebuilt optimizer keeps every
 existing group's current lr; a rebuilt scheduler restarts existing groups from their
-``initial_lr`` (or their current lr, or ``init_pg_lrs``).
+``initial_lr`` (or their current lr; or ``init_pg_lrs`` for the first groups, the others keeping
+their current lr).
 """
 
 from __future__ import annotations
@@ -279,17 +280,20 @@ def reinit_optimizer(
 
 
 def start_lrs(optimizer: Any, use_current: bool, init_pg_lrs: Sequence[float] | None) -> None:
-    """Set every group's lr as FTS does before building a new LR scheduler.
+    """Set the groups' lrs as FTS does before building a new LR scheduler.
 
-    `init_pg_lrs` sets lr and initial_lr of the first groups; the others restart from their
-    initial_lr, or keep their current lr with `use_current`.
+    Without `init_pg_lrs` every group restarts from its initial_lr (or keeps its current lr
+    with `use_current`). `init_pg_lrs` replaces that list: it sets lr and initial_lr of the
+    first groups, and the groups it does not reach keep their current lr.
     """
-    for group in optimizer.param_groups:
-        if not use_current:
+    if init_pg_lrs:
+        for group, lr in zip(optimizer.param_groups, init_pg_lrs):
+            group["lr"] = lr
+            group["initial_lr"] = lr
+        return
+    if not use_current:
+        for group in optimizer.param_groups:
             group["lr"] = group.get("initial_lr", group["lr"])
-    for group, lr in zip(optimizer.param_groups, init_pg_lrs or ()):
-        group["lr"] = lr
-        group["initial_lr"] = lr
 
 
 def build_scheduler(cls: type, optimizer: Optimizer, init_args: dict[str, Any]) -> Any:

@@ -51,22 +51,9 @@ def _float_like(value: Any) -> Any:
     return value
 
 
-def must_be_positive(value: float) -> float:
-    """A pydantic AfterValidator: refuse values <= 0."""
-    if value <= 0:
-        raise ValueError("must be > 0")
-    return value
-
-
 def _limit(value: int) -> int:
     if value < -1:
         raise ValueError("must be >= 0, or -1 for no limit")
-    return value
-
-
-def _at_least_one(value: int) -> int:
-    if value < 1:
-        raise ValueError("must be >= 1")
     return value
 
 
@@ -80,7 +67,7 @@ def _non_empty(value: list) -> list:
     return value
 
 
-PositiveLr = Annotated[float, BeforeValidator(_float_like), AfterValidator(must_be_positive)]
+PositiveLr = Annotated[float, BeforeValidator(_float_like), Field(gt=0)]
 TransitionLimit = Annotated[int, AfterValidator(_limit)]
 
 
@@ -113,7 +100,7 @@ class LrsConfig(StanzaModel):
 
     interval: choice("epoch", "step") = "epoch"
     """step the scheduler once per epoch (FTS's default) or once per optimizer step"""
-    frequency: Annotated[int, AfterValidator(_at_least_one)] = 1
+    frequency: Annotated[int, Field(ge=1)] = 1
     """step every `frequency` intervals"""
     monitor: str | None = None
     """ReduceLROnPlateau: metric it reduces on (must be TrainingArguments.metric_for_best_model)"""
@@ -395,6 +382,12 @@ def parse_schedule(raw: Any, epoch_transitions_only: bool = False) -> ParsedSche
         phases.append(validate_model(PhaseSpec, spec, f"phase {depth}", FTSScheduleError))
     _check_phases(phases, epoch_transitions_only)
     notes = []
+    if phases[0].lr is not None:
+        # FTS accepts it with a warning and drops it: the initial optimizer sets phase 0's lr
+        notes.append(
+            f"phase 0: lr {phases[0].lr} is not used: phase 0 trains at the lr the Trainer's "
+            "optimizer has (TrainingArguments.learning_rate, or your optimizer's); set it there"
+        )
     if strings:
         notes.append(f"phase keys {', '.join(show(k) for k in strings)} were read as integers")
     return ParsedSchedule(
@@ -412,11 +405,6 @@ def _check_phases(phases: Sequence[PhaseSpec], epoch_transitions_only: bool) -> 
             _check_entry_syntax(entry, depth, index)
         set_keys = spec.model_fields_set
         if depth == 0:
-            if spec.lr is not None:
-                raise FTSScheduleError(
-                    "phase 0: lr is taken from the Trainer (TrainingArguments.learning_rate or "
-                    "your optimizer); set it there and remove lr from phase 0"
-                )
             for key in REINIT_KEYS:
                 if getattr(spec, key) is not None:
                     raise FTSScheduleError(
@@ -616,6 +604,17 @@ def unscheduled_params(phases: Sequence[Phase], param_names: Sequence[str]) -> l
     """Names of parameters no phase thaws (they stay frozen for the whole run)."""
     scheduled = {n for p in phases for n in p.params}
     return [n for n in param_names if n not in scheduled]
+
+
+def schedule_epochs(phases: Sequence[PhaseSpec]) -> int | None:
+    """Epochs the schedule asks the run to last, or None (FTS's `max_epochs` extension).
+
+    When the last phase has a max_transition_epoch, FTS runs at least as many epochs as the
+    largest max_transition_epoch of phases 1.. (phase 0's and max_depth play no part).
+    """
+    if len(phases) < 2 or phases[-1].max_transition_epoch < 0:
+        return None
+    return max(spec.max_transition_epoch for spec in phases[1:])
 
 
 def final_depth(phases: Sequence[Phase], max_depth: int) -> int:

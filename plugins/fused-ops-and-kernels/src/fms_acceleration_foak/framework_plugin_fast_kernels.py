@@ -25,23 +25,29 @@ BASE_LAYERS = ("auto_gptq", "bitsandbytes")
 
 
 class FusedOpsOptions(StanzaModel):
-    """Either stanza; a key left out (null) takes its default once both stanzas are merged."""
+    """Either stanza; a key left out takes its default once both stanzas are merged.
+
+    Only base_layer may be null (fms-hf-tuning's FusedLoraConfig defaults it to None); a
+    null switch is refused, not read as "left out": the reference reads null as false, and most
+    of these default to true here, so null would silently turn on what the user meant off.
+    """
 
     base_layer: choice(*BASE_LAYERS) | None = None
     """quantized base layer the fused LoRA kernels target (the peft plugin's loader); default
     auto_gptq"""
-    fused_lora: bool | None = None
+    # the switches: None only when left out (pydantic does not validate a default)
+    fused_lora: bool = None
     """fused LoRA forward/backward on quantized base layers; default false under training.,
     true under peft.quantization."""
-    fast_loss: choice(True, False, FUSED_CE) | None = None
+    fast_loss: choice(True, False, FUSED_CE) = None
     """true: Triton cross-entropy; fused_ce_liger: fused lm_head + cross-entropy; default true"""
-    fast_rms_layernorm: bool | None = None
+    fast_rms_layernorm: bool = None
     """Triton RMSNorm; default true"""
-    fast_rope_embeddings: bool | None = None
+    fast_rope_embeddings: bool = None
     """Triton rotary embedding of q, k; default true"""
-    fast_swiglu: bool | None = None
+    fast_swiglu: bool = None
     """Triton SwiGLU in the MLPs (dense and MoE experts); default true"""
-    fused_linear_loss: bool | None = None
+    fused_linear_loss: bool = None
     """legacy spelling of fast_loss: fused_ce_liger (needs fast_loss: false); default false"""
 
 

@@ -2,7 +2,8 @@
 
 `n_trials` of `Study.optimize` counts one worker's trials, so the total is capped with optuna's
 MaxTrialsCallback, counting every trial that is not FAIL (a failed trial's retry takes its
-place). Counting and creating the next trial must be one step, or two workers that finish at
+place), until as many trials have failed as the total asks for. Counting and creating the next
+trial must be one step, or two workers that finish at
 the same time both start one more: the study lock is taken before each `ask` (before
 `optimize`, then by the callback after each trial) and released by the objective as soon as its
 trial exists. A trial enqueued for a retry is always run, even when the total is reached.
@@ -60,6 +61,12 @@ class TrialBudget:
         self._acquire()
         if any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
             return  # a retry waits: run it
+        if len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) >= self.n_trials:
+            # failures are not counted (a retry takes their place), so a trial that fails the
+            # same way every time would start new ones forever: as many as the total, and stop
+            study.stop()
+            self.release()
+            return
         self._cap(study, trial)
         if not self._room(study):  # the cap stopped the study: no next trial to guard
             self.release()

@@ -72,8 +72,6 @@ def _step(value: float | None, info: ValidationInfo) -> float | None:
         return value
     if kind == "categorical":
         raise ValueError("is not used by type categorical")
-    if value <= 0:
-        raise ValueError("must be > 0")
     if kind == "int" and not float(value).is_integer():
         raise ValueError("must be a whole number for type int")
     return value
@@ -147,7 +145,7 @@ class SearchParameter(StanzaModel):
     """lower bound (float and int)"""
     high: Annotated[float | None, AfterValidator(_high)] = Field(None, validate_default=True)
     """upper bound, inclusive (float and int)"""
-    step: Annotated[float | None, AfterValidator(_step)] = None
+    step: Annotated[float | None, Positive, AfterValidator(_step)] = None
     """discretization step (float and int; not with log)"""
     log: Annotated[bool, AfterValidator(_log)] = False
     """sample on a log scale (low > 0)"""

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .errors import SearchError
 from .framework_plugin_hpo import OptunaPlugin, distributed_world, trial_name
 from .options import PATH, STANZA, HPOOptions
 from .report import STEPS_ATTR, progress_callback, trials_table
+from .request import SearchRequest
 from .resume import OUTPUT_DIR_ATTR, WORKER_ATTR, this_process
 from .sampler_state import checkpoint_sampler, sampler_config_hash
 from .storage import StudyStorage
@@ -43,22 +44,6 @@ from .worker import open_study, run_worker
 logger = logging.getLogger(__name__)
 PLUGIN_ID = "hpo"
 _GO, _STOP = "trial", "stop"
-
-
-@dataclass
-class SearchRequest:
-    """What `fms-acceleration search` was asked."""
-
-    config: str
-    trials: int
-    storage: str
-    study_name: str
-    train_options: dict[str, Any]  # TrainJobConfig fields (output_dir is the search's root)
-    timeout: float | None = None
-    retry_running: bool = False
-    backup: bool = True
-    plot: str | None = None
-    emit: Callable[[str], None] = field(default=print)
 
 
 @dataclass
@@ -109,8 +94,7 @@ class _Search:
     # --- one trial ---------------------------------------------------------------------------
 
     def trial_config(self, values: Mapping[str, Any], output_dir: Path) -> tuple[Any, dict]:
-        from fms_acceleration_train import TrainJobConfig
-        from fms_acceleration_train.eval_and_checkpoints import last_complete_checkpoint
+        from fms_acceleration_train import TrainJobConfig, last_complete_checkpoint
 
         train, config = apply_values(
             values, self.options.search_space, self.request.train_options, self.configuration

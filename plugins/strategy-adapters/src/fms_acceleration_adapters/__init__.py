@@ -11,6 +11,7 @@ from .registry import (
     ENTRY_POINT_GROUP,
     StrategyAdapterWarning,
     adapter_name_for,
+    check_custom_strategy_adapters,
     discover_strategy_adapters,
     distributed_type_of,
     has_strategy_adapter,
@@ -18,6 +19,7 @@ from .registry import (
     select_strategy_adapter,
     strategy_adapter_class,
     strategy_adapter_entry_points,
+    strategy_names,
 )
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "StrategyAdapterError",
     "StrategyAdapterWarning",
     "adapter_name_for",
+    "check_custom_strategy_adapters",
     "discover_strategy_adapters",
     "distributed_type_of",
     "has_strategy_adapter",
@@ -39,4 +42,5 @@ __all__ = [
     "select_strategy_adapter",
     "strategy_adapter_class",
     "strategy_adapter_entry_points",
+    "strategy_names",
 ]

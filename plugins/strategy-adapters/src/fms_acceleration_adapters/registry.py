@@ -9,7 +9,13 @@ from importlib import metadata
 from typing import Any
 
 from fms_acceleration.constants import STRATEGY_ADAPTER_GROUP
-from fms_acceleration.packages import BrokenEntryPoint, entry_points_of, load_entry_points
+from fms_acceleration.packages import (
+    BrokenEntryPoint,
+    LoadedEntryPoint,
+    entry_points_of,
+    load_entry_points,
+)
+from fms_acceleration.validation import suggestion
 
 from .base import StrategyAdapter
 from .errors import StrategyAdapterError
@@ -67,12 +73,43 @@ def _dist_name(ep: metadata.EntryPoint) -> str:
     return dist.metadata["Name"] if dist is not None else "<unknown distribution>"
 
 
+def _load_adapter_entry_points(
+    entry_points: list[metadata.EntryPoint],
+) -> tuple[list[LoadedEntryPoint], list[BrokenEntryPoint]]:
+    """Load entry points; one whose ep.load() fails is imported again from its value as a
+    'module:Class' or 'module.Class' reference (importlib reads 'pkg.mod.Class' as a module
+    name), as Fine-Tuning Scheduler's discovery does."""
+    loaded, failed = load_entry_points(entry_points)
+    broken = []
+    for entry in failed:
+        try:
+            obj = _import_reference(entry.value, entry.name)
+        except StrategyAdapterError as exc:
+            broken.append(
+                BrokenEntryPoint(
+                    entry.name,
+                    entry.value,
+                    entry.package,
+                    entry.version,
+                    f"{entry.problem}; as a 'module.Class' reference: {_reason(exc)}",
+                )
+            )
+            continue
+        loaded.append(LoadedEntryPoint(entry.name, entry.value, entry.package, entry.version, obj))
+    return loaded, broken
+
+
+def _reason(exc: StrategyAdapterError) -> str:
+    # the reference error repeats the entry point's name and value, which describe() shows
+    return str(exc).split(": ", 1)[-1]
+
+
 def discover_strategy_adapters() -> dict[str, type[StrategyAdapter]]:
     """All adapters by name: built-ins plus loadable entry points (a broken one only warns)."""
     adapters: dict[str, type[StrategyAdapter]] = {
         name: _load_reference(ref, name) for name, ref in BUILTIN_ADAPTERS.items()
     }
-    loaded, broken = load_entry_points(strategy_adapter_entry_points().values())
+    loaded, broken = _load_adapter_entry_points(list(strategy_adapter_entry_points().values()))
     for entry in loaded:
         try:
             adapters[entry.name.lower()] = _check_adapter_class(entry.obj, entry.name)
@@ -104,7 +141,7 @@ def resolve_strategy_adapter(ref: str | type[StrategyAdapter]) -> type[StrategyA
         return _load_reference(BUILTIN_ADAPTERS[name], ref)
     eps = strategy_adapter_entry_points()
     if name in eps:
-        loaded, broken = load_entry_points([eps[name]])
+        loaded, broken = _load_adapter_entry_points([eps[name]])
         if broken:
             raise StrategyAdapterError(
                 f"strategy adapter {ref!r}: entry point {broken[0].describe()}"
@@ -120,6 +157,13 @@ def resolve_strategy_adapter(ref: str | type[StrategyAdapter]) -> type[StrategyA
 
 
 def _load_reference(ref: str, label: str) -> type[StrategyAdapter]:
+    return _check_adapter_class(_import_reference(ref, label), label)
+
+
+def _import_reference(ref: str, label: str) -> Any:
+    """The object a 'module:attr' or 'module.attr' reference names."""
+    if not isinstance(ref, str):
+        raise StrategyAdapterError(f"strategy adapter {label!r}: no reference (value {ref!r})")
     if ":" in ref:
         module_name, _, attr_path = ref.partition(":")
     else:
@@ -142,7 +186,7 @@ def _load_reference(ref: str, label: str) -> type[StrategyAdapter]:
                 f"strategy adapter {label!r}: module {module_name!r} has no attribute {attr_path!r}"
             )
         obj = getattr(obj, attr)
-    return _check_adapter_class(obj, label)
+    return obj
 
 
 def _check_adapter_class(obj: Any, label: str) -> type[StrategyAdapter]:
@@ -184,6 +228,34 @@ def distributed_type_of(accelerator_or_none: Any) -> str:
     return adapter_name_for(dtype)
 
 
+def strategy_names() -> list[str]:
+    """Strategy names a ``custom_strategy_adapters`` key may take: accelerate's distributed
+    types (as adapter names: ``single_device``, ``ddp``, ``fsdp``, ``deepspeed``, ...) and every
+    adapter name (built-in or entry point)."""
+    from accelerate.utils import DistributedType
+
+    names = {adapter_name_for(t) for t in DistributedType}
+    return sorted(names | set(BUILTIN_ADAPTERS) | set(strategy_adapter_entry_points()))
+
+
+def check_custom_strategy_adapters(custom_strategy_adapters: Mapping[Any, Any]) -> None:
+    """Refuse a key that names no strategy: the adapter it maps would never be used."""
+    known: list[str] | None = None
+    for key, ref in custom_strategy_adapters.items():
+        if not isinstance(key, str):
+            raise StrategyAdapterError(
+                f"custom_strategy_adapters: key {key!r} must be a strategy name string"
+            )
+        known = known or strategy_names()
+        if key.strip() and adapter_name_for(key) in known:
+            continue
+        raise StrategyAdapterError(
+            f"custom_strategy_adapters.{key}: unknown strategy {key!r} (mapped to {ref!r})"
+            f"{suggestion(key.lower(), known)}; strategies: {', '.join(known)}, or an accelerate "
+            "DistributedType value such as NO, MULTI_GPU or FSDP"
+        )
+
+
 def select_strategy_adapter(
     distributed_type: Any,
     custom_strategy_adapters: Mapping[str, str] | None = None,
@@ -207,13 +279,8 @@ def strategy_adapter_class(
 ) -> type[StrategyAdapter]:
     """The adapter class for ``distributed_type``; ``custom_strategy_adapters`` wins."""
     name = adapter_name_for(distributed_type)
-    custom: dict[str, Any] = {}
-    for key, ref in (custom_strategy_adapters or {}).items():
-        if not isinstance(key, str):
-            raise StrategyAdapterError(
-                f"custom_strategy_adapters: key {key!r} must be a strategy name string"
-            )
-        custom[adapter_name_for(key)] = ref
+    check_custom_strategy_adapters(custom_strategy_adapters or {})
+    custom = {adapter_name_for(k): ref for k, ref in (custom_strategy_adapters or {}).items()}
     if name in custom:
         try:
             cls = resolve_strategy_adapter(custom[name])

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from fms_acceleration.compat import dtype_kwargs
-from fms_acceleration.testing import build_framework, tiny_dataset
+from fms_acceleration.testing import build_framework, enable_fsdp_on_cpu, tiny_dataset
 from fms_acceleration_fts.framework_plugin_fts import FinetuningSchedulePlugin
 
 PHASE0 = ["lm_head.weight", "model.norm.weight"]
@@ -34,26 +34,6 @@ def full(param: torch.Tensor) -> torch.Tensor:
     return param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
 
 
-def enable_fsdp_on_cpu(trainer: Trainer) -> None:
-    """Turn the trainer's MULTI_CPU accelerator into an FSDP one (test-only; see README).
-
-    accelerate only honours an FSDP plugin for GPU-like distributed types, yet its FSDP2 path
-    (``fully_shard`` + gloo) runs on CPU. Setting the state before ``accelerator.prepare`` lets
-    the unmodified Trainer take that path here, as it does on GPUs under ``accelerate launch``.
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = trainer.accelerator.state
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    if state.mixed_precision != "no":
-        state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
-    # AcceleratorState() re-reads PartialState's fields, so both must say FSDP
-    PartialState().distributed_type = DistributedType.FSDP
-    state.distributed_type = DistributedType.FSDP
-    trainer.is_fsdp_enabled = True
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -67,7 +47,13 @@ def main() -> None:
     if args.strategy == "fsdp2":
         fsdp = dict(
             fsdp="full_shard auto_wrap",
-            fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+            # sync_module_states: accelerate 1.9 looks for a GPU to sync on (every rank
+            # builds the same weights here)
+            fsdp_config={
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "sync_module_states": False,
+            },
         )
     train_args = TrainingArguments(
         output_dir=args.out,
@@ -108,7 +94,7 @@ def main() -> None:
 
     trainer = Trainer(model=model, args=train_args, train_dataset=tiny_dataset(n=64, seq_len=16))
     if args.strategy == "fsdp2":
-        enable_fsdp_on_cpu(trainer)
+        enable_fsdp_on_cpu(trainer)  # fms_acceleration.testing: accelerate's FSDP2 on CPU
     for cb in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
         trainer.add_callback(cb)
     trainer.train()
@@ -130,7 +116,7 @@ def main() -> None:
             "adapter": type(adapter).__name__,
             "distributed_type": str(trainer.accelerator.distributed_type),
             "depth": fts.callback.depth,
-            "transitions": fts.callback.transitions,
+            "transitions": fts.callback.state.transitions,
             "thawed": fts.callback.thawed_names(),
             "synced_param_count": getattr(adapter, "synced_param_count", None),
             "dtensor_params": sum(hasattr(p, "full_tensor") for p in model.parameters()),

@@ -36,8 +36,9 @@ def _row_lse(base, n_cols, BLOCK_V: tl.constexpr):
 def _row_target(TARGET, row, n_cols, ignore_index):
     """(target, keep) of one row: keep is 0 for ignore_index and for labels outside [0, V).
 
-    Labels outside the vocabulary are refused on the host before launch (check_targets); the
-    clamp here only keeps a kernel launched without that check from reading out of bounds.
+    Labels outside the vocabulary are refused before launch (check_targets; on a GPU by a
+    device-side assert that fires later); the clamp keeps the kernel from reading out of bounds
+    in the meantime.
     """
     target = tl.load(TARGET + row)
     valid = (target != ignore_index) & (target >= 0) & (target < n_cols)
@@ -134,8 +135,21 @@ def vocab_block(n_cols: int) -> int:
 
 
 def check_targets(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
-    """ValueError when a label is neither ignore_index nor in [0, n_classes) (as torch refuses)."""
+    """Refuse labels that are neither ignore_index nor in [0, n_classes), as torch does.
+
+    On a CPU a ValueError names the first one (reading the labels costs nothing there). On a
+    GPU reading them would be a host sync on every loss call, so the check is a device-side
+    assert instead: it fails the next synchronising call, as torch's own label check does (run
+    with CUDA_LAUNCH_BLOCKING=1 to see where). The kernels clamp such labels either way.
+    """
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if target.device.type != "cpu":
+        torch._assert_async(
+            ~bad.any(),
+            f"cross_entropy: a target label outside [0, {n_classes}) that is not "
+            f"ignore_index={ignore_index}",
+        )
+        return
     if bool(bad.any()):
         where = bad.nonzero().flatten()
         first = int(where[0])

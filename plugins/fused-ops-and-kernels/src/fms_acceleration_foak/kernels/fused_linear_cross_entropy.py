@@ -11,8 +11,10 @@ and the gradient in place, one matmul into the hidden-state gradient and one acc
 matmul into the weight gradient, which is kept in fp32 for the whole loop (a bf16 running sum
 would round every chunk's contribution). The row losses are summed once at the end.
 
-On CUDA (or TRITON_INTERPRET=1) the per-chunk softmax/gradient runs in the cross-entropy Triton
-kernel; elsewhere in PyTorch, which still saves the memory of the full logits.
+That loop (chunked_loss_and_grads) is the CUDA path: the per-chunk softmax/gradient runs in the
+cross-entropy Triton kernel (also under TRITON_INTERPRET=1, on CPU tensors), or in PyTorch when
+backend("torch") is forced. CPU tensors otherwise take fused_linear_cross_entropy_torch, the
+same computation with chunk sizes and buffers chosen for a CPU.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import logging
 import torch
 import triton
 
+from . import fused_linear_cross_entropy_torch as torch_path
 from ._dispatch import use_triton
 from .cross_entropy import ce_loss_and_grad_rows, check_targets, loss_divisor
+from .fused_linear_cross_entropy_torch import loss_and_grad_rows_
 
 logger = logging.getLogger(__name__)
 
@@ -80,31 +84,6 @@ def _note_fallback(what: str, err: str) -> None:
     logger.info("fused linear CE: %s unavailable (%s); using a slower fp32 path", what, err)
 
 
-def _chunk_loss_and_grad_torch(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    ignore_index: int,
-    scale: torch.Tensor,
-    loss_out: torch.Tensor,
-    need_grad: bool,
-) -> None:
-    """PyTorch version of ce_loss_and_grad_rows: row losses, and the scaled gradient in place."""
-    logits32 = logits.float()  # no copy when logits are already fp32
-    n_cols = logits.shape[1]
-    ignored = (target == ignore_index) | (target < 0) | (target >= n_cols)
-    safe_target = target.masked_fill(ignored, 0)
-    lse = torch.logsumexp(logits32, dim=-1)
-    x_target = logits32.gather(1, safe_target[:, None]).squeeze(1)
-    loss_out.copy_((lse - x_target).masked_fill(ignored, 0.0))
-    if need_grad:
-        grad = logits32.sub_(lse[:, None]).exp_()
-        grad[torch.arange(grad.shape[0], device=grad.device), safe_target] -= 1.0
-        grad.masked_fill_(ignored[:, None], 0.0)
-        grad.mul_(scale)
-        if grad is not logits:
-            logits.copy_(grad)
-
-
 def chunked_loss_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -137,9 +116,7 @@ def chunked_loss_and_grads(
         if triton_ce:
             ce_loss_and_grad_rows(logits, t, ignore_index, loss_rows[start:end], scale, need_any)
         else:
-            _chunk_loss_and_grad_torch(
-                logits, t, ignore_index, scale, loss_rows[start:end], need_any
-            )
+            loss_and_grad_rows_(logits, t, ignore_index, scale, loss_rows[start:end], need_any)
         if need_gh:
             torch.mm(logits, weight, out=grad_hidden[start:end])
         if need_gw:
@@ -161,7 +138,8 @@ def scored_rows(
     gradient, so its [vocab] logits need not be computed: in instruction data the prompt's
     labels are ignore_index, often half the tokens or more. The index's backward scatters the
     gradients back, zeros in the ignored rows. Everything is kept when no row, or every row,
-    is ignored (one host sync, for the index's length, as the label check already makes)."""
+    is ignored. The index's length sizes the GEMMs, so on a GPU this is the loss's one host sync
+    (the label check makes none): it buys skipping the ignored rows' GEMMs, often half of them."""
     index = (target != ignore_index).nonzero().squeeze(1)
     if index.numel() in (0, target.numel()):
         return hidden, target
@@ -178,19 +156,29 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[3],
         )
-        loss, gh, gw, gb = chunked_loss_and_grads(
-            hidden, weight, target, bias, ignore_index, divisor, need, chunk_size, triton_ce
-        )
+        if triton_ce or hidden.device.type != "cpu":
+            loss, gh, gw, gb = chunked_loss_and_grads(
+                hidden, weight, target, bias, ignore_index, divisor, need, chunk_size, triton_ce
+            )
+        else:
+            loss, gh, gw, gb = torch_path.loss_and_grads(
+                hidden, weight, target, bias, ignore_index, divisor, need, chunk_size
+            )
         ctx.grads = (gh, gw, gb)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        gh, gw, gb = ctx.grads
+        grads = ctx.grads
         ctx.grads = None
-        # In place: these buffers were allocated for this backward only. grad_output is usually
-        # exactly 1, which leaves them unchanged in any dtype.
-        grads = [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in (gh, gw, gb)]
+        # grad_output is usually exactly 1 (the loss backpropagated as it is). Reading it is free
+        # on a CPU, where a multiply by 1 would be a pass over the weight gradient; on a GPU the
+        # read would be a host sync, which costs more than the in-place multiply.
+        if grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+            # in place: these buffers were allocated for this backward only
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_output.to(g.dtype))
         return grads[0], grads[1], None, grads[2], None, None, None, None
 
 

@@ -1,9 +1,10 @@
 """Frozen base layers seen by the fused LoRA functions: plain nn.Linear, bitsandbytes 4-bit
-(`Linear4bit`, nf4/fp4, with or without double quantization) and GPTQ (gptqmodel's torch-dequant
-`TorchLinear` family).
+(`Linear4bit`, nf4/fp4, with or without double quantization) and GPTQ (accelerated-peft's
+GPTQLinear, or gptqmodel's torch-dequant `TorchLinear` family).
 
-Layers are recognised by their class hierarchy's module path, so neither bitsandbytes nor
-gptqmodel is imported unless a layer of theirs is actually present.
+Package layers are recognised by their class hierarchy's module path, so neither bitsandbytes
+nor gptqmodel is imported unless a layer of theirs is actually present; layers of other plugins
+by the core's DequantizableLinear protocol (they hand back their weight themselves).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from .fused_lora import FrozenBase
 
 PLAIN = "plain"
 BITSANDBYTES = "bitsandbytes"
-GPTQ = "auto_gptq"  # the YAML key stays auto_gptq; layers come from gptqmodel
+GPTQ = "auto_gptq"  # the YAML key stays auto_gptq (accelerated-peft's loader, or gptqmodel)
 BASE_LAYER_KINDS = (PLAIN, BITSANDBYTES, GPTQ)
+# DequantizableLinear.quant_method -> the base_layer value that names its loader
+_KIND_OF_QUANT_METHOD = {"gptq": GPTQ}
 
 
 def _mro_names(layer: torch.nn.Module) -> set[str]:
@@ -30,8 +33,18 @@ def _is_gptq_torch(layer: torch.nn.Module) -> bool:
     return "gptqmodel.nn_modules.qlinear.torch.TorchLinear" in _mro_names(layer)
 
 
+def _is_dequantizable(layer: torch.nn.Module) -> bool:
+    # the protocol lives in the core; imported here, at call time, like bnb_cpu_layout below
+    from fms_acceleration.quantized_linear import DequantizableLinear
+
+    return isinstance(layer, DequantizableLinear)
+
+
 def base_layer_kind(layer: torch.nn.Module) -> str:
     """'plain', 'bitsandbytes' or 'auto_gptq' for what the layer is; its class name otherwise."""
+    if _is_dequantizable(layer):
+        method = layer.quant_method
+        return _KIND_OF_QUANT_METHOD.get(method, f"{method}:{type(layer).__name__}")
     module = type(layer).__module__
     if module.startswith("bitsandbytes"):
         return BITSANDBYTES if _is_bnb_4bit(layer) else f"bitsandbytes:{type(layer).__name__}"
@@ -44,8 +57,13 @@ def base_layer_kind(layer: torch.nn.Module) -> str:
 
 def unsupported_reason(layer: torch.nn.Module) -> str | None:
     """Why this base layer cannot be dequantized by the fused path, or None when it can."""
-    if _is_bnb_4bit(layer) or (
-        isinstance(layer, torch.nn.Linear) and not type(layer).__module__.startswith("bitsandbytes")
+    if (
+        _is_dequantizable(layer)
+        or _is_bnb_4bit(layer)
+        or (
+            isinstance(layer, torch.nn.Linear)
+            and not type(layer).__module__.startswith("bitsandbytes")
+        )
     ):
         bias = layer.bias
         if bias is not None and bias.requires_grad:
@@ -104,6 +122,8 @@ def frozen_base(layer: torch.nn.Module) -> FrozenBase:
     def get_bias() -> torch.Tensor | None:
         return layer.bias
 
+    if _is_dequantizable(layer):
+        return FrozenBase(layer.dequantized_weight, get_bias, layer.out_features)
     if _is_bnb_4bit(layer):
         return FrozenBase(_bnb_dequantizer(layer), get_bias, layer.out_features)
     if _is_gptq_torch(layer):

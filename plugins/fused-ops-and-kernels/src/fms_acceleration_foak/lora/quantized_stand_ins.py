@@ -1,10 +1,11 @@
 """Quantized stand-ins for nn.Linear layers (bitsandbytes 4-bit, GPTQ TorchLinear) built from a
 float weight, without a calibration run: for tests and benchmarks of fused LoRA. bitsandbytes
-layers are quantized on the device of the weight (CPU or CUDA); GPTQ ones on CPU."""
+layers are quantized on the device of the weight (CPU or CUDA); GPTQ ones on CPU. Layers of
+other packages (e.g. accelerated-peft's GPTQLinear.from_linear) come in through `build`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -81,13 +82,19 @@ def gptq_from_linear(
 
 
 def quantize_linears(
-    model: torch.nn.Module, kind: str, roles: Iterable[str] = LINEAR_ROLES, **kwargs
+    model: torch.nn.Module,
+    kind: str,
+    roles: Iterable[str] = LINEAR_ROLES,
+    build: Callable[..., torch.nn.Module] | None = None,
+    **kwargs,
 ) -> int:
-    """Replace every nn.Linear child named in `roles` by a 'bitsandbytes' or 'auto_gptq' stand-in.
+    """Replace every nn.Linear child named in `roles` by a 'bitsandbytes' or 'auto_gptq' stand-in
+    (gptqmodel's TorchLinear), or by `build(linear, **kwargs)` when given.
 
     Returns how many layers were replaced.
     """
-    build = {"bitsandbytes": bnb_4bit_from_linear, "auto_gptq": gptq_from_linear}.get(kind)
+    if build is None:
+        build = {"bitsandbytes": bnb_4bit_from_linear, "auto_gptq": gptq_from_linear}.get(kind)
     if build is None:
         raise ValueError(f"kind must be 'bitsandbytes' or 'auto_gptq', got {kind!r}")
     roles = set(roles)

@@ -4,9 +4,10 @@ does (identical experts, top-k weights summing to one), and the train job accept
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForCausalLM
+
 from fms_acceleration_train.model_source import resolve_model
 from fms_acceleration_train.moe_model import EXPERTS, MOE_MODEL, TOP_K, build_moe_model
-from transformers import AutoModelForCausalLM
 
 
 def test_upcycled_model_gives_the_dense_logits(tiny_model, tmp_path):

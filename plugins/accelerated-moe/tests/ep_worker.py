@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from fms_acceleration_moe import ScatterMoEAccelerationPlugin
-from fms_acceleration_moe.expert_parallel import expert_shards_set_aside
-from fms_acceleration_moe.grouped_experts import full_tensor
 from torch.distributed.fsdp import fully_shard
 
 from fms_acceleration.testing import build_framework
+from fms_acceleration_moe import ScatterMoEAccelerationPlugin
+from fms_acceleration_moe.expert_parallel import expert_shards_set_aside
+from fms_acceleration_moe.grouped_experts import full_tensor
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_moe

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from fms_acceleration_moe import ScatterMoEAccelerationPlugin
-from fms_acceleration_moe.utils import recover_safetensors_from_dcp
 
 from fms_acceleration.testing import build_framework
+from fms_acceleration_moe import ScatterMoEAccelerationPlugin
+from fms_acceleration_moe.utils import recover_safetensors_from_dcp
 
 STANZA = {"plugins": {"training": {"moe": {"scattermoe": {}}}}}
 

@@ -63,11 +63,10 @@ def test_expert_shards_refuse_lora_and_fsdp1(make_moe):
     import types
 
     peft = pytest.importorskip("peft")
+    from fms_acceleration import AccelerationPluginConfigError, compat
     from fms_acceleration_moe.expert_parallel import refuse_fsdp1
     from fms_acceleration_moe.lora_targets import refuse_lora_on_expert_shards
     from fms_acceleration_moe.models import ARCHITECTURES
-
-    from fms_acceleration import AccelerationPluginConfigError, compat
 
     targets = ["w1", "w2", "w3"] if not compat.fused_moe_experts() else None
     extra = {"target_modules": targets} if targets else {"target_parameters": ["gate_up_proj"]}

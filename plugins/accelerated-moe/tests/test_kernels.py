@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fms_acceleration_moe.kernels import (
     backend,
     experts_mlp,

@@ -14,11 +14,11 @@ import copy
 
 import pytest
 import torch
-from fms_acceleration_moe import ScatterMoEAccelerationPlugin
 from safetensors.torch import load_file
 
 from fms_acceleration import AccelerationPluginConfigError, compat
 from fms_acceleration.testing import build_framework
+from fms_acceleration_moe import ScatterMoEAccelerationPlugin
 
 peft = pytest.importorskip("peft")
 

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from fms_acceleration_moe import ScatterMoEAccelerationPlugin
-from fms_acceleration_moe.kernels import backend
-from fms_acceleration_moe.models import ARCHITECTURES
 
 from fms_acceleration import compat
 from fms_acceleration.testing import build_framework
+from fms_acceleration_moe import ScatterMoEAccelerationPlugin
+from fms_acceleration_moe.kernels import backend
+from fms_acceleration_moe.models import ARCHITECTURES
 
 ARCHS = (
     "mixtral",

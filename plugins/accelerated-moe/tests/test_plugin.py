@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fms_acceleration_moe import ScatterMoEAccelerationPlugin
 
 from fms_acceleration import AccelerationFramework, AccelerationPluginConfigError
 from fms_acceleration.testing import build_framework
+from fms_acceleration_moe import ScatterMoEAccelerationPlugin
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -9,13 +9,13 @@ import copy
 
 import pytest
 import torch
-from fms_acceleration_moe import ScatterMoEAccelerationPlugin
-from fms_acceleration_moe.grouped_experts import GroupedExperts
-from fms_acceleration_moe.models import ARCHITECTURES, moe_blocks
 
 from fms_acceleration import compat
 from fms_acceleration.patch_records import MISSING, current_value
 from fms_acceleration.testing import build_framework
+from fms_acceleration_moe import ScatterMoEAccelerationPlugin
+from fms_acceleration_moe.grouped_experts import GroupedExperts
+from fms_acceleration_moe.models import ARCHITECTURES, moe_blocks
 
 STANZA = {"plugins": {"training": {"moe": {"scattermoe": {"ep_degree": 1}}}}}
 

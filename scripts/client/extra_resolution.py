@@ -9,9 +9,8 @@ its wheel on the registry, and asks pip for two dry-run resolutions (`--report`)
             within the client's own pin, torch<2.9)
   cpu-torch the extra's requirements on the client's locked stack (PIP_CONSTRAINT, torch 2.13.0
             from our lock: the client itself pins torch<2.9 and cannot be resolved beside it)
-While the extra names a package we do not build yet (fms-acceleration-moe, -odm), the request is
-fms-hf-tuning[fms-accel] plus the extra's packages we do build. Writes DIR/extra_resolution.md;
-exits 1 when a resolution fails or picks an fms-acceleration* package that is not ours.
+Writes DIR/extra_resolution.md; exits 1 when a resolution fails, leaves out a package the extra
+names, or picks an fms-acceleration* package that is not ours (our wheel, our version).
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CLIENT = "fms-hf-tuning"
 CLIENT_VERSION = "3.2.2"
 FULL_EXTRA = "fms-accel-all"
-CORE_EXTRA = "fms-accel"
 FAMILY = "fms-acceleration"
 # the stack beside the family's packages, shown in the tables
 SHOWN = ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes")
@@ -79,23 +77,14 @@ def extra_requirements(metadata_text: str, extra: str) -> list[Requirement]:
     return requirements
 
 
-def client_request(full_extra: list[Requirement], ours: set[str]) -> tuple[list[str], list[str]]:
-    """(pip requirements to resolve, the extra's packages left out because we do not build them).
-
-    The full extra when we build every package it names; else the core extra plus those of its
-    packages we build, by name.
-    """
-    names = [canonicalize_name(r.name) for r in full_extra]
-    missing = [n for n in names if n not in ours]
-    client = f"{CLIENT}[{CORE_EXTRA if missing else FULL_EXTRA}]=={CLIENT_VERSION}"
-    if not missing:
-        return [client], []
-    return [client, *(n for n in names if n in ours and n != FAMILY)], missing
+def client_request() -> list[str]:
+    """The client with its full extra, as a user asks pip for it."""
+    return [f"{CLIENT}[{FULL_EXTRA}]=={CLIENT_VERSION}"]
 
 
-def extra_request(full_extra: list[Requirement], ours: set[str]) -> list[str]:
-    """The extra's own requirements (without their extra marker), less those we do not build."""
-    return [f"{r.name}{r.specifier}" for r in full_extra if canonicalize_name(r.name) in ours]
+def extra_request(full_extra: list[Requirement]) -> list[str]:
+    """The extra's own requirements, without their extra marker."""
+    return [f"{r.name}{r.specifier}" for r in full_extra]
 
 
 def picked(report: dict, wheels: Path) -> list[Picked]:
@@ -189,15 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     build_wheels(package_folders((ROOT / "packages.txt").read_text(encoding="utf-8")), wheels)
     versions = wheel_versions(wheels)
     full_extra = extra_requirements(client_metadata(args.output / "client"), FULL_EXTRA)
-    request, left_out = client_request(full_extra, set(versions))
-    wanted = [n for n in (canonicalize_name(r.name) for r in full_extra) if n not in left_out]
+    wanted = [canonicalize_name(r.name) for r in full_extra]
     text = "# fms-hf-tuning's extra against our wheels\n\n"
-    if left_out:
-        text += f"Left out (no package of ours yet): {', '.join(left_out)}\n\n"
     failed = False
     for title, requirements, constrained in (
-        ("client", request, False),
-        ("cpu-torch", extra_request(full_extra, set(versions)), True),
+        ("client", client_request(), False),
+        ("cpu-torch", extra_request(full_extra), True),
     ):
         report = resolve(requirements, wheels, args.output / f"{title}.json", constrained)
         rows = picked(report, wheels)

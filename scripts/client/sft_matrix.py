@@ -36,6 +36,8 @@ VERSIONS_OF = (
     "fms-acceleration-peft",
     "fms-acceleration-foak",
     "fms-acceleration-aadp",
+    "fms-acceleration-moe",
+    "fms-acceleration-odm",
 )
 
 
@@ -92,10 +94,10 @@ def _interpret_triton_without_cuda() -> None:
 
 
 def run_matrix(rows: tuple[Row, ...], output: Path) -> dict[str, RunResult]:
-    """Build the fixtures, then run every row that is not refused up front."""
+    """Build the fixtures (the GPTQ checkpoint when a row needs it), then run every row."""
     model, data = build_fixtures(output / "fixtures")
     gptq_model: Path | str = model
-    if any(r.gptq and r.refusal is None for r in rows):
+    if any(r.gptq for r in rows):
         try:
             gptq_model = quantize_gptq(
                 model, data, output / "fixtures" / "tiny-llama-gptq", output / "gptq.log"
@@ -104,9 +106,7 @@ def run_matrix(rows: tuple[Row, ...], output: Path) -> dict[str, RunResult]:
             gptq_model = str(err)
     results: dict[str, RunResult] = {}
     for row in rows:
-        if row.refusal is not None:
-            results[row.name] = RunResult("refused", reason=row.refusal)
-        elif row.gptq and isinstance(gptq_model, str):
+        if row.gptq and isinstance(gptq_model, str):
             results[row.name] = RunResult("crashed", reason=gptq_model)
         else:
             base = gptq_model if row.gptq else model

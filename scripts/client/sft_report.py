@@ -27,7 +27,7 @@ COLUMNS = (
 
 @dataclass
 class Verdict:
-    """A row's standing: ok, FAIL (counts against the run) or not run (refused up front)."""
+    """A row's standing: ok or FAIL (counts against the run), and why."""
 
     verdict: str
     reason: str = ""
@@ -41,8 +41,6 @@ def _deviation(losses: list[tuple[int, float]], reference: list[tuple[int, float
 
 def judge(row: Row, result: RunResult, results: dict[str, RunResult]) -> Verdict:
     """The verdict on `row`, given the results of the rows before it."""
-    if row.refusal is not None:
-        return Verdict("not run", row.refusal)
     if result.outcome != "trained":
         return Verdict("FAIL", f"{result.outcome}: {result.reason}")
     missing = sorted(row.plugins - result.plugins)

@@ -5,16 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Our own GPTQ quantizer (branch issue-gptq) has not landed: main's fms-acceleration-peft-quantize
-# quantizes through gptqmodel, which needs transformers>=5.14 and so cannot be installed beside
-# the client's transformers 4.55.4. When it lands, set this to None and the GPTQ rows run.
-GPTQ_REFUSAL: str | None = (
-    "no GPTQ checkpoint: main's fms-acceleration-peft-quantize imports gptqmodel "
-    "(ModuleNotFoundError: No module named 'gptqmodel'), which needs transformers>=5.14 and "
-    "cannot be installed beside the client's transformers 4.55.4; our own GPTQ quantizer "
-    "(branch issue-gptq) has not landed"
-)
-
 # optimizer steps per run: enough to see the losses of two runs drift apart, cheap on a CPU
 STEPS = 5
 # what every run passes: a few seeded steps, one loss logged per step, no checkpoints, sdpa
@@ -69,12 +59,7 @@ class Row:
     """the plugin classes the client must report active ("Active Plugin: <class>")"""
     check: Check | None = None
     gptq: bool = False
-    """trains the GPTQ checkpoint the matrix quantizes (the model otherwise)"""
-
-    @property
-    def refusal(self) -> str | None:
-        """Why the row is not run, or None."""
-        return GPTQ_REFUSAL if self.gptq else None
+    """trains the GPTQ checkpoint the matrix quantizes with our quantizer (the model otherwise)"""
 
 
 # Tolerances (relative). The client logs losses to 4 decimals (1e-5 of a loss near 4.9); a

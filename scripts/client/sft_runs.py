@@ -29,7 +29,7 @@ class RunResult:
     """What one run of the client showed."""
 
     outcome: str
-    """trained, refused (not run, or the client blamed its input) or crashed"""
+    """trained, refused (the client blamed its input: exit 1) or crashed"""
     losses: list[tuple[int, float]] = field(default_factory=list)
     plugins: frozenset[str] = frozenset()
     reason: str = ""

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import extra_resolution as er
+import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 # the extras part of fms-hf-tuning 3.2.2's METADATA, as published
 METADATA = """Metadata-Version: 2.4
@@ -43,24 +45,28 @@ def test_extra_requirements_are_the_lines_the_extra_adds():
     assert er.extra_requirements(METADATA, "nope") == []
 
 
-def test_request_is_the_full_extra_once_we_build_every_package_it_names():
+def test_the_request_is_the_full_extra_and_its_own_requirements():
     full = er.extra_requirements(METADATA, "fms-accel-all")
-    assert er.client_request(full, set(ALL)) == (["fms-hf-tuning[fms-accel-all]==3.2.2"], [])
-    today = set(ALL[:4]) | {"fms-acceleration-hpo"}
-    request, left_out = er.client_request(full, today)
-    assert request == [
-        "fms-hf-tuning[fms-accel]==3.2.2",
-        "fms-acceleration-peft",
-        "fms-acceleration-foak",
-        "fms-acceleration-aadp",
-    ]
-    assert left_out == ["fms-acceleration-moe", "fms-acceleration-odm"]
-    assert er.extra_request(full, today) == [
+    assert er.client_request() == ["fms-hf-tuning[fms-accel-all]==3.2.2"]
+    assert er.extra_request(full) == [
         "fms-acceleration>=0.6.4",
         "fms-acceleration-peft>=0.4.4",
         "fms-acceleration-foak>=0.7.4",
         "fms-acceleration-aadp>=0.2.2",
+        "fms-acceleration-moe>=0.4.6",
+        "fms-acceleration-odm>=0.1.6",
     ]
+
+
+def test_we_build_every_package_the_extra_names_at_a_version_it_accepts():
+    folders = er.package_folders((er.ROOT / "packages.txt").read_text(encoding="utf-8"))
+    projects = [tomllib.loads((f / "pyproject.toml").read_text())["project"] for f in folders]
+    ours = {canonicalize_name(p["name"]): p["version"] for p in projects}
+    full = er.extra_requirements(METADATA, "fms-accel-all")
+    assert len(full) == 6
+    for requirement in full:
+        version = ours[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(version), (requirement, version)
 
 
 def _item(name: str, version: str, url: str) -> dict:
@@ -135,5 +141,5 @@ def test_section_lists_the_family_and_the_stack_and_the_problems():
 def test_requirement_strings_parse_back():
     # what extra_request hands pip must be valid requirements without the extra's marker
     full = er.extra_requirements(METADATA, "fms-accel-all")
-    for text in er.extra_request(full, set(ALL)):
+    for text in er.extra_request(full):
         assert Requirement(text).marker is None

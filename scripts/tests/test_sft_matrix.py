@@ -59,12 +59,26 @@ def test_rows_by_name_refuses_duplicates_and_checks_against_later_rows():
         sft_rows.rows_by_name((Row("b", (), check=Check("c", 0.01)), Row("c", ())))
 
 
-def test_gptq_rows_are_refused_with_the_reason_until_the_switch_is_cleared(monkeypatch):
-    gptq = Row("g", (), gptq=True)
-    assert gptq.refusal == sft_rows.GPTQ_REFUSAL
-    assert Row("plain", ()).refusal is None
-    monkeypatch.setattr(sft_rows, "GPTQ_REFUSAL", None)
-    assert gptq.refusal is None
+def test_a_failed_quantization_crashes_the_gptq_rows_only(monkeypatch, tmp_path):
+    def quantize_fails(model, data, output, log):
+        raise RuntimeError("the GPTQ quantizer failed (exit 2): boom")
+
+    ran = []
+
+    def run_row(row, base, data, folder, steps):
+        ran.append((row.name, base.name, steps))
+        return _trained(4.0)
+
+    fixtures = (tmp_path / "tiny-llama", tmp_path / "train.jsonl")
+    monkeypatch.setattr(sft_matrix, "build_fixtures", lambda folder: fixtures)
+    monkeypatch.setattr(sft_matrix, "quantize_gptq", quantize_fails)
+    monkeypatch.setattr(sft_matrix, "run_row", run_row)
+    rows = sft_matrix.selected_rows(["fast-kernels", "gptq-lora"])
+    results = sft_matrix.run_matrix(rows, tmp_path)
+    assert ran == [(n, "tiny-llama", STEPS) for n in ("full", "fast-kernels", "lora-bf16")]
+    assert results["gptq-lora"].outcome == "crashed"
+    assert results["gptq-lora"].reason == "the GPTQ quantizer failed (exit 2): boom"
+    assert sft_report.judge(rows[-1], results["gptq-lora"], results).verdict == "FAIL"
 
 
 def test_only_a_row_brings_its_references_in_matrix_order():
@@ -168,12 +182,6 @@ def test_judge_fails_a_row_that_did_not_train_or_hid_its_plugin_or_lost_its_refe
     assert (orphan.verdict, orphan.reason) == ("FAIL", "no reference: full did not train")
     steps = sft_report.judge(_FAST, _trained(4.0, 3.0, 2.0, plugins={"Foak"}), results)
     assert (steps.verdict, steps.reason) == ("FAIL", "logged other steps than full")
-
-
-def test_a_refused_row_is_not_run_and_not_a_failure():
-    row = Row("g", (), gptq=True, check=Check("full", 0.01))
-    verdict = sft_report.judge(row, RunResult("refused", reason="r"), {})
-    assert (verdict.verdict, verdict.reason) == ("not run", sft_rows.GPTQ_REFUSAL)
 
 
 def test_table_as_markdown_and_csv():

@@ -1,5 +1,6 @@
 """What the client trains: a tiny random-init Llama with its tokenizer, a pre-tokenized JSONL
-dataset (the client's data format 1), and a GPTQ checkpoint of the model for the GPTQ rows."""
+dataset (the client's data format 1), a GPTQ checkpoint of the Llama for the GPTQ rows and a
+tiny Mixtral for the MoE rows."""
 
 from __future__ import annotations
 
@@ -55,6 +56,13 @@ def build_fixtures(folder: Path) -> tuple[Path, Path]:
     model = save_tiny_model(folder / "tiny-llama", "llama", vocab_size=VOCAB)
     data = write_jsonl(folder / "train.jsonl", dataset_rows())
     return model, data
+
+
+def save_moe_model(folder: Path) -> Path:
+    """Save a tiny random-init Mixtral (with its tokenizer) under `folder` for the MoE rows."""
+    from fms_acceleration.testing import save_tiny_model
+
+    return save_tiny_model(folder / "tiny-mixtral", "mixtral", vocab_size=VOCAB)
 
 
 def quantize_gptq(model: Path, data: Path, output: Path, log: Path) -> Path:

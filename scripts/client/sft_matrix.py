@@ -1,5 +1,6 @@
 """The client in CI: fms-hf-tuning's own entry point, `python -m tuning.sft_trainer`, trains a tiny
-Llama with every acceleration it documents that runs on a CPU, each in its own process.
+Llama (a tiny Mixtral for fast_moe) with every acceleration it documents that runs on a CPU, each
+in its own process.
 
     python scripts/client/sft_matrix.py --output DIR [--only ROW ...]
 
@@ -19,7 +20,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from sft_fixtures import build_fixtures, quantize_gptq
+from sft_fixtures import build_fixtures, quantize_gptq, save_moe_model
 from sft_report import csv_text, judge, markdown, table_rows
 from sft_rows import ROWS, STEPS, Row, rows_by_name
 from sft_runs import RunResult, run_row
@@ -93,25 +94,37 @@ def _interpret_triton_without_cuda() -> None:
             os.environ["TRITON_INTERPRET"] = "1"
 
 
-def run_matrix(rows: tuple[Row, ...], output: Path) -> dict[str, RunResult]:
-    """Build the fixtures (the GPTQ checkpoint when a row needs it), then run every row."""
-    model, data = build_fixtures(output / "fixtures")
-    gptq_model: Path | str = model
-    if any(r.gptq for r in rows):
+def base_models(rows: tuple[Row, ...], output: Path) -> tuple[dict[str, Path | str], Path]:
+    """({base: its model folder, or why it could not be made}, the dataset) for `rows`."""
+    fixtures = output / "fixtures"
+    model, data = build_fixtures(fixtures)
+    builders = {
+        "gptq": lambda: quantize_gptq(
+            model, data, fixtures / "tiny-llama-gptq", output / "gptq.log"
+        ),
+        "mixtral": lambda: save_moe_model(fixtures),
+    }
+    bases: dict[str, Path | str] = {"llama": model}
+    for base in sorted({r.base for r in rows} - set(bases)):
         try:
-            gptq_model = quantize_gptq(
-                model, data, output / "fixtures" / "tiny-llama-gptq", output / "gptq.log"
-            )
+            bases[base] = builders[base]()
         except RuntimeError as err:
-            gptq_model = str(err)
+            bases[base] = str(err)
+    return bases, data
+
+
+def run_matrix(rows: tuple[Row, ...], output: Path) -> dict[str, RunResult]:
+    """Build the models the rows train, then run every row; a row whose model could not be
+    made crashed, with the reason."""
+    bases, data = base_models(rows, output)
     results: dict[str, RunResult] = {}
     for row in rows:
-        if row.gptq and isinstance(gptq_model, str):
-            results[row.name] = RunResult("crashed", reason=gptq_model)
+        base = bases[row.base]
+        if isinstance(base, str):
+            results[row.name] = RunResult("crashed", reason=base)
         else:
-            base = gptq_model if row.gptq else model
             print(f"sft_matrix: {row.name} ...", flush=True)
-            results[row.name] = run_row(row, Path(base), data, output / "runs" / row.name, STEPS)
+            results[row.name] = run_row(row, base, data, output / "runs" / row.name, STEPS)
             print(f"sft_matrix: {row.name}: {results[row.name].outcome}", flush=True)
     return results
 

@@ -36,6 +36,11 @@ FAST_KERNELS = ("--fast_kernels", "True", "True", "True")
 PADDING_FREE = ("--padding_free", "huggingface")
 
 
+# the models a row can train (sft_fixtures builds them): the tiny Llama, its GPTQ checkpoint
+# made with our quantizer, and a tiny Mixtral for the MoE rows
+BASES = ("llama", "gptq", "mixtral")
+
+
 @dataclass(frozen=True)
 class Check:
     """How a row's losses must match those of the row named `against`.
@@ -58,8 +63,8 @@ class Row:
     plugins: frozenset[str] = frozenset()
     """the plugin classes the client must report active ("Active Plugin: <class>")"""
     check: Check | None = None
-    gptq: bool = False
-    """trains the GPTQ checkpoint the matrix quantizes with our quantizer (the model otherwise)"""
+    base: str = "llama"
+    """the model it trains: one of BASES"""
 
 
 # Tolerances (relative). The client logs losses to 4 decimals (1e-5 of a loss near 4.9); a
@@ -77,6 +82,7 @@ _GPTQ = "AutoGPTQAccelerationPlugin"
 _FOAK = "FastKernelsAccelerationPlugin"
 _PADDING_FREE = "PaddingFreeAccelerationPlugin"
 _MULTIPACK = "MultipackDataloaderAccelerationPlugin"
+_MOE = "ScatterMoEAccelerationPlugin"
 
 ROWS: tuple[Row, ...] = (
     Row("full", FP32),
@@ -120,7 +126,7 @@ ROWS: tuple[Row, ...] = (
         BF16 + LORA + ("--auto_gptq", "triton_v2"),
         frozenset({_GPTQ}),
         Check("lora-bf16", QUANTIZED, per_step=False),
-        gptq=True,
+        base="gptq",
     ),
     Row(
         "fused-lora-gptq",
@@ -130,17 +136,29 @@ ROWS: tuple[Row, ...] = (
         + FAST_KERNELS,
         frozenset({_GPTQ, _FOAK}),
         Check("gptq-lora", BF16_STEP),
-        gptq=True,
+        base="gptq",
+    ),
+    Row("moe-full", FP32, base="mixtral"),
+    # ScatterMoE on one process (ep_degree 1): grouped expert GEMMs in place of the expert loop
+    Row(
+        "fast-moe",
+        (*FP32, "--fast_moe", "1"),
+        frozenset({_MOE}),
+        Check("moe-full", FP32_STEP),
+        base="mixtral",
     ),
 )
 
 
 def rows_by_name(rows: tuple[Row, ...] = ROWS) -> dict[str, Row]:
-    """The rows by name; a duplicate name, or a check against a missing or later row, raises."""
+    """The rows by name; a duplicate name, an unknown base, or a check against a missing or later
+    row raises ValueError."""
     named: dict[str, Row] = {}
     for row in rows:
         if row.name in named:
             raise ValueError(f"row {row.name!r} is defined twice")
+        if row.base not in BASES:
+            raise ValueError(f"row {row.name!r}: base {row.base!r} is not one of {BASES}")
         if row.check is not None and row.check.against not in named:
             raise ValueError(
                 f"row {row.name!r} checks against {row.check.against!r}, which is not an "

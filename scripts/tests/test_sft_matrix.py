@@ -36,7 +36,7 @@ def _trained(*losses: float, plugins: frozenset[str] = frozenset()) -> RunResult
 
 def test_every_check_names_an_earlier_row_and_every_row_that_runs_trains_by_its_flags():
     named = sft_rows.rows_by_name()
-    assert len(named) == len(ROWS) == 12
+    assert len(named) == len(ROWS) == 14
     for row in ROWS:
         if row.check is not None:
             assert list(named).index(row.check.against) < list(named).index(row.name)
@@ -47,9 +47,11 @@ def test_every_check_names_an_earlier_row_and_every_row_that_runs_trains_by_its_
             assert "--peft_method" in row.flags and "--bf16" in row.flags, row.name
     # the accelerations the client documents for a CPU, each in a row
     flags = {f for row in ROWS for f in row.flags}
-    for flag in ("--padding_free", "--multipack", "--fast_kernels", "--bnb_qlora", "--auto_gptq"):
+    documented = ("--padding_free", "--multipack", "--fast_kernels", "--bnb_qlora", "--auto_gptq")
+    for flag in (*documented, "--fused_lora", "--fast_moe"):
         assert flag in flags
-    assert [r.name for r in ROWS if r.gptq] == ["gptq-lora", "fused-lora-gptq"]
+    assert [r.name for r in ROWS if r.base == "gptq"] == ["gptq-lora", "fused-lora-gptq"]
+    assert [r.name for r in ROWS if r.base == "mixtral"] == ["moe-full", "fast-moe"]
 
 
 def test_rows_by_name_refuses_duplicates_and_checks_against_later_rows():
@@ -57,6 +59,8 @@ def test_rows_by_name_refuses_duplicates_and_checks_against_later_rows():
         sft_rows.rows_by_name((Row("a", ()), Row("a", ())))
     with pytest.raises(ValueError, match="row 'b' checks against 'c', which is not an earlier"):
         sft_rows.rows_by_name((Row("b", (), check=Check("c", 0.01)), Row("c", ())))
+    with pytest.raises(ValueError, match="row 'm': base 'gpt2' is not one of"):
+        sft_rows.rows_by_name((Row("m", (), base="gpt2"),))
 
 
 def test_a_failed_quantization_crashes_the_gptq_rows_only(monkeypatch, tmp_path):
@@ -72,13 +76,21 @@ def test_a_failed_quantization_crashes_the_gptq_rows_only(monkeypatch, tmp_path)
     fixtures = (tmp_path / "tiny-llama", tmp_path / "train.jsonl")
     monkeypatch.setattr(sft_matrix, "build_fixtures", lambda folder: fixtures)
     monkeypatch.setattr(sft_matrix, "quantize_gptq", quantize_fails)
+    monkeypatch.setattr(sft_matrix, "save_moe_model", lambda folder: folder / "tiny-mixtral")
     monkeypatch.setattr(sft_matrix, "run_row", run_row)
-    rows = sft_matrix.selected_rows(["fast-kernels", "gptq-lora"])
+    rows = sft_matrix.selected_rows(["fast-kernels", "gptq-lora", "fast-moe"])
     results = sft_matrix.run_matrix(rows, tmp_path)
-    assert ran == [(n, "tiny-llama", STEPS) for n in ("full", "fast-kernels", "lora-bf16")]
+    assert ran == [
+        ("full", "tiny-llama", STEPS),
+        ("fast-kernels", "tiny-llama", STEPS),
+        ("lora-bf16", "tiny-llama", STEPS),
+        ("moe-full", "tiny-mixtral", STEPS),
+        ("fast-moe", "tiny-mixtral", STEPS),
+    ]
     assert results["gptq-lora"].outcome == "crashed"
     assert results["gptq-lora"].reason == "the GPTQ quantizer failed (exit 2): boom"
-    assert sft_report.judge(rows[-1], results["gptq-lora"], results).verdict == "FAIL"
+    gptq_row = sft_rows.rows_by_name()["gptq-lora"]
+    assert sft_report.judge(gptq_row, results["gptq-lora"], results).verdict == "FAIL"
 
 
 def test_only_a_row_brings_its_references_in_matrix_order():

@@ -2,11 +2,12 @@
 Llama (a tiny Mixtral for fast_moe) with every acceleration it documents that runs on a CPU, each
 in its own process.
 
-    python scripts/client/sft_matrix.py --output DIR [--only ROW ...]
+    python scripts/client/sft_matrix.py --output DIR [--only ROW ...] [--table PREFIX]
 
-Writes DIR/sft_matrix.md and DIR/sft_matrix.csv (acceleration x trained/refused/crashed,
-first/last loss, ratio to the reference run) and each run's log under DIR/runs/<row>/; exits 1
-when a row that should train does not, or its losses do not match its reference run's.
+Writes the table (acceleration x trained/refused/crashed, first/last loss, ratio to the reference
+run) to DIR/sft_matrix.{md,csv} and, with --table, to PREFIX.{md,csv}; each run's log goes under
+DIR/runs/<row>/. Exits 1 when a row that should train does not, or its losses do not match its
+reference run's.
 Run it through `tox -e client`, which installs the client beside our packages.
 """
 
@@ -69,19 +70,33 @@ def _version(distribution: str) -> str:
         return "absent"
 
 
-def header() -> str:
-    """Date, machine and package versions, for the top of the markdown table."""
+def run_context() -> dict[str, str]:
+    """Date, device and versions of this run (CONTEXT_COLUMNS): each CSV row's last columns."""
     try:
         cpu_flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         cpu_flags = ""
     avx = " ".join(f for f in ("avx512f", "avx512_bf16") if f" {f}" in cpu_flags) or "neither"
     versions = ", ".join(f"{d} {_version(d)}" for d in VERSIONS_OF)
+    return {
+        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores, AVX-512 flags: {avx}",
+        "versions": f"python {platform.python_version()}, {versions}",
+    }
+
+
+def header(context: dict[str, str]) -> str:
+    """The markdown table's title, run context and how rows are compared."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"# fms-hf-tuning's sft_trainer over our plugins\n\n"
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU "
-        f"(AVX-512 flags: {avx}), Python {platform.python_version()}, "
-        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}\n\n{versions}\n\n"
+        "# fms-hf-tuning's sft_trainer over our plugins\n\n"
+        f"- date: {context['date']}\n"
+        f"- device: {context['device']}; 1-minute load {load:.1f} at the end; "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}\n"
+        f"- {context['versions']}\n"
+        f"- {STEPS} optimizer steps per run, `python -m tuning.sft_trainer` in its own process; "
+        "max deviation: the largest relative difference of a loss from the reference row's "
+        "(every step, or the first and last loss only), failing above the tolerance\n\n"
     )
 
 
@@ -133,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, required=True, help="a new or empty folder")
     parser.add_argument("--only", nargs="+", help="these rows (and their references) only")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        help="also write the table to TABLE.md and TABLE.csv (e.g. "
+        "scripts/benchmarks/refs/client_sft_matrix_cpu)",
+    )
     args = parser.parse_args(argv)
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         parser.error(f"--output {args.output}: exists and is not an empty folder")
@@ -144,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         verdicts[row.name] = judge(row, results[row.name], results)
     table = table_rows(rows, results, verdicts)
-    text = header() + markdown(table)
-    (args.output / "sft_matrix.md").write_text(text, encoding="utf-8")
-    (args.output / "sft_matrix.csv").write_text(csv_text(table), encoding="utf-8")
+    context = run_context()
+    text = header(context) + markdown(table)
+    for prefix in (args.output / "sft_matrix", *([args.table] if args.table else [])):
+        prefix.with_suffix(".md").write_text(text, encoding="utf-8")
+        prefix.with_suffix(".csv").write_text(csv_text(table, context), encoding="utf-8")
     print(text)
     failed = [name for name, v in verdicts.items() if v.verdict == "FAIL"]
     if failed:

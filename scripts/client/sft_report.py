@@ -24,6 +24,9 @@ COLUMNS = (
     "reason",
 )
 
+# what each CSV row also carries, so a row read alone says when, where and on what it ran
+CONTEXT_COLUMNS = ("date", "device", "versions")
+
 
 @dataclass
 class Verdict:
@@ -113,10 +116,10 @@ def markdown(table: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_text(table: list[dict[str, str]]) -> str:
-    """`table` as CSV with a header row."""
+def csv_text(table: list[dict[str, str]], context: dict[str, str]) -> str:
+    """`table` as CSV with a header row, each row followed by the run's CONTEXT_COLUMNS."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=COLUMNS + CONTEXT_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(table)
+    writer.writerows({**entry, **{c: context[c] for c in CONTEXT_COLUMNS}} for entry in table)
     return out.getvalue()

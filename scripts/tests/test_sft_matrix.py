@@ -223,9 +223,12 @@ def test_table_as_markdown_and_csv():
     assert len(lines) == 4
     assert lines[0].count("|") == len(sft_report.COLUMNS) + 1
     assert lines[2].endswith(" | a \\| b |")
-    parsed = list(csv.DictReader(io.StringIO(sft_report.csv_text(table))))
+    context = {"date": "2026-12-07 00:00 UTC", "device": "cpu: x86_64, 2 cores", "versions": "v"}
+    parsed = list(csv.DictReader(io.StringIO(sft_report.csv_text(table, context))))
     assert [p["acceleration"] for p in parsed] == ["full", "fast"]
     assert parsed[0]["reason"] == "a | b"
+    assert [p["device"] for p in parsed] == ["cpu: x86_64, 2 cores"] * 2
+    assert list(parsed[1]) == [*sft_report.COLUMNS, "date", "device", "versions"]
 
 
 # --- fixtures ---------------------------------------------------------------------------------

@@ -153,6 +153,53 @@ def test_a_forward_routed_around_stops_the_run_with_the_patch_named(tiny_llama_d
     framework.undo_patches()
 
 
+def test_accelerates_mixed_precision_wrapper_keeps_a_root_forward_in_effect(tiny_llama_dir):
+    """Full fine-tuning in mixed precision: accelerate wraps the model's own forward (where a
+    loss patch sits) in autocast and convert_outputs_to_fp32; both call ours, so it holds."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    class CountRoot(CountNorms):
+        def augmentation(self, model, train_args, modifiable_args):
+            plugin = self
+            plugin.calls = 0
+
+            def build(module):
+                def forward(self, *args, **kwargs):
+                    plugin.calls += 1
+                    return type(self).forward(self, *args, **kwargs)
+
+                return forward
+
+            self.model_patcher.register(
+                ModelPatcherRule(
+                    rule_id="count-root",
+                    trigger=ModelPatcherTrigger(check=lambda m: m is model),
+                    forward_builder=build,
+                )
+            )
+            return model, modifiable_args
+
+    model = _load(tiny_llama_dir)
+    framework = _framework(CountRoot, "count_root")
+    model, _ = framework.augmentation(model, None, (None,))
+    framework.get_callbacks_and_ready_for_train(model)
+    try:
+        wrapped = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+    finally:
+        # the accelerator's state is process-wide: later tests choose their own precision
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "convert_outputs_to_fp32" in wrapped.forward.__qualname__
+    _forward(wrapped)
+    assert framework.plugins["CountRoot"].calls == 1
+    framework.check_patches(trained=True)  # no PatchNotInEffectError
+    # a forward replaced outright is still caught
+    model.forward = types.MethodType(type(model).forward, model)
+    with pytest.raises(PatchNotInEffectError, match="patch 'count-root' on <root>"):
+        framework.check_patches(trained=True)
+    framework.undo_patches()
+
+
 def test_strict_false_warns_once_and_the_summary_says_not_applied(tiny_llama_dir):
     model = _load(tiny_llama_dir)
     framework = _framework(CountNorms, "count_norms", strict=False)

@@ -184,10 +184,11 @@ def test_accelerates_mixed_precision_wrapper_keeps_a_root_forward_in_effect(tiny
     framework = _framework(CountRoot, "count_root")
     model, _ = framework.augmentation(model, None, (None,))
     framework.get_callbacks_and_ready_for_train(model)
+    # the accelerator's state is process-wide: this test and later ones choose their precision
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         wrapped = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
     finally:
-        # the accelerator's state is process-wide: later tests choose their own precision
         AcceleratorState._reset_state(reset_partial_state=True)
     assert "convert_outputs_to_fp32" in wrapped.forward.__qualname__
     _forward(wrapped)

@@ -4,6 +4,6 @@ import sys
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent.parent
-for folder in (SCRIPTS, SCRIPTS / "benchmarks"):
+for folder in (SCRIPTS, SCRIPTS / "benchmarks", SCRIPTS / "client"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))

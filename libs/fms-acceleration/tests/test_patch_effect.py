@@ -153,35 +153,50 @@ def test_a_forward_routed_around_stops_the_run_with_the_patch_named(tiny_llama_d
     framework.undo_patches()
 
 
-def test_a_forward_wrapped_around_ours_is_still_ours(tiny_llama_dir):
-    """accelerate under mixed precision wraps a prepared forward (autocast, then an fp32
-    conversion, each with __wrapped__): the patched forward still runs inside; replacing the
-    wrapped function is still caught."""
-    import functools
-    from types import MethodType
+def test_accelerates_mixed_precision_wrapper_keeps_a_root_forward_in_effect(tiny_llama_dir):
+    """Full fine-tuning in mixed precision: accelerate wraps the model's own forward (where a
+    loss patch sits) in autocast and convert_outputs_to_fp32; both call ours, so it holds."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    class CountRoot(CountNorms):
+        def augmentation(self, model, train_args, modifiable_args):
+            plugin = self
+            plugin.calls = 0
+
+            def build(module):
+                def forward(self, *args, **kwargs):
+                    plugin.calls += 1
+                    return type(self).forward(self, *args, **kwargs)
+
+                return forward
+
+            self.model_patcher.register(
+                ModelPatcherRule(
+                    rule_id="count-root",
+                    trigger=ModelPatcherTrigger(check=lambda m: m is model),
+                    forward_builder=build,
+                )
+            )
+            return model, modifiable_args
 
     model = _load(tiny_llama_dir)
-    framework = _framework(CountNorms, "count_norms")
+    framework = _framework(CountRoot, "count_root")
     model, _ = framework.augmentation(model, None, (None,))
     framework.get_callbacks_and_ready_for_train(model)
-    norm = model.model.norm
-    ours = norm.forward
-
-    def wrap(function):
-        @functools.wraps(function)
-        def wrapper(*args, **kwargs):
-            return function(*args, **kwargs)
-
-        return wrapper
-
-    norm.forward = MethodType(wrap(wrap(ours.__func__)), norm)
-    framework.check_patches(trained=True)  # no error
-    hidden = torch.randn(2, 3, norm.weight.shape[0])
-    norm(hidden)
-    (plugin,) = framework.plugins.values()
-    assert plugin.calls == 1
-    norm.forward = MethodType(wrap(type(norm).forward), norm)
-    with pytest.raises(PatchNotInEffectError, match="its forward was replaced"):
+    # the accelerator's state is process-wide: this test and later ones choose their precision
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        wrapped = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "convert_outputs_to_fp32" in wrapped.forward.__qualname__
+    _forward(wrapped)
+    assert framework.plugins["CountRoot"].calls == 1
+    framework.check_patches(trained=True)  # no PatchNotInEffectError
+    # a forward replaced outright is still caught
+    model.forward = types.MethodType(type(model).forward, model)
+    with pytest.raises(PatchNotInEffectError, match="patch 'count-root' on <root>"):
         framework.check_patches(trained=True)
     framework.undo_patches()
 

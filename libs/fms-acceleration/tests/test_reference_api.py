@@ -7,7 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fms_acceleration import AccelerationPluginConfigError, NoPluginsConfiguredError, PatchError
+from fms_acceleration import (
+    AccelerationPluginConfigError,
+    NoPluginsConfiguredError,
+    PatchError,
+)
 from fms_acceleration.accelerator_patcher import (
     AcceleratorPatcher,
     AcceleratorPatcherComponent,
@@ -19,6 +23,7 @@ from fms_acceleration.constants import (
     PLUGIN_PREFIX,
     PLUGINS,
 )
+from fms_acceleration.errors import PluginCombinationError
 from fms_acceleration.framework import KEY_PLUGINS as FRAMEWORK_KEY_PLUGINS
 from fms_acceleration.framework import AccelerationFramework
 from fms_acceleration.framework_plugin import (
@@ -244,6 +249,31 @@ def test_reference_style_plugin_runs_through_a_real_trainer(tmp_path, tiny_llama
     with instantiate_model_patcher() as patcher:
         ModelPatcher.register(framework.model_patcher.rules["reference-style-norm"])
     assert list(patcher.rules) == ["reference-style-norm"]
+
+
+def test_a_spy_of_a_loader_meets_a_requirement_on_that_loader(fakes):
+    """fms-hf-tuning's foak test spies on AutoGPTQ beside fused_lora, which requires the
+    auto_gptq loader: the spy (registered under its own name) stands in for its parent."""
+    spy = type("LoaderSpy", (fakes.FakeLoader,), {})
+    AccelerationPlugin.register_plugin(
+        spy, configuration_and_paths=["peft.quantization.fake_loader"]
+    )
+    config = {
+        "plugins": {
+            "peft": {"quantization": {"fake_loader": {}}},
+            "training": {"fake_kernels": {"fused_lora": True}},
+        }
+    }
+    framework = AccelerationFramework(config, plugin_classes=[spy, fakes.FakeKernels])
+    assert [name for name, _ in framework.active_plugins] == ["LoaderSpy", "FakeKernels"]
+    assert framework.plugins["LoaderSpy"].is_one_of(["fake_loader"])
+    assert not framework.plugins["fake_kernels"].is_one_of(["fake_loader", "other_loader"])
+    # a loader that does not extend it still leaves the requirement unmet, named
+    plain = type("PlainLoader", (AccelerationPlugin,), {"requires_custom_loading": True})
+    AccelerationPlugin.register_plugin(plain, configuration_and_paths=["peft.quantization.plain"])
+    config["plugins"]["peft"]["quantization"] = {"plain": {}}
+    with pytest.raises(PluginCombinationError, match="is taken by 'PlainLoader'"):
+        AccelerationFramework(config, plugin_classes=[plain, fakes.FakeKernels])
 
 
 def test_a_schema_less_subclass_keeps_its_parents_validation_and_defaults(fakes):

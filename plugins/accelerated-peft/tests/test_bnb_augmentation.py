@@ -103,3 +103,35 @@ def test_trainer_run_through_the_framework_lowers_the_loss(
     assert sum(b < a for a, b in itertools.pairwise(losses)) >= 9, losses
     changed = {n for n, p in model.named_parameters() if not torch.equal(_raw(p), before[n])}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_a_trainable_lm_head_copy_keeps_the_compute_dtype(tiny_llama_dir):
+    """fms-hf-tuning's QLoRA with `--modules_to_save lm_head` in its default bf16, no autocast:
+    the copy of the head peft trains must take bf16 hidden states (a float32 copy once failed
+    the first forward with `expected m1 and m2 to have the same dtype`)."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+        task_type="CAUSAL_LM",
+    )
+    framework = _framework()
+    # the keywords the client passes its loader
+    model = framework.model_loader(
+        tiny_llama_dir, use_cache=False, torch_dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    model, _ = framework.augmentation(model, None, (lora,))
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    heads = [n for n in trained if "modules_to_save" in n]
+    assert len(heads) == 1 and trained[heads[0]] == torch.bfloat16
+    torch.manual_seed(0)
+    ids = torch.randint(4, 128, (2, 12))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    # a random tiny model: about ln(128) = 4.85
+    assert loss.dtype == torch.float32 and 4.0 < loss.item() < 5.7
+    grads = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    assert len(grads) == len(trained) == 1 + 2 * 2 * 2  # the head, A and B of q and v per layer

@@ -75,7 +75,7 @@ def check_requirements(
                     f"plugin '{plugin.plugin_id}' requires {requirement.describe()}, but no "
                     f"active plugin takes the slot '{requirement.slot}'."
                 )
-            if requirement.providers and owner.plugin_id not in requirement.providers:
+            if requirement.providers and not owner.is_one_of(requirement.providers):
                 raise PluginCombinationError(
                     f"plugin '{plugin.plugin_id}' requires {requirement.describe()}, but the slot "
                     f"'{requirement.slot}' is taken by '{owner.plugin_id}'."

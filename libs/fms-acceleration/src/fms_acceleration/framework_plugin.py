@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -352,6 +352,13 @@ class AccelerationPlugin:
     def requirements(self) -> Sequence[Requirement]:
         """What this plugin needs other active plugins to provide."""
         return ()
+
+    def is_one_of(self, plugin_ids: Collection[str]) -> bool:
+        """Whether this plugin is one of `plugin_ids`: by its own id or by that of a registered
+        class it extends (fms-hf-tuning's tests register spy subclasses under their own names)."""
+        lineage = (registration_of(c) for c in type(self).__mro__[1:])
+        ids = {self.plugin_id} | {r.plugin_id for r in lineage if r is not None}
+        return not ids.isdisjoint(plugin_ids)
 
     def model_loader(self, model_name: str, **kwargs: Any) -> Any:
         """Load the model; only called on a plugin that takes the model_loader slot."""

@@ -79,8 +79,8 @@ class PatchRecord:
             return None  # undone
         top = layers[-1]()
         now = current_value(self._owner, self._name)
-        if top is None or _leads_to(now, top._installed):
-            return None  # ours (maybe wrapped), or a later framework's layer on top of ours
+        if top is None or _wraps(now, top._installed):
+            return None  # ours, a wrapper that calls ours, or a later framework's layer
         where = "its forward" if self.kind == "forward" else f"'{self._name}'"
         return f"{where} was replaced after patching (now {_describe(now)})"
 
@@ -95,17 +95,21 @@ class PatchRecord:
         }
 
 
-def _leads_to(value: Any, installed: Any) -> bool:
-    """Whether `value` is `installed`, or wraps it (functools.wraps' `__wrapped__`): accelerate
-    under mixed precision wraps a prepared model's forward in autocast and an fp32 conversion,
-    and the patched forward still runs inside."""
-    goal = getattr(installed, "__func__", installed)
-    for _ in range(8):  # wrappers of wrappers; a cycle ends here
-        if value is installed or getattr(value, "__func__", value) is goal:
-            return True
-        value = getattr(getattr(value, "__func__", value), "__wrapped__", None)
+# deeper than any wrapper stack a library puts on a forward (accelerate's is three)
+_MAX_WRAPPERS = 16
+
+
+def _wraps(value: Any, installed: Any) -> bool:
+    """Whether `value` is `installed` or a declared wrapper of it (functools.wraps' __wrapped__,
+    a bound method's __func__): accelerate's mixed precision wraps a model's forward in autocast
+    and convert_outputs_to_fp32, which still call ours."""
+    targets = {id(installed), id(getattr(installed, "__func__", installed))}
+    for _ in range(_MAX_WRAPPERS):
         if value is None:
             return False
+        if id(value) in targets:
+            return True
+        value = getattr(value, "__wrapped__", None) or getattr(value, "__func__", None)
     return False
 
 

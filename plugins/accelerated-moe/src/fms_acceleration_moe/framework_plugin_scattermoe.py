@@ -49,16 +49,23 @@ class ScatterMoEOptions(StanzaModel):
     with ep_degree 1"""
 
 
+class EPDegreeError(AccelerationPluginConfigError, AssertionError):
+    """ep_degree does not divide the world size or the experts (an AssertionError in the
+    reference, which fms-hf-tuning's tests expect, so it is one here too)."""
+
+
 def check_ep_degree(ep_degree: int, world_size: int, experts: int | None = None) -> None:
     """Refuse an expert-parallel degree that does not divide the world size (or the experts)."""
     if world_size % ep_degree:
-        raise AccelerationPluginConfigError(
-            f"{STANZA}.ep_degree: {ep_degree} does not divide the world size {world_size}; "
-            "the processes are split into groups of ep_degree that each hold all experts. Use a "
-            f"divisor of {world_size}."
+        # the parenthesis is the reference's wording, which fms-hf-tuning's tests match
+        raise EPDegreeError(
+            f"{STANZA}.ep_degree: {ep_degree} does not divide the world size {world_size} "
+            f"(world size ({world_size}) not divisible by ep_size ({ep_degree})); the processes "
+            "are split into groups of ep_degree that each hold all experts. Use a divisor of "
+            f"{world_size}."
         )
     if experts is not None and experts % ep_degree:
-        raise AccelerationPluginConfigError(
+        raise EPDegreeError(
             f"{STANZA}.ep_degree: {ep_degree} does not divide the model's {experts} experts; "
             f"each process holds experts / ep_degree of them. Use a divisor of {experts}."
         )

@@ -33,6 +33,11 @@ class QuantizedLoraPlugin(AccelerationPlugin):
         return True
 
 
+class MissingLoraConfigError(AccelerationPluginConfigError, AssertionError):
+    """No LoRA config to apply (an AssertionError in the reference, which fms-hf-tuning's tests
+    expect, so it is one here too)."""
+
+
 def wrap_with_lora(
     model: Any,
     train_args: Any,
@@ -49,9 +54,10 @@ def wrap_with_lora(
     peft_config = modifiable_args[0] if modifiable_args else None
     if not isinstance(peft_config, LoraConfig):
         got = "nothing" if peft_config is None else type(peft_config).__name__
-        raise AccelerationPluginConfigError(
-            f"plugins.{stanza}: augmentation needs a peft LoraConfig as modifiable_args[0], "
-            f"got {got}{hint}"
+        # "need peft_config ..." is the reference's wording, which fms-hf-tuning's tests match
+        raise MissingLoraConfigError(
+            f"plugins.{stanza}: need peft_config to install PEFT adapters: augmentation needs a "
+            f"peft LoraConfig as modifiable_args[0], got {got}{hint}"
         )
     gradient_checkpointing, gc_kwargs = checkpointing_from_train_args(train_args)
     model = prepare_for_kbit_training(model, gradient_checkpointing, gc_kwargs)

@@ -23,7 +23,7 @@ from fms_acceleration.constants import (
     PLUGIN_PREFIX,
     PLUGINS,
 )
-from fms_acceleration.errors import PluginCombinationError
+from fms_acceleration.errors import PluginCombinationError, PluginRegistrationError
 from fms_acceleration.framework import KEY_PLUGINS as FRAMEWORK_KEY_PLUGINS
 from fms_acceleration.framework import AccelerationFramework
 from fms_acceleration.framework_plugin import (
@@ -318,3 +318,21 @@ def test_a_framework_kept_from_an_earlier_block_reports_the_newest_block():
     with instantiate_framework({"training": {"b": {}}}):
         assert direct.requires_augmentation
         assert [name for name, _ in direct.active_plugins] == ["Augmenting"]
+
+
+def test_the_block_helper_records_a_non_plugin_as_the_reference_did_but_builds_nothing_on_it():
+    """fms-hf-tuning's test registers a config object to reach its own `--fused_lora` check:
+    the reference recorded it; a framework over it is still refused, naming it."""
+    config = {"fused_lora": True}
+    with build_framework_and_maybe_instantiate(
+        [(["training.fused_ops_and_kernels"], config)], instantiate=False
+    ) as nothing:
+        assert nothing is None
+    with (
+        pytest.raises(PluginRegistrationError) as info,
+        build_framework_and_maybe_instantiate(
+            [(["training.fused_ops_and_kernels"], config)], {"training": {}}
+        ),
+    ):
+        pass
+    assert "{'fused_lora': True} at ['training.fused_ops_and_kernels']" in str(info.value)

@@ -17,6 +17,7 @@ import torch
 
 from ..accelerator_patcher import AcceleratorPatcher
 from ..constants import KEY_PLUGINS
+from ..errors import PluginRegistrationError
 from ..framework import AccelerationFramework
 from ..framework_plugin import AccelerationPlugin, isolated_registrations
 from ..model_patcher import ModelPatcher
@@ -126,17 +127,28 @@ def build_framework_and_maybe_instantiate(
     """
     scope = isolated_registrations() if reset_registrations else nullcontext()
     with scope:
+        not_plugins = []
         for entry in plugins_to_be_registered:
             if len(entry) == 2:
                 (and_paths, plugin), or_paths = entry, None
             else:
                 and_paths, or_paths, plugin = entry
+            if not (isinstance(plugin, type) and issubclass(plugin, AccelerationPlugin)):
+                # the reference recorded anything here (a client's test registers a config
+                # object to reach its own argument check); a framework over it is refused below
+                not_plugins.append(f"{plugin!r} at {list(and_paths) or list(or_paths or [])}")
+                continue
             AccelerationPlugin.register_plugin(
                 plugin, configuration_and_paths=and_paths, configuration_or_paths=or_paths
             )
         if not instantiate:
             yield None
             return
+        if not_plugins:
+            raise PluginRegistrationError(
+                "build_framework_and_maybe_instantiate: not AccelerationPlugin subclasses, so no "
+                f"framework can be built over them: {'; '.join(not_plugins)}"
+            )
         framework = _ReferenceViewFramework(
             {KEY_PLUGINS: dict(configuration_contents or {})}, require_packages_check
         )

@@ -27,6 +27,20 @@ def _run_in_a_fresh_directory(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _environment_variables_stay_in_the_test():
+    """A test leaves the environment as it found it: transformers 4.55's TrainingArguments(bf16=
+    True) sets ACCELERATE_MIXED_PRECISION in os.environ, and every later Accelerator of that
+    worker would then train in bf16."""
+    before = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
 def _one_multiprocess_test_at_a_time(request):
     """Serialize the multi-process (torchrun, gloo) tests across xdist workers: two such jobs
     at once on a 2-core machine starve each other into collective timeouts."""

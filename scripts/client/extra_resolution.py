@@ -150,7 +150,11 @@ def resolve(requirements: list[str], wheels: Path, report: Path, constrained: bo
     env = dict(os.environ)
     if not constrained:
         env.pop("PIP_CONSTRAINT", None)
-    args = ["install", "--dry-run", "--ignore-installed", "-q", "--report", str(report)]
+    # fast-deps reads each wheel's METADATA with HTTP range requests: the registry serves no
+    # PEP 658 metadata, and without it pip downloads every wheel it considers (torch<2.9 pulls
+    # 3.5 GB of CUDA wheels, which a flaky connection failed in CI)
+    args = ["install", "--dry-run", "--ignore-installed", "--use-feature=fast-deps", "-q"]
+    args += ["--report", str(report)]
     done = _pip(*args, "--find-links", str(wheels), *requirements, env=env)
     if done.returncode != 0:
         raise _fail(f"resolving {' '.join(requirements)}", done)

@@ -89,6 +89,24 @@ def fused_moe_experts() -> bool:
     return transformers_version() >= _FUSED_EXPERTS_SINCE
 
 
+def is_silu(act: object) -> bool:
+    """Whether an activation module is SiLU: torch.nn.SiLU (transformers' ACT2FN['silu']) or the
+    SiLUActivation of older transformers."""
+    import torch
+
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def default_experts_gate() -> Callable[..., Any] | None:
+    """transformers' default gating of fused MoE experts, act_fn(gate) * up (the `_apply_gate`
+    it gives an experts class that defines none), or None on a release without one."""
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        return None
+    return getattr(moe, "_default_apply_gate", None)
+
+
 def is_hub_kernel_layer(module: Any) -> bool:
     """Whether the module's class is decorated for the kernels hub (transformers 5.2x with the
     `kernels` package): `kernelize` resets the forward of such a module's instances."""

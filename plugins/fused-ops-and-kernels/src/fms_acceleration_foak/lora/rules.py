@@ -9,8 +9,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from fms_acceleration import AccelerationPluginConfigError, ModelPatcherRule, ModelPatcherTrigger
+from fms_acceleration.compat import is_silu
 
-from ..models.architectures import ARCHITECTURES, is_silu
+from ..models.architectures import ARCHITECTURES
 from .base_layers import BASE_LAYER_KINDS, base_layer_kind, missing_provider_reason
 from .forwards import FusedProjectionGroup, fused_linear_forward, fused_mlp_forward
 from .peft_layers import LoRAProjectionSource, active_adapter, lora_skip_reason

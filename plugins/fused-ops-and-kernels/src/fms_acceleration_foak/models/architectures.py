@@ -163,8 +163,3 @@ def arch_spec_for(model: torch.nn.Module) -> ArchSpec:
             f"{model_type!r}) is not supported; supported: {supported}."
         )
     return spec
-
-
-def is_silu(act: object) -> bool:
-    """Whether an MLP's act_fn is SiLU (transformers' ACT2FN['silu'] or torch.nn.SiLU)."""
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"

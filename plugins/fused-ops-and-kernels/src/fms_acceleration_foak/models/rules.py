@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 
 from fms_acceleration import ModelPatcherRule, ModelPatcherTrigger
-from fms_acceleration.compat import transformers_version
+from fms_acceleration.compat import is_silu, transformers_version
 
 from ..kernels import rms_norm, rope, swiglu, swiglu_packed
-from .architectures import ArchSpec, is_silu, unwrap_model
+from .architectures import ArchSpec, unwrap_model
 from .loss import (
     build_deferrable_lm_head,
     build_fast_loss_forward,

@@ -13,6 +13,7 @@ from fms_acceleration_moe.kernels import (
     gated,
     group_by_expert,
     grouped_linear,
+    swiglu,
 )
 from fms_acceleration_moe.kernels.grouped_gemm_triton import tile_table
 
@@ -93,18 +94,36 @@ def test_grouped_linear_forward_and_backward(name, gather, scatter, seed):
     assert got[1][1].abs().max() == 0  # the expert without rows has no gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,inter", [(1, 3), (37, 40), (515, 1536)])
+def test_swiglu_matches_autograd_gating(rows, inter, dtype, seed):
+    # a column slice of a wider tensor: the packed input need not be contiguous
+    wide = torch.randn(rows, 2 * inter + 5).to(dtype)
+    packed = wide[:, 3 : 3 + 2 * inter]
+    leaves = [packed.clone().requires_grad_(True), packed.clone().requires_grad_(True)]
+    got, want = swiglu(leaves[0]), SILU_GATE(leaves[1])
+    assert got.shape == (rows, inter)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)  # the same operations
+    grad = torch.randn(rows, inter).to(dtype)
+    (d_got,) = torch.autograd.grad(got, leaves[0], grad)
+    (d_want,) = torch.autograd.grad(want, leaves[1], grad)
+    assert d_got.abs().max() > 0
+    torch.testing.assert_close(d_got, d_want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("gate", [SILU_GATE, swiglu], ids=["autograd-gate", "swiglu"])
 @pytest.mark.parametrize(
     "tokens,experts,top_k",
     [(1, 4, 1), (37, 4, 1), (37, 6, 2), (53, 9, 8)],
     ids=["one-token-top1", "top1", "top2", "top8"],
 )
-def test_experts_mlp_matches_token_by_token_reference(name, tokens, experts, top_k, seed):
+def test_experts_mlp_matches_token_by_token_reference(name, gate, tokens, experts, top_k, seed):
     hidden, inter = 48, 40
     x, gate_up, down, index, weights = _inputs(tokens, hidden, inter, experts, top_k, torch.float32)
     leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     with backend(name):
-        out = experts_mlp(leaves[0], index, leaves[3], leaves[1], leaves[2], SILU_GATE)
+        out = experts_mlp(leaves[0], index, leaves[3], leaves[1], leaves[2], gate)
     ref_leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     expected = naive_moe(ref_leaves[0], index, ref_leaves[3], ref_leaves[1], ref_leaves[2])
     torch.testing.assert_close(out, expected, **TOL[torch.float32])

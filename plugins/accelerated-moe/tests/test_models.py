@@ -12,6 +12,7 @@ from fms_acceleration import compat
 from fms_acceleration.testing import build_framework
 from fms_acceleration_moe import ScatterMoEAccelerationPlugin
 from fms_acceleration_moe.kernels import backend
+from fms_acceleration_moe.kernels.gating import SwiGLU
 from fms_acceleration_moe.models import ARCHITECTURES
 
 ARCHS = (
@@ -94,6 +95,24 @@ def test_routing_variants(arch, overrides, make_moe, seed):
     model, _ = accelerate(model)
     ids = torch.randint(4, 96, (2, 9))
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act,swiglu_calls", [("silu", 2), ("gelu", 0)])
+def test_silu_gating_runs_the_swiglu_function_and_other_activations_their_own(
+    act, swiglu_calls, make_moe, seed, monkeypatch
+):
+    model = make_moe("mixtral", seed=seed, hidden_act=act)
+    reference = copy.deepcopy(model)
+    model, _ = accelerate(model)
+    calls = []
+    forward = SwiGLU.forward
+    monkeypatch.setattr(
+        SwiGLU, "forward", staticmethod(lambda ctx, x: calls.append(1) or forward(ctx, x))
+    )
+    ids = torch.randint(4, 96, (2, 11))
+    logits = model(ids).logits
+    assert len(calls) == swiglu_calls  # one per layer
+    torch.testing.assert_close(logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_model_within_bf16_tolerance(make_moe, seed):

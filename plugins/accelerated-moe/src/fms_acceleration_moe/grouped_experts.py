@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from .kernels import ExpertLoRA, experts_mlp, gated
+from fms_acceleration import compat
+
+from .kernels import ExpertLoRA, experts_mlp, gated, swiglu
 from .peft_adapters import per_expert_loras
 
 GATE_UP = "gate_up_proj"
@@ -125,6 +127,8 @@ class GroupedExperts(torch.nn.Module):
 
     def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
         """act_fn(gate) * up of the packed up projection (transformers 5's experts hook)."""
+        if compat.is_silu(self.act_fn):
+            return swiglu(gate_up_out)
         return gated(self.act_fn)(gate_up_out)
 
     def expert_loras(self) -> tuple[list[ExpertLoRA], list[ExpertLoRA]]:

@@ -4,7 +4,8 @@ Nothing here imports the framework: the kernels can be used and tested on their 
 """
 
 from .dispatch import backend, use_triton
-from .experts_mlp import ExpertLoRA, GateFn, combine, expert_rows, experts_mlp, gated
+from .experts_mlp import ExpertLoRA, combine, expert_rows, experts_mlp
+from .gating import GateFn, gated, swiglu
 from .grouped_gemm import grouped_linear
 from .routing import ExpertGroups, group_by_expert, offsets_from_counts
 
@@ -20,5 +21,6 @@ __all__ = [
     "group_by_expert",
     "grouped_linear",
     "offsets_from_counts",
+    "swiglu",
     "use_triton",
 ]

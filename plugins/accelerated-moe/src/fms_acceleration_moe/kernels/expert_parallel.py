@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from .experts_mlp import ExpertLoRA, GateFn, combine, expert_rows
+from .experts_mlp import ExpertLoRA, combine, expert_rows
+from .gating import GateFn
 from .routing import group_by_expert, offsets_from_counts
 
 

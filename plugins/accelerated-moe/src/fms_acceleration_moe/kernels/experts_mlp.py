@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .gating import GateFn
 from .grouped_gemm import grouped_linear
 from .routing import group_by_expert
-
-GateFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -36,16 +35,6 @@ class ExpertLoRA:
     columns: tuple[int, int] | None = None
     dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
     """applied to the update's input rows (peft's lora_dropout); None: none"""
-
-
-def gated(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> GateFn:
-    """The gating of a packed (S, 2I) gate_up output: act_fn(gate) * up."""
-
-    def gate_fn(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return act_fn(gate) * up
-
-    return gate_fn
 
 
 def _lora_update(

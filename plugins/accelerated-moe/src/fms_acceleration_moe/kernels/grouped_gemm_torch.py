@@ -11,9 +11,22 @@ from __future__ import annotations
 import torch
 
 
-def _bounds(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
+def expert_bounds(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert that received rows."""
     edges = offsets.tolist()
     return [(e, edges[e], edges[e + 1]) for e in range(len(edges) - 1) if edges[e + 1] > edges[e]]
+
+
+def weight_grad_buffer(weight: torch.Tensor, bounds: list[tuple[int, int, int]]) -> torch.Tensor:
+    """An uninitialised gradient of an (E, out, in) weight whose idle experts are zero: the
+    others are written expert by expert (zero-filling the whole weight costs as much as a GEMM's
+    bookkeeping on a CPU)."""
+    grad = torch.empty_like(weight)
+    busy = {e for e, _, _ in bounds}
+    for e in range(weight.shape[0]):
+        if e not in busy:
+            grad[e].zero_()
+    return grad
 
 
 def _forward(x, weight, bounds, gather, scatter, rows):
@@ -32,7 +45,7 @@ class GroupedLinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, offsets, gather, scatter):
         rows = gather.numel() if gather is not None else x.shape[0]
-        bounds = _bounds(offsets)
+        bounds = expert_bounds(offsets)
         out, source = _forward(x, weight, bounds, gather, scatter, rows)
         ctx.bounds = bounds
         ctx.x_rows = x.shape[0]
@@ -56,7 +69,7 @@ class GroupedLinearTorch(torch.autograd.Function):
             else:
                 dx = d_rows.new_zeros(ctx.x_rows, d_rows.shape[1]).index_add_(0, gather, d_rows)
         if ctx.needs_input_grad[1]:
-            dw = torch.zeros_like(weight)
+            dw = weight_grad_buffer(weight, ctx.bounds)
             for e, lo, hi in ctx.bounds:
                 torch.mm(dy[lo:hi].t(), source[lo:hi], out=dw[e])
         return dx, dw, None, None, None

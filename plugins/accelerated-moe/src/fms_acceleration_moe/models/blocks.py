@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fms_acceleration import ModelPatcher, ModelPatcherRule, ModelPatcherTrigger, compat
 
 from ..grouped_experts import DOWN, GATE_UP, GroupedExperts, full_tensor
-from ..kernels import ExpertLoRA, experts_mlp
+from ..kernels import ExpertLoRA, GateFn, experts_mlp, swiglu
 from ..kernels.expert_parallel import ExpertShard, experts_mlp_ep, replicated_grad
 from ..peft_adapters import is_param_wrapper, param_wrapper_loras, unwrap_param_wrappers
 from .architectures import SOFTMAX_TOPK, MoeArchSpec, unwrap_model
@@ -78,6 +78,16 @@ def legacy_block_forward(spec: MoeArchSpec) -> Callable[[torch.nn.Module], Calla
     return build
 
 
+def experts_gate(experts: torch.nn.Module) -> GateFn:
+    """The experts' `_apply_gate` (a kernel patched there, a model's own gating), or the SwiGLU
+    Function where it is transformers' default act_fn(gate) * up with SiLU."""
+    default = compat.default_experts_gate()
+    own = getattr(type(experts), "_apply_gate", None)
+    if default is not None and own is default and compat.is_silu(getattr(experts, "act_fn", None)):
+        return swiglu
+    return experts._apply_gate
+
+
 def run_experts(
     experts: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -88,8 +98,10 @@ def run_experts(
     down_loras: Sequence[ExpertLoRA] = (),
 ) -> torch.Tensor:
     """An experts module (transformers 5's or a GroupedExperts) through the grouped GEMMs, its
-    gating through the module's `_apply_gate` (so a kernel patched there runs here too)."""
+    gating through the module's `_apply_gate` (so a kernel patched there runs here too; see
+    experts_gate)."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
+    gate_fn = experts_gate(experts)
     if shard is None:
         out = experts_mlp(
             hidden_states,
@@ -97,7 +109,7 @@ def run_experts(
             top_k_weights,
             gate_up,
             down,
-            experts._apply_gate,
+            gate_fn,
             gate_up_loras,
             down_loras,
         )
@@ -108,7 +120,7 @@ def run_experts(
             top_k_weights,
             replicated_grad(gate_up.to_local(), shard),
             replicated_grad(down.to_local(), shard),
-            experts._apply_gate,
+            gate_fn,
             shard,
             gate_up_loras,
             down_loras,

@@ -7,10 +7,12 @@ CUDA its Triton kernels) and transformers' `eager` experts, plus on transformers
 `grouped_mm` and `batched_mm` experts implementations (config._experts_implementation).
 transformers 4.55 has only its per-expert eager loop (MixtralSparseMoeBlock).
 
-Each measurement runs in a fresh process. On CPU (one thread): CPU time of the best of `--reps`
-steps, and peak memory as the resident-set high-water mark added by the steps (VmHWM, reset
-after the inputs are built). On CUDA: wall time between synchronisations, and the peak of
-allocated memory added by the steps. Rounds interleave the implementations; the best round
+Each measurement runs in a fresh process. Each step starts without gradients, as a Trainer
+step after zero_grad() does, so its backward allocates them. Memory is the peak added by the
+first step, before anything was freed that an allocator could reuse: on CPU the resident-set
+high-water mark (VmHWM, reset after the inputs are built), on CUDA the peak of allocated
+memory. Time is the best of `--reps` later steps: CPU time with one thread on CPU, wall time
+between synchronisations on CUDA. Rounds interleave the implementations; the best round
 counts. `speedup_vs_default` compares with the experts a user gets without this plugin:
 transformers 5's default `grouped_mm` (where it runs), else the per-expert eager loop
 (transformers 4.55's only one).
@@ -68,6 +70,7 @@ def _reset_hwm() -> None:
 
 
 def _experts(impl: str, args):
+    """(the experts' call on (hidden, index, weights), the module whose parameters train)."""
     import torch
     from transformers import AutoConfig
 
@@ -90,8 +93,10 @@ def _experts(impl: str, args):
         if impl == "scattermoe":
             from fms_acceleration_moe.grouped_experts import GroupedExperts
 
-            return GroupedExperts.from_module_list(block.experts, ("w1", "w3", "w2"))
-        return block  # the 4.55 block routes itself: measured with its router
+            grouped = GroupedExperts.from_module_list(block.experts, ("w1", "w3", "w2"))
+            return grouped, grouped
+        # the 4.55 block routes itself: measured with its router
+        return lambda hidden, index, weights: block(hidden.unsqueeze(0))[0], block
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
     config._experts_implementation = "eager" if impl == "scattermoe" else impl
@@ -99,14 +104,11 @@ def _experts(impl: str, args):
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.02)
     if impl == "scattermoe":
-        from fms_acceleration_moe.kernels import experts_mlp
+        from fms_acceleration_moe.models.blocks import run_experts
 
-        def forward(hidden, index, weights):
-            up, down = experts.gate_up_proj, experts.down_proj
-            return experts_mlp(hidden, index, weights, up, down, experts._apply_gate)
-
-        return forward
-    return experts
+        # the patched experts' forward: the grouped GEMMs with the gating the plugin picks
+        return lambda hidden, index, weights: run_experts(experts, hidden, index, weights), experts
+    return experts, experts
 
 
 class _Clock:
@@ -147,32 +149,35 @@ def measure(impl: str, args) -> dict:
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
     torch.set_default_device(args.device)
-    experts = _experts(impl, args)
+    experts, module = _experts(impl, args)
     generator = torch.Generator(args.device).manual_seed(1)
     x = torch.randn(args.tokens, args.hidden, generator=generator).requires_grad_(True)
     router = torch.randn(args.experts, args.hidden, generator=generator) * 0.05
     probs = torch.softmax(x.detach() @ router.T, dim=-1)
     weights, index = probs.topk(args.top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    legacy = isinstance(experts, torch.nn.Module) and not hasattr(experts, "gate_up_proj")
-    legacy = legacy and type(experts).__name__ == "MixtralSparseMoeBlock"
+
+    def clear():
+        # as a Trainer step after zero_grad(): the backward makes the gradients
+        x.grad = None
+        module.zero_grad(set_to_none=True)
 
     def step():
-        if legacy:
-            out = experts(x.view(1, args.tokens, args.hidden))[0]
-        else:
-            out = experts(x, index, weights)
-        out.sum().backward()
+        clear()
+        experts(x, index, weights).sum().backward()
 
-    step()  # warm-up (allocator, lazy init, Triton compilation)
+    # the first step in this fresh process: its peak is the memory measured (every
+    # implementation starts with no freed memory to reuse); the warm-up of the timing
     clock = _Clock(args.device)
     base = clock.start_memory()
+    step()
+    peak = clock.peak_memory() - base
     best = float("inf")
     for _ in range(args.reps):
         start = clock.now()
         step()
         best = min(best, clock.now() - start)
-    return {"ms": best * 1000, "peak_mb": clock.peak_memory() - base}
+    return {"ms": best * 1000, "peak_mb": peak}
 
 
 def implementations() -> list[str]:

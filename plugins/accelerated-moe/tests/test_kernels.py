@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fms_acceleration_moe.kernels import (
     backend,
+    expert_rows,
     experts_mlp,
     gated,
     group_by_expert,
@@ -191,3 +192,26 @@ def test_expert_lora_updates_match_merged_weights(name, seed):
     want = torch.autograd.grad(expected, leaves, grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_expert_rows_of_presorted_rows_with_frozen_experts(name, seed):
+    # rows already in expert order (no gather, no scatter), the experts frozen as under LoRA
+    # on attention: only the input gets a gradient
+    experts, hidden, inter = 5, 24, 40
+    counts = torch.tensor([6, 0, 11, 1, 9])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    x = torch.randn(int(counts.sum()), hidden, requires_grad=True)
+    gate_up = torch.randn(experts, 2 * inter, hidden) / hidden**0.5
+    down = torch.randn(experts, hidden, inter) / inter**0.5
+    with backend(name):
+        rows = expert_rows(x, offsets, None, None, gate_up, down, swiglu)
+    expert_of_row = torch.repeat_interleave(torch.arange(experts), counts)
+    gate, up = torch.einsum("rh,roh->ro", x, gate_up[expert_of_row]).chunk(2, dim=-1)
+    expected = torch.einsum("ri,rhi->rh", F.silu(gate) * up, down[expert_of_row])
+    torch.testing.assert_close(rows, expected, **TOL[torch.float32])
+    grad = torch.randn_like(rows)
+    (got,) = torch.autograd.grad(rows, x, grad)
+    (want,) = torch.autograd.grad(expected, x, grad)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, want, **TOL[torch.float32])

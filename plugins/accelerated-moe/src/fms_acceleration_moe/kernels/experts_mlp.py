@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .dispatch import use_triton
+from .expert_mlp_torch import ExpertMLPTorch
 from .gating import GateFn
 from .grouped_gemm import grouped_linear
 from .routing import group_by_expert
@@ -85,6 +87,8 @@ def expert_rows(
 ) -> torch.Tensor:
     """Each (token, expert) row through its expert's gated MLP, unweighted: (S, H), row
     scatter[i] (or i) for sorted row i."""
+    if not (gate_up_loras or down_loras or use_triton(x, gate_up_proj, down_proj)):
+        return ExpertMLPTorch.apply(x, gate_up_proj, down_proj, offsets, gather, scatter, gate_fn)
     hidden = _projection(x, gate_up_proj, offsets, gather, None, gate_up_loras)
     return _projection(gate_fn(hidden), down_proj, offsets, None, scatter, down_loras)
 

@@ -20,7 +20,6 @@ from fms_acceleration import triton_aot as aot
 from fms_acceleration_peft import gptq_triton
 
 TARGETS = (80, 90)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOKENS = 16384
 # (name, in_features, out_features, bits, group_size): Llama-3-8B and SmolLM2-135M projections
 LAYERS = (
@@ -39,32 +38,33 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
-def record() -> list[tuple[str, aot.Launch]]:
-    """Every launch of the forward and backward kernels, with the dtype it ran in."""
-    launches: list[tuple[str, aot.Launch]] = []
-    current = {"workload": "", "dtype": ""}
+def _layer(k: int, n: int, bits: int, group: int, rows: int):
+    pack = 32 // bits
 
-    def capture(kernel, grid, device, *args, **meta):
-        launch = aot.Launch(kernel, args, meta, current["workload"])
-        launches.append((current["dtype"], launch))
-
-    gptq_triton.launch = capture
-    for name, k, n, bits, group in LAYERS:
-        pack = 32 // bits
+    def run(dtype: torch.dtype) -> None:
         tensors = (
             _meta(k // pack, n, dtype=torch.int32),
             _meta(k // group, n // pack, dtype=torch.int32),
             _meta(k // group, n, dtype=torch.float16),
             _meta(k, dtype=torch.int32),
         )
-        for dtype_name, dtype in DTYPES.items():
-            if bits != 4 and dtype_name != "bfloat16":
-                continue  # the other widths differ only in BITS: one dtype is enough
-            for rows in (TOKENS, 8):  # training batch, decode
-                current.update(workload=f"{name}, {rows} rows", dtype=dtype_name)
-                gptq_triton.gptq_matmul_triton(_meta(rows, k, dtype=dtype), *tensors, bits, 1)
-                gptq_triton.gptq_matmul_t_triton(_meta(rows, n, dtype=dtype), *tensors, bits, 1)
-    return launches
+        gptq_triton.gptq_matmul_triton(_meta(rows, k, dtype=dtype), *tensors, bits, 1)
+        gptq_triton.gptq_matmul_t_triton(_meta(rows, n, dtype=dtype), *tensors, bits, 1)
+
+    return run
+
+
+# 4-bit layers in every dtype ("large"); the other widths differ only in BITS: bf16 ("small")
+WORKLOADS: tuple[aot.Workload, ...] = tuple(
+    (f"{name}, {rows} rows", _layer(k, n, bits, group, rows), "large" if bits == 4 else "small")
+    for name, k, n, bits, group in LAYERS
+    for rows in (TOKENS, 8)  # training batch, decode
+)
+
+
+def record() -> list[tuple[str, aot.Launch]]:
+    """Every launch of the forward and backward kernels, with the dtype it ran in."""
+    return aot.record_workloads(WORKLOADS, list(aot.DTYPE_NAMES), ["bfloat16"], (gptq_triton,))
 
 
 def main() -> None:

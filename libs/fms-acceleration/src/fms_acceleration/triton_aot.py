@@ -22,7 +22,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
@@ -58,6 +58,8 @@ class Compiled:
 
 # (dtype names of the large shape set, of the small one) -> [(dtype name, launch), ...]
 Recorder = Callable[[list[str], list[str]], list[tuple[str, Launch]]]
+# (name, run(torch dtype): the launch code on meta tensors, shape set: "large" or "small")
+Workload = tuple[str, Callable[[Any], None], str]
 
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -70,6 +72,51 @@ def refuse_interpreter(package: str) -> None:
             f"{package} compiles real kernels: unset TRITON_INTERPRET before starting Python "
             "(the interpreter replaces every @triton.jit kernel)"
         )
+
+
+@contextlib.contextmanager
+def _patched(patches: list[tuple[ModuleType, str, Any]]) -> Iterator[None]:
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+def record_workloads(
+    workloads: Sequence[Workload],
+    dtypes: list[str],
+    small_dtypes: list[str],
+    launchers: Sequence[ModuleType],
+    dispatchers: Sequence[ModuleType] = (),
+) -> list[tuple[str, Launch]]:
+    """Every launch the workloads make, with the dtype name each ran in: "large" workloads in
+    `dtypes`, "small" ones in `small_dtypes`.
+
+    Each module of `launchers` has the launch seam `launch(kernel, grid, device, *args,
+    **meta)`, replaced by a recorder while the workloads run; each of `dispatchers` has a
+    `use_triton(*tensors)`, made to say yes for meta tensors. Nothing else is patched: meta
+    tensors have no values, so launch code that syncs on one (a label check, a count) fails.
+    """
+    import torch
+
+    launches: list[tuple[str, Launch]] = []
+    current = {"workload": "", "dtype": ""}
+
+    def record(kernel: Any, grid: Any, device: Any, *args: Any, **meta: Any) -> None:
+        launches.append((current["dtype"], Launch(kernel, args, meta, current["workload"])))
+
+    patches: list[tuple[ModuleType, str, Any]] = [(m, "launch", record) for m in launchers]
+    patches += [(module, "use_triton", lambda *tensors: True) for module in dispatchers]
+    with _patched(patches):
+        for name, run, shape_set in workloads:
+            for dtype_name in dtypes if shape_set == "large" else small_dtypes:
+                current.update(workload=name, dtype=dtype_name)
+                run(getattr(torch, dtype_name))
+    return launches
 
 
 def _bind(launch: Launch, target: Any) -> tuple[dict, dict, dict, Any]:

@@ -12,11 +12,9 @@ fms_acceleration.triton_aot binds, compiles (ptxas included) and reports each la
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 
-from fms_acceleration.triton_aot import Launch, refuse_interpreter
+from fms_acceleration.triton_aot import Launch, Workload, record_workloads, refuse_interpreter
 from fms_acceleration.triton_aot import main as aot_main
 
 refuse_interpreter("fms_acceleration_moe.aot")
@@ -27,28 +25,7 @@ from .kernels import grouped_gemm as dispatching  # noqa: E402
 from .kernels import grouped_gemm_triton as triton_gemm  # noqa: E402
 
 KERNEL_MODULES = (triton_gemm,)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOKENS = 8192
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[tuple[list[Launch], dict[str, str]]]:
-    """Route every launch into a list and take the Triton path for meta tensors."""
-    launches: list[Launch] = []
-    current = {"workload": ""}
-
-    def record(kernel, grid, *args, **meta):
-        launches.append(Launch(kernel, args, meta, current["workload"]))
-
-    saved = [(triton_gemm, "launch"), (dispatching, "use_triton")]
-    originals = [getattr(m, n) for m, n in saved]
-    triton_gemm.launch = record
-    dispatching.use_triton = lambda *tensors: True
-    try:
-        yield launches, current
-    finally:
-        for (module, name), value in zip(saved, originals):
-            setattr(module, name, value)
 
 
 def _meta(*shape: int, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
@@ -76,8 +53,8 @@ def _moe(hidden: int, intermediate: int, experts: int, top_k: int):
     return run
 
 
-# (name, run, shape set): "large" runs in every dtype, "small" in the small-set dtypes
-WORKLOADS = (
+# "large" runs in every dtype, "small" in the small-set dtypes
+WORKLOADS: tuple[Workload, ...] = (
     ("mixtral-8x7b 4096/14336 8 experts top-2", _moe(4096, 14336, 8, 2), "large"),
     ("granite-3b-a800m 1536/512 40 experts top-8", _moe(1536, 512, 40, 8), "large"),
     ("smollm2-moe 576/1536 8 experts top-2", _moe(576, 1536, 8, 2), "small"),
@@ -86,15 +63,7 @@ WORKLOADS = (
 
 def record_launches(dtypes: list[str], small_dtypes: list[str]) -> list[tuple[str, Launch]]:
     """Every launch the workloads make, with the dtype they ran in."""
-    out: list[tuple[str, Launch]] = []
-    with recording() as (launches, current):
-        for name, run, shape_set in WORKLOADS:
-            for dtype_name in dtypes if shape_set == "large" else small_dtypes:
-                current["workload"] = name
-                start = len(launches)
-                run(DTYPES[dtype_name])
-                out += [(dtype_name, launch) for launch in launches[start:]]
-    return out
+    return record_workloads(WORKLOADS, dtypes, small_dtypes, KERNEL_MODULES, (dispatching,))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,12 @@ before triton is imported, so run this in a fresh process (the test suite does).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import ModuleType
 
-from fms_acceleration.triton_aot import Launch, refuse_interpreter
+from fms_acceleration.triton_aot import Launch, Workload, record_workloads, refuse_interpreter
 from fms_acceleration.triton_aot import main as aot_main
 
 refuse_interpreter("fms_acceleration_foak.aot")
@@ -41,36 +40,10 @@ KERNEL_MODULES: tuple[ModuleType, ...] = tuple(
     _module(n) for n in ("rms_norm", "rope", "cross_entropy", "swiglu")
 )
 FLCE_MODULE = _module("fused_linear_cross_entropy")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOKENS = 16384
 
 
 # --- recording the launch code ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[tuple[list[Launch], dict[str, str]]]:
-    """Route every kernel launch into a list; Triton paths on for meta tensors.
-
-    Nothing is patched to avoid host syncs: meta tensors have no values, so a launch path that
-    read one (a label check, a count) would fail here."""
-    launches: list[Launch] = []
-    current = {"workload": ""}
-
-    def record(kernel, grid, device, *args, **meta):
-        launches.append(Launch(kernel, args, meta, current["workload"]))
-
-    saved = []
-    patches = [(m, "launch", record) for m in KERNEL_MODULES]
-    patches += [(m, "use_triton", lambda *t: True) for m in (*KERNEL_MODULES, FLCE_MODULE)]
-    for module, name, value in patches:
-        saved.append((module, name, getattr(module, name)))
-        setattr(module, name, value)
-    try:
-        yield launches, current
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
 
 
 def _meta(*shape: int, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
@@ -133,38 +106,31 @@ def _swiglu(intermediate: int, packed: bool = False):
     return run
 
 
-# (name, run, shape set): "llama" runs in every dtype, "small" in bf16 only (fewer compiles)
-WORKLOADS: tuple[tuple[str, Callable[[torch.dtype], None], str], ...] = (
-    ("rms_norm hidden 4096", _rms(4096, TOKENS), "llama"),
-    ("rms_norm head_dim 128 rows", _rms(128, TOKENS * 32), "llama"),
+# "large" (Llama-3-8B) runs in every dtype, "small" in bf16 only (fewer compiles)
+WORKLOADS: tuple[Workload, ...] = (
+    ("rms_norm hidden 4096", _rms(4096, TOKENS), "large"),
+    ("rms_norm head_dim 128 rows", _rms(128, TOKENS * 32), "large"),
     ("rms_norm hidden 576", _rms(576, TOKENS), "small"),
     ("rms_norm head_dim 64 rows", _rms(64, TOKENS * 9), "small"),
     ("rms_norm hidden 8192", _rms(8192, TOKENS), "small"),
-    ("rms_norm hidden 16384 (chunked)", _rms(16384, 2048), "llama"),
-    ("rope 32/8 heads x 128", _rope(32, 8, 128), "llama"),
+    ("rms_norm hidden 16384 (chunked)", _rms(16384, 2048), "large"),
+    ("rope 32/8 heads x 128", _rope(32, 8, 128), "large"),
     ("rope 32/8 heads x 128, fp32 tables (autocast)", _rope(32, 8, 128, True), "small"),
     ("rope 9/3 heads x 64", _rope(9, 3, 64), "small"),
-    ("cross_entropy vocab 128256", _cross_entropy(128256), "llama"),
+    ("cross_entropy vocab 128256", _cross_entropy(128256), "large"),
     ("cross_entropy vocab 49152", _cross_entropy(49152), "small"),
-    ("fused_linear_ce 4096 x 128256", _fused_linear_ce(4096, 128256), "llama"),
+    ("fused_linear_ce 4096 x 128256", _fused_linear_ce(4096, 128256), "large"),
     ("fused_linear_ce 576 x 49152", _fused_linear_ce(576, 49152), "small"),
-    ("swiglu intermediate 14336", _swiglu(14336), "llama"),
+    ("swiglu intermediate 14336", _swiglu(14336), "large"),
     ("swiglu intermediate 1536", _swiglu(1536), "small"),
-    ("swiglu packed experts 14336", _swiglu(14336, packed=True), "llama"),
+    ("swiglu packed experts 14336", _swiglu(14336, packed=True), "large"),
 )
 
 
 def record_launches(dtypes: list[str], small_dtypes: list[str]) -> list[tuple[str, Launch]]:
     """Every launch the launch code makes for the workloads, with the dtype it ran in."""
-    out: list[tuple[str, Launch]] = []
-    with recording() as (launches, current):
-        for name, run, shape_set in WORKLOADS:
-            for dtype_name in dtypes if shape_set == "llama" else small_dtypes:
-                current["workload"] = name
-                start = len(launches)
-                run(DTYPES[dtype_name])
-                out += [(dtype_name, launch) for launch in launches[start:]]
-    return out
+    dispatchers = (*KERNEL_MODULES, FLCE_MODULE)
+    return record_workloads(WORKLOADS, dtypes, small_dtypes, KERNEL_MODULES, dispatchers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,10 +170,11 @@ def _grouped_weight_grad_kernel(
     )
 
 
-def launch(kernel, grid, *args, **meta):
-    """Launch a kernel (a seam: the AOT compiler records launches here instead of running them)."""
-    if args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cuda":
-        with torch.cuda.device(args[0].device):
+def launch(kernel, grid, device: torch.device, *args, **meta):
+    """Launch a kernel with `device` current (Triton launches on the current device's stream);
+    the seam where the AOT compiler records launches instead of running them."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
             return kernel[grid](*args, **meta)
     return kernel[grid](*args, **meta)
 
@@ -226,6 +227,7 @@ def grouped_linear_forward(
     launch(
         _grouped_linear_kernel,
         grid,
+        x.device,
         x,
         weight,
         y,
@@ -272,6 +274,7 @@ def grouped_weight_grad(
     launch(
         _grouped_weight_grad_kernel,
         grid,
+        dy.device,
         dy,
         x,
         dw,

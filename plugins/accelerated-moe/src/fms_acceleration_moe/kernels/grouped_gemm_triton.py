@@ -179,6 +179,19 @@ def launch(kernel, grid, device: torch.device, *args, **meta):
     return kernel[grid](*args, **meta)
 
 
+def _options(gather: torch.Tensor | None, scatter: torch.Tensor | None, fp32_dot: bool) -> dict:
+    """The constexprs and warps both grouped kernels take."""
+    return dict(
+        HAS_GATHER=gather is not None,
+        HAS_SCATTER=scatter is not None,
+        FP32_DOT=fp32_dot,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        num_warps=_warps(fp32_dot),
+    )
+
+
 def tile_table(offsets: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, ...]:
     """(expert, first row) of every BLOCK_M tile, padded to ceil(S / BLOCK_M) + E entries; the
     padding tiles name expert E (no work)."""
@@ -246,13 +259,7 @@ def grouped_linear_forward(
         weight.stride(2),
         y.stride(0),
         y.stride(1),
-        HAS_GATHER=gather is not None,
-        HAS_SCATTER=scatter is not None,
-        FP32_DOT=fp32_dot,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        num_warps=_warps(fp32_dot),
+        **_options(gather, scatter, fp32_dot),
     )
     return y
 
@@ -290,13 +297,7 @@ def grouped_weight_grad(
         dw.stride(0),
         dw.stride(1),
         dw.stride(2),
-        HAS_GATHER=gather is not None,
-        HAS_SCATTER=scatter is not None,
-        FP32_DOT=fp32_dot,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        num_warps=_warps(fp32_dot),
+        **_options(gather, scatter, fp32_dot),
     )
     return dw
 

@@ -199,3 +199,15 @@ def test_chunk_rows():
     assert torch_path.chunk_rows(1664, 128256, bf16, accumulator) == 1664
     assert torch_path.chunk_rows(1665, 128256, bf16, accumulator) == 512
     assert torch_path.chunk_rows(8192, 128256, bf16, accumulator) == 1024
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("rows,cols", [(3, 5), (1037, 577), (4099, 64)])
+def test_accumulate_adds_a_low_precision_share_into_fp32_exactly(seed, dtype, rows, cols):
+    # more rows than one L2 block holds, a remainder block, and fewer rows than a block
+    accumulator = torch.randn(rows, cols)
+    share = torch.randn(rows, cols).to(dtype)
+    expected = accumulator + share.float()
+    torch_path.accumulate_(accumulator, share)
+    assert accumulator.dtype == torch.float32
+    torch.testing.assert_close(accumulator, expected, atol=0, rtol=0)

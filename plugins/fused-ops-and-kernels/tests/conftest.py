@@ -26,6 +26,22 @@ TOLERANCES = {
 }
 
 
+# quantized LoRA base -> the package that provides it ("auto_gptq" is accelerated-peft's own layer)
+QUANTIZED_BASE_PACKAGES = {
+    "bitsandbytes": "bitsandbytes",
+    "auto_gptq": "fms_acceleration_peft",
+    "auto_gptq:gptqmodel": "gptqmodel",
+}
+
+
+def skip_without_quantized_base(base: str) -> None:
+    """Skip the test unless what a quantized base needs is installed ("plain" needs nothing):
+    its package, and accelerated-peft, which registers how to read its weights."""
+    if base != "plain":
+        pytest.importorskip(QUANTIZED_BASE_PACKAGES[base])
+        pytest.importorskip("fms_acceleration_peft")
+
+
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale=1.0):
     """Compare in fp32 with the tolerance of `dtype` (scaled for accumulations)."""
     atol, rtol = TOLERANCES[dtype]

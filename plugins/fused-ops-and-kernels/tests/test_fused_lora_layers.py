@@ -16,17 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import skip_without_quantized_base
 
 HIDDEN, KV, INTER, RANK = 96, 32, 160, 8
 # (hidden, kv, intermediate) per case; bitsandbytes gets widths it dequantizes right (see above).
 ODD = (HIDDEN, KV, INTER)
 BNB_REALISTIC = (192, 64, 320)
 BNB_ODD = (72, 24, 200)
-QUANTIZED_BASE_PACKAGES = {
-    "bitsandbytes": "bitsandbytes",
-    "auto_gptq": "fms_acceleration_peft",
-    "auto_gptq:gptqmodel": "gptqmodel",
-}
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Relative tolerance per compute dtype: fp32 only sees summation-order differences; half types
 # see that peft computes LoRA in the fp32 adapter dtype while the fused path stays in x's dtype.
@@ -70,9 +66,7 @@ def _lora_block(base: str, dtype: torch.dtype, bias: bool = True, dims=ODD):
 
     from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
 
-    if base != "plain":  # optional dependencies of the quantized bases
-        pytest.importorskip(QUANTIZED_BASE_PACKAGES[base])
-        pytest.importorskip("fms_acceleration_peft")  # the [bnb]/[gptq] extras bring it
+    skip_without_quantized_base(base)
     block = Block(bias=bias, dims=dims)
     if base == "plain":
         block.to(dtype)

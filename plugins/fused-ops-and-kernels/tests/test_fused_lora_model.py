@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import skip_without_quantized_base
 
 from fms_acceleration import AccelerationPluginConfigError, ModelPatcher
 
@@ -15,12 +16,6 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "granite")
 MOE = ("mixtral", "granitemoe")
 # Relative tolerance (to each tensor's largest value) on loss and every LoRA gradient.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-# quantized base -> the package that provides it ("auto_gptq" is accelerated-peft's own layer)
-QUANTIZED_BASE_PACKAGES = {
-    "bitsandbytes": "bitsandbytes",
-    "auto_gptq": "fms_acceleration_peft",
-    "auto_gptq:gptqmodel": "gptqmodel",
-}
 FUSED_NODES = ("_FusedLoRAProjectionsBackward", "_FusedLoRASwiGLUMLPBackward")
 
 
@@ -31,9 +26,7 @@ def _tiny_lora_model(arch="llama", base="plain", dtype=torch.float32, **lora_kwa
     from fms_acceleration.testing import tiny_model_config
     from fms_acceleration_foak.lora.quantized_stand_ins import quantize_linears
 
-    if base != "plain":  # optional dependencies of the quantized bases
-        pytest.importorskip(QUANTIZED_BASE_PACKAGES[base])
-        pytest.importorskip("fms_acceleration_peft")  # registers how to read their weights
+    skip_without_quantized_base(base)
     torch.manual_seed(0)
     overrides = {"attention_bias": True} if arch == "llama" else {}
     model = AutoModelForCausalLM.from_config(tiny_model_config(arch, **overrides))

@@ -7,10 +7,12 @@ combine with, so the GGUF is converted once into a plain HF directory in a cache
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import MissingDependencyError, TrainJobError, require
@@ -42,14 +44,30 @@ def embedded_gguf_file() -> Path:
     raise TrainJobError(f"no .gguf file inside the installed package {_GGUF_PACKAGE}")
 
 
+@contextlib.contextmanager
+def publishing(target: Path) -> Iterator[Path]:
+    """A staging folder beside `target`, renamed to `target` when the block succeeds, so a
+    model folder is never seen half written. A concurrent writer that published first wins
+    (its copy stays); the staging folder is removed in every case."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        yield staging
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent writer that won
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def convert_gguf(gguf_file: Path, target: Path) -> Path:
     """Convert a GGUF model + tokenizer into an HF directory at `target` (atomic rename)."""
     require("gguf", _GGUF_INSTALL, purpose=f"reading the embedded {EMBEDDED_MODEL} model")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with publishing(target) as staging:
         kwargs = {"gguf_file": gguf_file.name}
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, **kwargs)
@@ -60,13 +78,6 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion that won
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -10,9 +10,9 @@ beside it (about 2.7 GB in float32: 8 x 30 expert MLPs).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
+
+from .model_source import publishing
 
 MOE_MODEL = "smollm2-moe"
 EXPERTS = 8
@@ -82,19 +82,10 @@ def build_moe_model(dense_dir: Path, target: Path) -> Path:
     tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with publishing(target) as staging:
         dense = AutoModelForCausalLM.from_pretrained(dense_dir)
         upcycle(dense).save_pretrained(staging)
         AutoTokenizer.from_pretrained(dense_dir).save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent build that won
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -215,3 +215,20 @@ def test_expert_rows_of_presorted_rows_with_frozen_experts(name, seed):
     (want,) = torch.autograd.grad(expected, x, grad)
     assert got.abs().max() > 0
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_experts_mlp_under_autocast_computes_in_its_dtype(name, seed):
+    # fp32 weights and rows in a bf16 autocast region (mixed-precision training): computed in
+    # bf16 as autocast computes a Linear, with fp32 gradients for the fp32 leaves
+    x, gate_up, down, index, weights = _inputs(29, 64, 48, 4, 2, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down)]
+    with backend(name), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts_mlp(leaves[0], index, weights, leaves[1], leaves[2], swiglu)
+    assert out.dtype == torch.bfloat16
+    bf16 = [t.to(torch.bfloat16) for t in (x, weights, gate_up, down)]
+    expected = naive_moe(bf16[0], index, *bf16[1:])
+    torch.testing.assert_close(out.float(), expected, **TOL[torch.bfloat16])
+    out.float().sum().backward()
+    for leaf in leaves:
+        assert leaf.grad.dtype == torch.float32 and leaf.grad.abs().max() > 0

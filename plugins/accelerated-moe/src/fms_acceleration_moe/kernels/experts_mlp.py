@@ -86,7 +86,27 @@ def expert_rows(
     down_loras: Sequence[ExpertLoRA] = (),
 ) -> torch.Tensor:
     """Each (token, expert) row through its expert's gated MLP, unweighted: (S, H), row
-    scatter[i] (or i) for sorted row i."""
+    scatter[i] (or i) for sorted row i.
+
+    Under autocast the rows and weights are cast once to its dtype, as autocast casts a
+    Linear's, and the GEMMs run with autocast off: it would otherwise cast some of them and
+    not the buffers they write into.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return expert_rows(
+                x.to(dtype),
+                offsets,
+                gather,
+                scatter,
+                gate_up_proj.to(dtype),
+                down_proj.to(dtype),
+                gate_fn,
+                gate_up_loras,
+                down_loras,
+            )
     if not (gate_up_loras or down_loras or use_triton(x, gate_up_proj, down_proj)):
         return ExpertMLPTorch.apply(x, gate_up_proj, down_proj, offsets, gather, scatter, gate_fn)
     hidden = _projection(x, gate_up_proj, offsets, gather, None, gate_up_loras)

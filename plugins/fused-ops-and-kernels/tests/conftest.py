@@ -4,9 +4,15 @@ the kernel tests run the compiled kernels on the GPU (scripts/gpu/suite.sh)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
+
+# foak_quantized_bases is imported by name; pytest's importlib mode does not put test folders
+# on sys.path
+if os.path.dirname(__file__) not in sys.path:
+    sys.path.append(os.path.dirname(__file__))
 
 # Must be set before triton.jit decorates the kernels, i.e. before fms_acceleration_foak imports.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
@@ -24,22 +30,6 @@ TOLERANCES = {
     torch.float16: (5e-3, 5e-3),
     torch.bfloat16: (3e-2, 3e-2),
 }
-
-
-# quantized LoRA base -> the package that provides it ("auto_gptq" is accelerated-peft's own layer)
-QUANTIZED_BASE_PACKAGES = {
-    "bitsandbytes": "bitsandbytes",
-    "auto_gptq": "fms_acceleration_peft",
-    "auto_gptq:gptqmodel": "gptqmodel",
-}
-
-
-def skip_without_quantized_base(base: str) -> None:
-    """Skip the test unless what a quantized base needs is installed ("plain" needs nothing):
-    its package, and accelerated-peft, which registers how to read its weights."""
-    if base != "plain":
-        pytest.importorskip(QUANTIZED_BASE_PACKAGES[base])
-        pytest.importorskip("fms_acceleration_peft")
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale=1.0):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import skip_without_quantized_base
+from foak_quantized_bases import skip_without_quantized_base
 
 HIDDEN, KV, INTER, RANK = 96, 32, 160, 8
 # (hidden, kv, intermediate) per case; bitsandbytes gets widths it dequantizes right (see above).

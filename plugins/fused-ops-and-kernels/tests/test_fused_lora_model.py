@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import skip_without_quantized_base
+from foak_quantized_bases import skip_without_quantized_base
 
 from fms_acceleration import AccelerationPluginConfigError, ModelPatcher
 

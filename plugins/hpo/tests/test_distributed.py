@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import cli_env, train_flags, write_search_config
+from hpo_search_helpers import cli_env, train_flags, write_search_config
 
 
 @pytest.mark.multiprocess

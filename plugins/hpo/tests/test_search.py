@@ -17,7 +17,7 @@ from fms_acceleration.cli import main as cli_main
 from fms_acceleration_hpo.search import SearchRequest, run_search
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import CLI, cli_env, train_flags, write_search_config
+from hpo_search_helpers import CLI, cli_env, train_flags, write_search_config
 
 
 def _train_options(tiny_model, dataset, out, max_steps):

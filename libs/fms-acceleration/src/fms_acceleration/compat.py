@@ -97,6 +97,7 @@ def is_silu(act: object) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+@cache  # asked on every MoE layer's forward
 def default_experts_gate() -> Callable[..., Any] | None:
     """transformers' default gating of fused MoE experts, act_fn(gate) * up (the `_apply_gate`
     it gives an experts class that defines none), or None on a release without one."""

@@ -15,6 +15,7 @@ from fms_acceleration_moe.kernels import (
     group_by_expert,
     grouped_linear,
     swiglu,
+    swiglu_and_grad,
 )
 from fms_acceleration_moe.kernels.grouped_gemm_triton import tile_table
 
@@ -109,6 +110,20 @@ def test_swiglu_matches_autograd_gating(rows, inter, dtype, seed):
     (d_got,) = torch.autograd.grad(got, leaves[0], grad)
     (d_want,) = torch.autograd.grad(want, leaves[1], grad)
     assert d_got.abs().max() > 0
+    torch.testing.assert_close(d_got, d_want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,inter", [(1, 3), (515, 1536)])
+def test_swiglu_and_grad_match_the_function_and_its_backward(rows, inter, dtype, seed):
+    packed = torch.randn(rows, 2 * inter).to(dtype).requires_grad_(True)
+    grad = torch.randn(rows, inter).to(dtype)
+    want = swiglu(packed)
+    (d_want,) = torch.autograd.grad(want, packed, grad)
+    got, d_got = swiglu_and_grad(packed.detach(), grad)
+    assert got.shape == (rows, inter) and d_got.shape == (rows, 2 * inter)
+    assert d_got.abs().max() > 0
+    torch.testing.assert_close(got, want.detach(), atol=0, rtol=0)
     torch.testing.assert_close(d_got, d_want, atol=0, rtol=0)
 
 

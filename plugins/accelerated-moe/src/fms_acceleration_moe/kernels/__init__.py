@@ -5,7 +5,7 @@ Nothing here imports the framework: the kernels can be used and tested on their 
 
 from .dispatch import backend, use_triton
 from .experts_mlp import ExpertLoRA, combine, expert_rows, experts_mlp
-from .gating import GateFn, gated, swiglu
+from .gating import GateFn, gated, swiglu, swiglu_and_grad
 from .grouped_gemm import grouped_linear
 from .routing import ExpertGroups, group_by_expert, offsets_from_counts
 
@@ -22,5 +22,6 @@ __all__ = [
     "grouped_linear",
     "offsets_from_counts",
     "swiglu",
+    "swiglu_and_grad",
     "use_triton",
 ]

@@ -6,17 +6,28 @@ gated (S, I) rows, their gradients. Here each expert's rows go through the whole
 so its intermediates are a few MB that stay in cache between the GEMMs and the gating (15% of
 a CPU step at SmolLM2 width, against transformers 4.55's per-expert loop, which has the same
 locality). Only the up projection is kept for backward: the gathered input rows are gathered
-again and the gated rows recomputed. The gating stays any differentiable `gate_fn` (a kernel
-patched into the experts' `_apply_gate` included): its backward runs through autograd on one
-expert's block.
+again and the gated rows recomputed (SwiGLU's with its gradient, one silu for both). The gating
+stays any differentiable `gate_fn` (a kernel patched into the experts' `_apply_gate` included):
+its backward then runs through autograd on one expert's block.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .gating import GateFn
+from .gating import GateFn, swiglu, swiglu_and_grad
 from .grouped_gemm_torch import expert_bounds, weight_grad_buffer
+
+
+def _gated_and_grad(gate_fn: GateFn, up: torch.Tensor, d_gated: torch.Tensor):
+    """gate_fn(up) recomputed, and the gradient of up given the gated rows' gradient."""
+    if gate_fn is swiglu:
+        return swiglu_and_grad(up, d_gated)
+    with torch.enable_grad():
+        up = up.detach().requires_grad_(True)
+        gated = gate_fn(up)
+    (d_up,) = torch.autograd.grad(gated, up, d_gated)
+    return gated.detach(), d_up
 
 
 def _rows(x: torch.Tensor, gather: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
@@ -53,12 +64,9 @@ class ExpertMLPTorch(torch.autograd.Function):
         d_down = weight_grad_buffer(down_proj, ctx.bounds) if need_down else None
         for (e, lo, hi), up in zip(ctx.bounds, ups):
             d_out = dy[lo:hi]
-            with torch.enable_grad():
-                up = up.detach().requires_grad_(True)
-                gated = ctx.gate_fn(up)
+            gated, d_up = _gated_and_grad(ctx.gate_fn, up, d_out @ down_proj[e])
             if need_down:
-                torch.mm(d_out.t(), gated.detach(), out=d_down[e])
-            (d_up,) = torch.autograd.grad(gated, up, d_out @ down_proj[e])
+                torch.mm(d_out.t(), gated, out=d_down[e])
             if need_gate_up:
                 torch.mm(d_up.t(), _rows(x, gather, lo, hi), out=d_gate_up[e])
             if need_x:

@@ -29,19 +29,33 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: torch.Tensor) -> torch.Tensor:
         (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        d_gate_up = torch.empty_like(gate_up)
-        d_gate, d_up = d_gate_up.chunk(2, dim=-1)
-        scratch = F.silu(gate)
-        torch.mul(d_out, scratch, out=d_up)
-        torch.mul(d_out, up, out=scratch)
-        torch.ops.aten.silu_backward.grad_input(scratch, gate, grad_input=d_gate)
-        return d_gate_up
+        return _swiglu_grad(gate_up, d_out, F.silu(gate_up.chunk(2, dim=-1)[0]))
+
+
+def _swiglu_grad(gate_up: torch.Tensor, d_out: torch.Tensor, silu_gate: torch.Tensor):
+    """d loss / d gate_up from d loss / d (silu(gate) * up); silu_gate is overwritten."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    d_gate_up = torch.empty_like(gate_up)
+    d_gate, d_up = d_gate_up.chunk(2, dim=-1)
+    torch.mul(d_out, silu_gate, out=d_up)
+    torch.mul(d_out, up, out=silu_gate)
+    torch.ops.aten.silu_backward.grad_input(silu_gate, gate, grad_input=d_gate)
+    return d_gate_up
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a packed (S, 2I) up projection: (S, I)."""
     return SwiGLU.apply(gate_up)
+
+
+def swiglu_and_grad(
+    gate_up: torch.Tensor, d_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """swiglu(gate_up) and the gradient of gate_up given the output's, d_out, with one silu:
+    for a backward that recomputes the gated rows (autograd would compute silu twice)."""
+    silu_gate = F.silu(gate_up.chunk(2, dim=-1)[0])
+    gated = silu_gate * gate_up.chunk(2, dim=-1)[1]
+    return gated, _swiglu_grad(gate_up, d_out, silu_gate)
 
 
 def gated(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> GateFn:

@@ -108,6 +108,11 @@ def test_low_precision_is_as_accurate_as_the_unfused_loss(seed, dtype, case):
 def test_rows_that_do_not_count(seed):
     h, w, b, target = _problem(64, 16, 50, ignored=0.5)
     target[3] = -100
+    # the scored rows' gradient is written over a gathered copy of them, never the caller's
+    inputs = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    K.fused_linear_cross_entropy(*inputs[:2], target, inputs[2], chunk_size=16).backward()
+    for before, after in zip((h, w, b), inputs):
+        assert torch.equal(after.detach(), before)
     loss, grads = _grads(_fused(target, None, 16), (h, w, b), torch.float32)
     ref_loss, ref_grads = _grads(_unfused(target, None), (h, w, b), torch.float32)
     torch.testing.assert_close(loss, ref_loss)

@@ -88,7 +88,7 @@ def _fused_linear_ce(hidden: int, vocab: int):
         divisor = torch.empty((), device="meta")
         # the Function itself: autocast has no meta device for the public wrapper to ask
         apply = FLCE_MODULE.FusedLinearCrossEntropyFunction.apply
-        _backward(apply(h, w, target, None, -100, divisor, None, True))
+        _backward(apply(h, w, target, None, None, -100, divisor, None, True))
 
     return run
 

@@ -28,7 +28,7 @@ import triton
 from . import fused_linear_cross_entropy_torch as torch_path
 from ._dispatch import use_triton
 from .cross_entropy import ce_loss_and_grad_rows, check_targets, loss_divisor
-from .fused_linear_cross_entropy_torch import loss_and_grad_rows_
+from .fused_linear_cross_entropy_torch import loss_and_grad_rows_, scatter_rows
 
 logger = logging.getLogger(__name__)
 
@@ -131,39 +131,43 @@ def chunked_loss_and_grads(
     return loss_rows.sum() / divisor, grad_hidden, grad_weight, grad_bias
 
 
-def scored_rows(
-    hidden: torch.Tensor, target: torch.Tensor, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows whose label counts. An ignored row adds nothing to the loss and gets a zero
-    gradient, so its [vocab] logits need not be computed: in instruction data the prompt's
-    labels are ignore_index, often half the tokens or more. The index's backward scatters the
-    gradients back, zeros in the ignored rows. Everything is kept when no row, or every row,
-    is ignored. The index's length sizes the GEMMs, so on a GPU this is the loss's one host sync
-    (the label check makes none): it buys skipping the ignored rows' GEMMs, often half of them."""
+def scored_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The index of the rows whose label counts; None to keep them all (none or all ignored).
+
+    An ignored row adds nothing to the loss and gets a zero gradient, so its [vocab] logits need
+    not be computed: in instruction data the prompt's labels are ignore_index, often half the
+    tokens or more. The Function gathers the rows and scatters their gradient back, zeros in
+    the ignored rows. The index's length sizes the GEMMs, so on a GPU this is the loss's one
+    host sync (the label check makes none): it buys skipping the ignored rows' GEMMs."""
     index = (target != ignore_index).nonzero().squeeze(1)
-    if index.numel() in (0, target.numel()):
-        return hidden, target
-    return hidden.index_select(0, index), target.index_select(0, index)
+    return None if index.numel() in (0, target.numel()) else index
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """sum_rows CE(hidden @ weight.T + bias, target) / divisor; gradients made in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, divisor, chunk_size, triton_ce):
+    def forward(
+        ctx, hidden, weight, target, bias, rows, ignore_index, divisor, chunk_size, triton_ce
+    ):
         need = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[3],
         )
         if triton_ce or hidden.device.type != "cpu":
+            h, t = hidden, target
+            if rows is not None:
+                h, t = hidden.index_select(0, rows), target.index_select(0, rows)
             loss, gh, gw, gb = chunked_loss_and_grads(
-                hidden, weight, target, bias, ignore_index, divisor, need, chunk_size, triton_ce
+                h, weight, t, bias, ignore_index, divisor, need, chunk_size, triton_ce
             )
         else:
             loss, gh, gw, gb = torch_path.loss_and_grads(
-                hidden, weight, target, bias, ignore_index, divisor, need, chunk_size
+                hidden, weight, target, bias, ignore_index, divisor, need, chunk_size, rows
             )
+        if gh is not None and rows is not None:  # zeros in the rows left out
+            gh = scatter_rows(gh, rows, hidden.shape[0])
         ctx.grads = (gh, gw, gb)
         return loss
 
@@ -179,7 +183,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             for g in grads:
                 if g is not None:
                     g.mul_(grad_output.to(g.dtype))
-        return grads[0], grads[1], None, grads[2], None, None, None, None
+        return grads[0], grads[1], None, grads[2], None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -210,7 +214,7 @@ def fused_linear_cross_entropy(
     target2 = target.reshape(-1)
     check_targets(target2, weight.shape[0], ignore_index)
     divisor = loss_divisor(target2, ignore_index, num_items_in_batch)
-    hidden2, target2 = scored_rows(hidden2, target2, ignore_index)
+    rows = scored_rows(target2, ignore_index)
     triton_ce = use_triton(hidden2, weight)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -220,5 +224,5 @@ def fused_linear_cross_entropy(
         bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(device_type, enabled=False):
         return FusedLinearCrossEntropyFunction.apply(
-            hidden2, weight, target2, bias, ignore_index, divisor, chunk_size, triton_ce
+            hidden2, weight, target2, bias, rows, ignore_index, divisor, chunk_size, triton_ce
         )

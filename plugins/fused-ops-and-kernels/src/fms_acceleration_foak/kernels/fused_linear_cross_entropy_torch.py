@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import _host_memory as host_memory
+
 CHUNK_BYTES = 256 * 2**20  # logits of one chunk at most
 # Rows below which a chunk's matmuls fall short of their throughput: AVX-512 fp32 GEMMs reach
 # it from about 256 rows (128 rows ran 20% slower), AMX bf16/fp16 ones from about 512.
@@ -114,9 +116,9 @@ def accumulate_(accumulator: torch.Tensor, share: torch.Tensor) -> None:
 
 
 def _scratch(shape: tuple[int, int], spare: torch.Tensor | None) -> torch.Tensor:
-    """An fp32 buffer of `shape`, in the memory of `spare` (an fp16/bf16 weight gradient) when
-    that is large enough. The weight gradient is written only after a chunk's rows are done, so
-    the row blocks can borrow it: the peak is then the logits and the gradients alone."""
+    """An fp32 buffer of `shape`, in the memory of `spare` (an fp16/bf16 weight gradient, from
+    the second chunk on) when that is large enough. The weight gradient is written only after a
+    chunk's rows are done, so the row blocks can borrow it: no memory beyond the gradients."""
     numel = shape[0] * shape[1]
     if (
         spare is not None
@@ -128,6 +130,12 @@ def _scratch(shape: tuple[int, int], spare: torch.Tensor | None) -> torch.Tensor
     return torch.empty(shape, dtype=torch.float32)
 
 
+def scatter_rows(grad_rows: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The gradient of all n_rows hidden states from that of the `rows` taken: zeros elsewhere."""
+    full = grad_rows.new_zeros((n_rows, grad_rows.shape[1]))
+    return full.index_copy_(0, rows, grad_rows)
+
+
 def loss_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -137,14 +145,19 @@ def loss_and_grads(
     divisor: torch.Tensor,
     need_grads: tuple[bool, bool, bool],
     chunk_size: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Loss (sum of row losses / divisor) and its gradients (hidden, weight, bias) on a CPU.
 
-    Per chunk of rows: logits into one reused buffer, the loss and the scaled gradient in place
-    (loss_and_grad_rows_), then one matmul into the hidden-state gradient and one into the
-    weight gradient. fp32 weight gradients are their own accumulator (addmm_); fp16/bf16 ones
-    use an fp32 accumulator only when there is more than one chunk.
+    Only the hidden states at `rows` (an index; all when None) are scored, and the gradient
+    returned is theirs (scatter_rows makes the whole one). Per chunk of rows:
+    logits into one reused buffer, the loss and the scaled gradient in place
+    (loss_and_grad_rows_), then one matmul into the weight gradient and one into the
+    hidden-state gradient. fp32 weight gradients are their own accumulator (addmm_); fp16/bf16
+    ones use an fp32 accumulator only when there is more than one chunk.
     """
+    if rows is not None:  # a copy of our own: the hidden-state gradient reuses its memory
+        hidden, target = hidden.index_select(0, rows), target.index_select(0, rows)
     n_rows = hidden.shape[0]
     vocab = weight.shape[0]
     need_gh, need_gw, need_gb = need_grads
@@ -153,18 +166,21 @@ def loss_and_grads(
     accumulator_bytes = weight.numel() * 4 if need_gw and low_precision else 0
     chunk = chunk_size or chunk_rows(n_rows, vocab, hidden.dtype, accumulator_bytes)
     chunk = max(1, min(chunk, n_rows))
-    logits_buffer = hidden.new_empty((chunk, vocab))
-    grad_hidden = torch.empty_like(hidden) if need_gh else None
-    grad_weight = None
-    if need_gw:  # written by the first chunk's matmul; with no rows at all, it is zero
-        grad_weight = torch.empty_like(weight) if n_rows else torch.zeros_like(weight)
-    work = None
-    if low_precision:
-        block = min(max(1, L2_BLOCK_BYTES // (4 * vocab)), chunk)
-        work = _scratch((block, vocab), grad_weight)
+    # fresh each call and touched first here: in huge pages (_host_memory)
+    logits_buffer = host_memory.empty((chunk, vocab), hidden.dtype)
+    # A chunk's gathered rows are dead once its weight gradient is made: their gradient is
+    # written over them. Otherwise the hidden-state gradient has a buffer of its own, made
+    # first in each chunk, and the weight gradient (with its fp32 accumulator) is allocated
+    # only at the first chunk's last matmul, after the other's oneDNN scratchpad is freed.
+    # Either way, with one chunk the peak is the logits, the gradients and one scratchpad, as
+    # in an unfused backward that frees its inputs early.
+    in_place = rows is not None
+    grad_hidden = None
+    if need_gh:
+        grad_hidden = hidden if in_place else host_memory.empty_like(hidden)
+    grad_weight = torch.zeros_like(weight) if need_gw and not n_rows else None
     accumulator = None
-    if need_gw and low_precision and n_rows > chunk:
-        accumulator = torch.empty(weight.shape, dtype=torch.float32)
+    block = min(max(1, L2_BLOCK_BYTES // (4 * vocab)), chunk)
     grad_bias = torch.zeros(vocab, dtype=torch.float32) if need_gb else None
     loss_rows = torch.empty(n_rows, dtype=torch.float32)
     scale = (1.0 / divisor).reshape(1)
@@ -177,12 +193,18 @@ def loss_and_grads(
             torch.mm(h, weight_t, out=logits)
         else:
             torch.addmm(bias, h, weight_t, out=logits)
+        work = _scratch((block, vocab), grad_weight) if low_precision else None
         loss_and_grad_rows_(
             logits, target[start:end], ignore_index, scale, loss_rows[start:end], write_grad, work
         )
-        if grad_hidden is not None:
+        del work  # before the weight gradient exists, a block of its own
+        if grad_hidden is not None and not in_place:
             torch.mm(logits, weight, out=grad_hidden[start:end])
-        if grad_weight is not None:
+        if need_gw:
+            if grad_weight is None:
+                grad_weight = host_memory.empty_like(weight)
+            if low_precision and n_rows > chunk and accumulator is None:
+                accumulator = host_memory.empty(tuple(weight.shape), torch.float32)
             if start == 0 or accumulator is not None:
                 torch.mm(logits.t(), h, out=grad_weight)  # a chunk's share, rounded once
             else:
@@ -191,6 +213,8 @@ def loss_and_grads(
                 accumulator.copy_(grad_weight)
             elif accumulator is not None:
                 accumulate_(accumulator, grad_weight)
+        if grad_hidden is not None and in_place:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
         if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=torch.float32)
     if accumulator is not None and grad_weight is not None:

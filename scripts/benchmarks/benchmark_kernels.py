@@ -16,9 +16,13 @@ On CUDA every measurement runs in this process (peak memory from torch.cuda's al
 reset per measurement; times from CUDA events, the L2 cache flushed before each repetition). On
 CPU each measurement runs in a fresh subprocess and peak memory is the resident-set high-water
 mark (VmHWM, reset through /proc/self/clear_refs after the inputs are built), so `peak_mb` is
-the memory the step added on top of its inputs. On a shared machine, measure CPU time with one
-thread (--timer cpu --threads 1), repeat in interleaved fresh processes (--rounds) and keep the
-best time (--stat min); the 1-minute load average is recorded with every row.
+the memory the step added on top of its inputs. That figure also moves with how glibc reuses
+freed memory and with buffers libraries keep outside torch (about +-1 MB run to run), so CPU
+rows add `alloc_peak_mb`: the most torch's allocator held during one more step, above what it
+held before it, from the profiler's memory events (exact, and the same from run to run). On a
+shared machine, measure CPU time with one thread (--timer cpu --threads 1), repeat in
+interleaved fresh processes (--rounds) and keep the best time (--stat min); the 1-minute load
+average is recorded with every row.
 
     # every kernel on CUDA (bf16), Llama-3-8B shapes, with Liger where installed
     python scripts/benchmarks/benchmark_kernels.py --out kernels_cuda.csv
@@ -81,6 +85,7 @@ FIELDS = (
     "ms",
     "first_ms",
     "peak_mb",
+    "alloc_peak_mb",
     "gbps",
     "copy_gbps",
     "bandwidth_fraction",
@@ -307,6 +312,24 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} missing from /proc/self/status")
 
 
+def _allocator_peak(step) -> float | None:
+    """The most bytes torch's CPU allocator held during step(), above what it held at the
+    start: the running sum of the profiler's memory events (None where it records none)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    events = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak if events else None
+
+
 def measure(spec: dict) -> dict:
     """One measurement: build inputs, warm up, time `repeat` runs, report time and peak memory."""
     import gc
@@ -364,6 +387,11 @@ def measure(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _status_kb("VmHWM") * 1024 - base
+    alloc_peak = None
+    if device.type == "cpu":
+        for t in inputs:
+            t.grad = None
+        alloc_peak = _allocator_peak(step)
     seconds = times[0] if args.stat == "min" else times[len(times) // 2]
     nbytes = {"forward": fwd_bytes, "backward": bwd_bytes, "full": fwd_bytes + bwd_bytes}[phase]
     return {
@@ -371,16 +399,24 @@ def measure(spec: dict) -> dict:
         "ms": round(seconds * 1e3, 3),
         "first_ms": None if first is None else round(first * 1e3, 1),
         "peak_mb": round(peak / 2**20, 1),
+        "alloc_peak_mb": None if alloc_peak is None else round(alloc_peak / 2**20, 2),
         "gbps": round(nbytes / seconds / 1e9, 2),
     }
 
 
 def combine(results: list[dict]) -> dict:
     """One row from the same measurement in several fresh processes: the best time (the run
-    least disturbed by other jobs), the median peak memory, the first (coldest) first call."""
+    least disturbed by other jobs), the median peak memories, the first (coldest) first call."""
     best = min(results, key=lambda r: r["ms"])
     peak = statistics.median(r["peak_mb"] for r in results)
-    return {**best, "peak_mb": round(peak, 1), "first_ms": results[0]["first_ms"]}
+    allocs = [r["alloc_peak_mb"] for r in results if r.get("alloc_peak_mb") is not None]
+    alloc = round(statistics.median(allocs), 2) if allocs else None
+    return {
+        **best,
+        "peak_mb": round(peak, 1),
+        "alloc_peak_mb": alloc,
+        "first_ms": results[0]["first_ms"],
+    }
 
 
 # --- driver -------------------------------------------------------------------------------------
@@ -541,18 +577,25 @@ def flce_markdown(rows: list[dict], title: str, command: str | None = None) -> s
     for r in picked:
         frozen = "lm_head frozen" in r["note"]
         groups.setdefault((r["dtype"], r["shape"], r["ignored"], frozen), {})[r["impl"]] = r
+    # the allocator's peak where the rows have one (CPU): exact, where the RSS peak is +-1 MB
+    allocator = all(r.get("alloc_peak_mb") not in (None, "") for r in picked)
+    memories = {"peak_mb": "MB"} | ({"alloc_peak_mb": "allocator MB"} if allocator else {})
     header = ["dtype", "tokens x hidden x vocab", "labels ignored"]
-    header += [f"{i} ms" for i in impls] + [f"{i} MB" for i in impls]
-    header += [f"foak/{p} {what}" for p in peers for what in ("time", "memory")]
+    header += [f"{i} ms" for i in impls]
+    header += [f"{i} {unit}" for unit in memories.values() for i in impls]
+    ratios = {"ms": "time", "peak_mb": "memory", "alloc_peak_mb": "allocator memory"}
+    keys = ["ms", *memories]
+    header += [f"foak/{p} {ratios[k]}" for p in peers for k in keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
     for (dtype, shape, ignored, frozen), by_impl in groups.items():
         ours = by_impl.get("foak")
         cells = [dtype, shape + (", lm_head frozen" if frozen else ""), f"{float(ignored):.0%}"]
         cells += [str(by_impl[i]["ms"]) if i in by_impl else "-" for i in impls]
-        cells += [str(by_impl[i]["peak_mb"]) if i in by_impl else "-" for i in impls]
+        for key in memories:
+            cells += [str(by_impl[i][key]) if i in by_impl else "-" for i in impls]
         for peer in peers:
             theirs = by_impl.get(peer)
-            for key in ("ms", "peak_mb"):
+            for key in keys:
                 ok = ours and theirs and float(theirs[key]) > 0
                 cells.append(f"{float(ours[key]) / float(theirs[key]):.2f}" if ok else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -565,8 +608,9 @@ def flce_markdown(rows: list[dict], title: str, command: str | None = None) -> s
         f"liger-kernel {meta.get('liger') or 'absent'}, cut-cross-entropy "
         f"{meta.get('cce') or 'absent'}",
         f"- time: {meta.get('timer', '?')} time, {meta.get('threads') or 'default'} thread(s); "
-        "peak: memory the step adds on top of its inputs; 1-minute load average per row in the "
-        "CSV",
+        "peak: memory the step adds on top of its inputs (resident set"
+        + ("; allocator: the most torch's allocator held during one step" if allocator else "")
+        + "); 1-minute load average per row in the CSV",
         f"- made by: `{command or ' '.join(['python', *sys.argv])}`",
         "",
     ]

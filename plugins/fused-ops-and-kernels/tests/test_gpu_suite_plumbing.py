@@ -33,6 +33,7 @@ def test_kernel_benchmark_writes_a_row_per_impl(tmp_path):
     assert [r["impl"] for r in rows] == ["foak", "reference", "hf_eager"]  # liger: CUDA only
     assert all(float(r["ms"]) > 0 and float(r["copy_gbps"]) > 0 for r in rows)
     assert rows[0]["shape"] == "64x32" and rows[0]["dtype"] == "float32"
+    assert all(float(r["alloc_peak_mb"]) > 0 for r in rows)  # CPU: the allocator's peak too
 
 
 def test_summary_reports_goals(tmp_path):
@@ -112,3 +113,37 @@ def test_flce_markdown_gives_ours_over_each_peer():
     assert "| 1000.0 | 0.50 | 0.17 | 0.90 | 0.40 |" in text
     assert "| bfloat16 | 1024x576x128256 | 50% | 500.0 | - | 400.0 | 200.0 | - | 500.0 |" in text
     assert "| - | - | 1.25 | 0.40 |" in text
+
+
+def test_allocator_peak_is_the_most_held_at_once():
+    import torch
+
+    bench = _benchmark_module()
+    kept = []
+
+    def step():
+        a = torch.empty(3 * 2**20, dtype=torch.uint8)
+        b = torch.empty(5 * 2**20, dtype=torch.uint8)
+        del a
+        c = torch.empty(1 * 2**20, dtype=torch.uint8)  # after a is freed: 6 MiB held
+        kept.append(c)
+        del b
+
+    peak = bench._allocator_peak(step)
+    assert peak is not None and 8 * 2**20 <= peak < 8 * 2**20 + 4096
+
+
+def test_flce_markdown_adds_the_allocator_columns_where_rows_have_them():
+    bench = _benchmark_module()
+    common = {"kernel": "fused_linear_cross_entropy", "pass": "full", "dtype": "float32"}
+    common.update(shape="512x576x32768", date="d", device="cpu", timer="cpu", threads=1)
+    rows = [
+        {**common, "impl": i, "ignored": 0.5, "ms": ms, "peak_mb": mb, "alloc_peak_mb": al}
+        for i, ms, mb, al in (("foak", 250.0, 105.0, 104.56), ("cce", 260.0, 104.2, 104.57))
+    ]
+    rows = [{**r, "note": ""} for r in rows]
+    text = bench.flce_markdown(rows, "peers", command="python bench.py")
+    assert "| foak allocator MB | cce allocator MB |" in text
+    assert "| foak/cce time | foak/cce memory | foak/cce allocator memory |" in text
+    assert "| 105.0 | 104.2 | 104.56 | 104.57 | 0.96 | 1.01 | 1.00 |" in text
+    assert "allocator: the most torch's allocator held during one step" in text

@@ -53,8 +53,9 @@ def swiglu_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """swiglu(gate_up) and the gradient of gate_up given the output's, d_out, with one silu:
     for a backward that recomputes the gated rows (autograd would compute silu twice)."""
-    silu_gate = F.silu(gate_up.chunk(2, dim=-1)[0])
-    gated = silu_gate * gate_up.chunk(2, dim=-1)[1]
+    gate, up = gate_up.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    gated = silu_gate * up
     return gated, _swiglu_grad(gate_up, d_out, silu_gate)
 
 
